@@ -1,0 +1,51 @@
+# VoxBox: `make run` serves natively on the embedded engine, `make test` runs the whole suite.
+# The virtual environment lives outside the clone, keyed by the requirement files' hash, so
+# repeated runs (and CI on the same machine) reuse it; a new machine builds it from scratch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VOXBOX_CACHE ?= $(HOME)/.cache/voxbox
+REQ_FILES := $(sort $(wildcard requirements/*.txt))
+REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
+VENV := $(VOXBOX_CACHE)/venv-$(REQ_HASH)
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test deps-runtime deps-test system-test clean-venv lint-static bench-overhead
+
+run: deps-runtime
+	TTS_ENGINE=$${TTS_ENGINE:-embedded} BIND=$(HOST):$(PORT) $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
+
+test: deps-test system-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+deps-runtime: $(VENV)/.runtime-ok
+deps-test: $(VENV)/.test-ok
+
+$(VENV)/.runtime-ok: $(REQ_FILES)
+	@mkdir -p $(VOXBOX_CACHE)
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements/runtime.txt -r requirements/embedded.txt
+	$(PIP) --no-deps -r requirements/voxcpm.txt
+	ln -sfn $(VENV) .venv
+	touch $@
+
+$(VENV)/.test-ok: $(VENV)/.runtime-ok requirements/test.txt
+	$(PIP) -r requirements/test.txt
+	touch $@
+
+# Real nginx and Chromium for the gateway and browser tests (Debian packages).
+system-test:
+	@if ! command -v nginx >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light chromium chromium-driver apache2-utils >/dev/null; \
+	fi
+
+bench-overhead: deps-test
+	$(PY) bench/overhead.py
+
+clean-venv:
+	rm -rf $(VENV) .venv

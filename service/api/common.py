@@ -1,0 +1,48 @@
+"""Helpers shared by the routes: parse a JSON body into a schema, detect a client that went away."""
+from __future__ import annotations
+
+import json
+import select
+import socket
+from typing import Callable, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from .errors import ApiError, describe_validation_error
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_json(model: type[M]) -> M:
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object, e.g. {\"text\": \"hello\"}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
+
+
+def client_gone_probe() -> Callable[[], bool]:
+    """True once the client's connection is closed (gunicorn exposes the socket in the environ)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone

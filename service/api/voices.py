@@ -1,0 +1,54 @@
+"""Voices: presets of the engine plus uploaded reference clips for cloning."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from ..voices import VoiceError
+from .errors import ApiError
+
+bp = Blueprint("voices", __name__)
+
+
+def _ctx():
+    return current_app.extensions["voxbox"]
+
+
+@bp.get("/v1/voices")
+def list_voices():
+    ctx = _ctx()
+    presets = [{"id": p.name, "name": p.name, "type": "preset", "description": p.description,
+                "languages": list(p.languages)} for p in ctx.engine.presets().values()]
+    uploaded = [{**v.public(), "type": "uploaded"} for v in ctx.voices.list()]
+    return jsonify({"voices": presets + uploaded, "supports_cloning": ctx.engine.info().supports_cloning})
+
+
+@bp.post("/v1/voices")
+def create_voice():
+    ctx = _ctx()
+    upload = request.files.get("file") or request.files.get("audio")
+    if upload is None:
+        raise ApiError(400, "missing_file", "send the reference clip as multipart field 'file' "
+                       "(with fields 'name' and 'text', its transcript)")
+    data = upload.read(ctx.settings.voice_max_bytes + 1)
+    try:
+        voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data)
+    except VoiceError as e:
+        raise ApiError(e.status, e.code, str(e)) from None
+    return jsonify(voice.public()), 201
+
+
+@bp.get("/v1/voices/<voice_id>")
+def get_voice(voice_id: str):
+    voice = _ctx().voices.get(voice_id)
+    if voice is None:
+        raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}'")
+    return jsonify(voice.public())
+
+
+@bp.delete("/v1/voices/<voice_id>")
+def delete_voice(voice_id: str):
+    ctx = _ctx()
+    if not ctx.voices.delete(voice_id):
+        raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}'")
+    ctx.engine.forget_voice(voice_id)
+    return jsonify({"id": voice_id, "deleted": True})

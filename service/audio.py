@@ -1,0 +1,64 @@
+"""Audio plumbing: resampling (torchaudio), time-stretch, sentence stitching with a crossfade."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    if from_rate == to_rate or audio.size == 0:
+        return audio.astype(np.float32, copy=False)
+    import torch
+    import torchaudio.functional as AF
+
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), from_rate, to_rate)
+    return out.numpy()
+
+
+def time_stretch(audio: np.ndarray, speed: float) -> np.ndarray:
+    """Change tempo without changing pitch (phase vocoder), for engines with no native speed control."""
+    if abs(speed - 1.0) < 1e-3 or audio.size < 2048:
+        return audio
+    import librosa
+
+    return librosa.effects.time_stretch(audio.astype(np.float32, copy=False), rate=speed).astype(np.float32)
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class Stitcher:
+    """Joins consecutive sentence audio with a short equal-power crossfade, incrementally.
+
+    The tail of each finished sentence is held back until the next sentence's first samples arrive,
+    so a streamed response never has to rewrite audio it already sent.
+    """
+
+    def __init__(self, sample_rate: int, crossfade_ms: float):
+        self.fade = int(sample_rate * crossfade_ms / 1000.0)
+        self._held = np.zeros(0, dtype=np.float32)  # tail of the previous sentence
+        self._at_sentence_start = True
+
+    def push(self, piece: np.ndarray, sentence_ends: bool) -> np.ndarray:
+        piece = np.asarray(piece, dtype=np.float32).reshape(-1)
+        out = []
+        if self._at_sentence_start and self._held.size and piece.size:
+            n = min(self._held.size, piece.size)
+            t = np.linspace(0.0, np.pi / 2, n, dtype=np.float32)
+            mixed = self._held[-n:] * np.cos(t) + piece[:n] * np.sin(t)
+            out += [self._held[:-n], mixed]
+            piece = piece[n:]
+            self._held = np.zeros(0, dtype=np.float32)
+        if piece.size or sentence_ends:
+            self._at_sentence_start = sentence_ends
+        if sentence_ends and self.fade:
+            keep = min(self.fade, piece.size)
+            out.append(piece[: piece.size - keep])
+            self._held = np.concatenate([self._held, piece[piece.size - keep:]])
+        else:
+            out.append(piece)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        held, self._held = self._held, np.zeros(0, dtype=np.float32)
+        return held

@@ -1,0 +1,134 @@
+"""Encoding float audio to the response formats, whole or incrementally for streams (soundfile)."""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .audio import resample, to_pcm16
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    content_type: str
+    sf_format: str | None  # None: raw PCM, written by hand
+    sf_subtype: str | None
+    fixed_rates: tuple[int, ...] = ()  # codecs that only accept some rates (Opus)
+
+
+FORMATS: dict[str, Format] = {
+    "wav": Format("wav", "audio/wav", "WAV", "PCM_16"),
+    "flac": Format("flac", "audio/flac", "FLAC", "PCM_16"),
+    "mp3": Format("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III"),
+    "opus": Format("opus", "audio/ogg; codecs=opus", "OGG", "OPUS", (8000, 12000, 16000, 24000, 48000)),
+    "pcm": Format("pcm", "audio/L16", None, None),
+}
+STREAMABLE = ("pcm", "wav", "mp3", "opus")
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def codec_rate(fmt: Format, rate: int) -> int:
+    """The rate the codec will actually carry: Opus only takes a few, so we go up to the nearest."""
+    if fmt.fixed_rates and rate not in fmt.fixed_rates:
+        return next((r for r in fmt.fixed_rates if r >= rate), fmt.fixed_rates[-1])
+    return rate
+
+
+def encode(audio: np.ndarray, rate: int, fmt_name: str) -> bytes:
+    fmt = FORMATS[fmt_name]
+    if fmt.sf_format is None:
+        return to_pcm16(audio)
+    target = codec_rate(fmt, rate)
+    audio = resample(audio, rate, target)
+    buf = io.BytesIO()
+    sf.write(buf, audio, target, format=fmt.sf_format, subtype=fmt.sf_subtype)
+    return buf.getvalue()
+
+
+def wav_stream_header(rate: int, channels: int = 1) -> bytes:
+    """A PCM16 WAV header with 'unknown' (max) sizes, for streams whose length is not known yet."""
+    byte_rate = rate * channels * 2
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, rate, byte_rate, channels * 2, 16) +
+            b"data" + struct.pack("<I", unknown))
+
+
+class _AppendOnlySink(io.RawIOBase):
+    """A write-only file for libsndfile that hands out bytes as soon as they are written."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self._chunks.append(data)
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        # Streaming codecs only ask where they are; a real rewind would corrupt bytes already sent.
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset, io.SEEK_END: self._pos + offset}[whence]
+        if target != self._pos:
+            raise io.UnsupportedOperation("stream sink cannot rewind")
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def take(self) -> bytes:
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+
+class StreamEncoder:
+    """Encodes successive float chunks into bytes of one continuous stream (pcm, wav, mp3, ogg/opus)."""
+
+    def __init__(self, fmt_name: str, in_rate: int, out_rate: int):
+        if fmt_name not in STREAMABLE:
+            raise ValueError(f"{fmt_name} cannot be streamed; use one of {', '.join(STREAMABLE)}")
+        self.fmt = FORMATS[fmt_name]
+        self.rate = codec_rate(self.fmt, out_rate)
+        rate = in_rate
+        # A stateful resampler: resampling each chunk on its own would click at every chunk edge.
+        self._resampler = soxr.ResampleStream(rate, self.rate, 1, dtype="float32") if self.rate != rate else None
+        self._sink: _AppendOnlySink | None = None
+        self._file: sf.SoundFile | None = None
+        if self.fmt.name in ("mp3", "opus"):
+            self._sink = _AppendOnlySink()
+            self._file = sf.SoundFile(self._sink, "w", self.rate, 1, format=self.fmt.sf_format,
+                                      subtype=self.fmt.sf_subtype)
+
+    def header(self) -> bytes:
+        return wav_stream_header(self.rate) if self.fmt.name == "wav" else b""
+
+    def push(self, audio: np.ndarray, last: bool = False) -> bytes:
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if self._resampler is not None:
+            audio = self._resampler.resample_chunk(audio, last=last)
+        if self._file is None:
+            return to_pcm16(audio)
+        self._file.write(audio)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        tail = self.push(np.zeros(0, dtype=np.float32), last=True) if self._resampler is not None else b""
+        if self._file is None:
+            return tail
+        self._file.close()
+        return tail + self._sink.take()

@@ -1,0 +1,81 @@
+"""The engine interface: load a model onto a device, synthesise text (+ optional voice prompt) to audio."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """The engine failed on a request it accepted (a server-side fault, not bad input)."""
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """A cloned voice: reference audio and its transcript (VoxCPM continues from it)."""
+    voice_id: str
+    wav_path: Path
+    text: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    languages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    speed: float = 1.0
+    cfg_value: Optional[float] = None
+    inference_timesteps: Optional[int] = None
+    seed: Optional[int] = None
+    normalize: Optional[bool] = None
+    max_len: Optional[int] = None
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    model: str
+    device: str
+    sample_rate: int
+    languages: tuple[str, ...]
+    supports_cloning: bool
+    details: dict = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """One model on one device. Not thread-safe: the scheduler's inference thread is its only caller."""
+
+    name: str
+    sample_rate: int
+    max_chunk_chars: int = 200
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights onto the device; raises with an actionable message if it cannot."""
+
+    @abstractmethod
+    def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
+               params: SynthesisParams) -> Iterator[np.ndarray]:
+        """Yield float32 mono chunks at `sample_rate` for one sentence-sized text, as generated."""
+
+    def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
+                   params: SynthesisParams) -> np.ndarray:
+        chunks = list(self.stream(text, preset, prompt, params))
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+    @abstractmethod
+    def presets(self) -> dict[str, Preset]:
+        """Built-in voices by name."""
+
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    def forget_voice(self, voice_id: str) -> None:
+        """Drop anything cached for a deleted voice."""

@@ -1,0 +1,173 @@
+"""VoxCPM-1.5 through the `voxcpm` package (2.0.3), one model on one device.
+
+We drive `VoxCPMModel` (the package's own generation loop) rather than the `VoxCPM` wrapper so that
+a cloned voice's encoded prompt can be built once and cached: the wrapper re-encodes it every call.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..audio import time_stretch
+from .base import Engine, EngineError, EngineInfo, Preset, SynthesisParams, VoicePrompt
+
+log = logging.getLogger(__name__)
+
+_PROMPT_CACHE_SIZE = 32
+
+
+def pick_device(requested: str) -> tuple[str, str]:
+    """Resolve TTS_DEVICE to a torch device, with the reason (logged at start)."""
+    import torch
+
+    requested = requested.strip().lower()
+    if requested in ("", "auto"):
+        if torch.cuda.is_available():
+            # Exactly "cuda": the package only enables its torch.compile path for that string.
+            return "cuda", f"auto: CUDA available ({torch.cuda.get_device_name(0)})"
+        return "cpu", "auto: no CUDA device visible to torch"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"TTS_DEVICE={requested} but torch sees no CUDA device; "
+                          "check the GPU reservation/drivers or set TTS_DEVICE=auto")
+    if requested not in ("cpu",) and not requested.startswith("cuda"):
+        raise EngineError(f"TTS_DEVICE={requested} is not supported; use auto, cpu, cuda or cuda:N")
+    return requested, "set by TTS_DEVICE"
+
+
+class VoxCPMEngine(Engine):
+    name = "voxcpm"
+
+    def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
+                 cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
+                 normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200):
+        self.model_dir = Path(model_dir)
+        self.requested_device = device
+        self.compile_mode = compile_mode
+        self.defaults = dict(cfg_value=cfg_value, inference_timesteps=inference_timesteps, max_len=max_len,
+                             normalize=normalize)
+        self.retry_badcase = retry_badcase
+        self.max_chunk_chars = max_chunk_chars
+        self.sample_rate = 44100
+        self.device = "cpu"
+        self._model = None  # voxcpm.model.voxcpm.VoxCPMModel
+        self._normalizer = None
+        self._prompts: OrderedDict[str, dict] = OrderedDict()
+        self._prompts_lock = threading.Lock()
+
+    def load(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineError(f"no VoxCPM checkpoint at {self.model_dir} (config.json missing); "
+                              "check MODEL_DIR or the bootstrap pull")
+        try:
+            import torch  # noqa: F401
+            from voxcpm.model.voxcpm import VoxCPMModel
+        except ImportError as e:
+            raise EngineError(f"the voxcpm package is not importable ({e}); "
+                              "install requirements/runtime.txt and voxcpm --no-deps") from e
+        self.device, why = pick_device(self.requested_device)
+        optimize = self.compile_mode == "on" or (self.compile_mode == "auto" and self.device == "cuda")
+        log.info("voxcpm: loading %s on %s (%s), torch.compile %s", self.model_dir, self.device, why,
+                 "on" if optimize else "off")
+        self._model = VoxCPMModel.from_local(str(self.model_dir), optimize=optimize, device=self.device)
+        self.sample_rate = int(self._model.sample_rate)
+        if self.defaults["normalize"]:
+            self._normalizer_or_raise()
+
+    def _normalizer_or_raise(self):
+        if self._normalizer is None:
+            try:
+                from voxcpm.utils.text_normalize import TextNormalizer
+            except ImportError as e:
+                raise EngineError(f"VoxCPM text normalisation needs extra packages ({e}); "
+                                  "send normalize=false or install them") from e
+            self._normalizer = TextNormalizer()
+        return self._normalizer
+
+    def _prompt_cache(self, prompt: Optional[VoicePrompt]) -> Optional[dict]:
+        if prompt is None:
+            return None
+        with self._prompts_lock:
+            cached = self._prompts.get(prompt.voice_id)
+            if cached is not None:
+                self._prompts.move_to_end(prompt.voice_id)
+                return cached
+        cache = self._encode_prompt(prompt)
+        with self._prompts_lock:
+            self._prompts[prompt.voice_id] = cache
+            while len(self._prompts) > _PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        return cache
+
+    def _encode_prompt(self, prompt: VoicePrompt) -> dict:
+        """The package's build_prompt_cache, minus torchaudio.load (which needs torchcodec + FFmpeg)."""
+        import soundfile as sf
+        import torch
+        import torch.nn.functional as F
+
+        from ..audio import resample
+
+        audio, rate = sf.read(str(prompt.wav_path), dtype="float32", always_2d=True)
+        audio = resample(audio.mean(axis=1), rate, self.sample_rate)
+        m = self._model
+        wav = torch.from_numpy(audio).unsqueeze(0)
+        patch_len = m.patch_size * m.chunk_size
+        if wav.size(1) % patch_len:
+            # Left-pad so the prompt's real audio sits at the end, next to the generated continuation.
+            wav = F.pad(wav, (patch_len - wav.size(1) % patch_len, 0))
+        with torch.inference_mode():
+            feat = m.audio_vae.encode(wav.to(m.device), m.sample_rate).cpu()
+        feat = feat.view(m.audio_vae.latent_dim, -1, m.patch_size).permute(1, 2, 0)
+        return {"prompt_text": prompt.text, "audio_feat": feat}
+
+    def forget_voice(self, voice_id: str) -> None:
+        with self._prompts_lock:
+            self._prompts.pop(voice_id, None)
+
+    def _generation_args(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> dict:
+        import torch
+
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
+        if normalize:
+            text = self._normalizer_or_raise().normalize(text)
+        return dict(
+            target_text=text,
+            prompt_cache=self._prompt_cache(prompt),
+            max_len=params.max_len or self.defaults["max_len"],
+            inference_timesteps=params.inference_timesteps or self.defaults["inference_timesteps"],
+            cfg_value=params.cfg_value or self.defaults["cfg_value"],
+        )
+
+    def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
+               params: SynthesisParams) -> Iterator[np.ndarray]:
+        if abs(params.speed - 1.0) > 1e-3:
+            # VoxCPM has no tempo control; a phase vocoder needs the whole sentence to sound right.
+            yield self.synthesize(text, preset, prompt, params)
+            return
+        args = self._generation_args(text, prompt, params)
+        gen = self._model.generate_with_prompt_cache_streaming(**args)
+        try:
+            for wav, _, _ in gen:
+                yield wav.squeeze(0).float().cpu().numpy()
+        finally:
+            gen.close()
+
+    def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
+                   params: SynthesisParams) -> np.ndarray:
+        args = self._generation_args(text, prompt, params)
+        wav, _, _ = self._model.generate_with_prompt_cache(**args, retry_badcase=self.retry_badcase)
+        return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
+
+    def presets(self) -> dict[str, Preset]:
+        return {"default": Preset("default", "The model's own voice (no prompt audio)", ("en", "zh"))}
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
+                          sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
+                          details={k: v for k, v in self.defaults.items()})

@@ -1,0 +1,235 @@
+"""The request scheduler: a bounded queue in front of the one inference thread that owns the model.
+
+VoxCPM keeps a batch-1 KV cache as module state and CUDA graphs are thread-local, so exactly one
+thread loads the model and runs every generation. Request threads submit jobs and read their
+events; when the queue is full they get `Overloaded` (HTTP 503 + Retry-After) at once, never a hang.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from .engines import Engine, SynthesisParams, VoicePrompt
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    def __init__(self, depth: int, retry_after: int):
+        super().__init__(f"the synthesis queue is full ({depth} requests waiting); retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+class NotReady(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class AudioEvent:
+    audio: np.ndarray
+    sentence_ends: bool
+
+
+@dataclass
+class Job:
+    sentences: list[str]
+    preset: str
+    prompt: Optional[VoicePrompt]
+    params: SynthesisParams
+    stream: bool
+    timeout_s: float
+    endpoint: str = "tts"
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+    first_audio_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    audio_samples: int = 0
+    unqueue: Optional[Callable[["Job"], None]] = None  # set by the scheduler that accepted the job
+
+    @property
+    def deadline(self) -> float:
+        return self.enqueued_at + self.timeout_s
+
+    def cancel(self) -> None:
+        """Stop this job: dropped from the queue if still waiting, stopped between chunks if running."""
+        self.cancelled.set()
+        if self.unqueue is not None:
+            self.unqueue(self)
+
+    def results(self, client_gone: Callable[[], bool] = lambda: False,
+                poll_s: float = 0.25) -> Iterator[AudioEvent]:
+        """Yield this job's audio as it is produced; raise the job's error, or Cancelled/DeadlineExceeded."""
+        while True:
+            try:
+                kind, payload = self.events.get(timeout=poll_s)
+            except queue.Empty:
+                if client_gone():
+                    self.cancel()
+                    raise Cancelled("client disconnected")
+                if time.monotonic() > self.deadline + 5.0:  # the inference thread should have stopped us
+                    self.cancel()
+                    raise DeadlineExceeded(f"no result within the {self.timeout_s:.0f}s request deadline")
+                continue
+            if kind == "audio":
+                yield payload
+            elif kind == "done":
+                return
+            else:
+                raise payload
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, metrics: Metrics, queue_size: int, retry_after_s: int,
+                 warmup: bool = True):
+        self.engine = engine
+        self.metrics = metrics
+        self.queue_size = queue_size
+        self.retry_after_s = retry_after_s
+        self.warmup = warmup
+        self.phase = "starting"  # starting → loading → warming → ready | failed
+        self.error: Optional[str] = None
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._running: Optional[Job] = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        metrics.queue_depth.set_function(lambda: len(self._pending))
+        metrics.in_flight.set_function(lambda: len(self._pending) + (1 if self._running else 0))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            for job in self._pending:
+                job.events.put(("error", NotReady("the worker is shutting down")))
+            self._pending.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    # -- request side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        if not self.ready:
+            raise NotReady(self.error or f"the model is not ready yet (phase: {self.phase})")
+        with self._cv:
+            if len(self._pending) >= self.queue_size:
+                self.metrics.rejected.inc()
+                raise Overloaded(len(self._pending), self.retry_after_s)
+            job.enqueued_at = time.monotonic()
+            self._pending.append(job)
+            self._cv.notify()
+        job.unqueue = self._unqueue
+        return job
+
+    def _unqueue(self, job: Job) -> None:
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return  # already running (it stops at the next chunk) or finished
+        self.metrics.dropped.inc()
+
+    # -- inference thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.phase = "loading"
+            t0 = time.monotonic()
+            self.engine.load()
+            log.info("model loaded in %.1fs", time.monotonic() - t0)
+            if self.warmup:
+                self.phase = "warming"
+                t0 = time.monotonic()
+                preset = next(iter(self.engine.presets()))
+                audio = self.engine.synthesize("Hello, this is a warm-up sentence.", preset, None,
+                                               SynthesisParams())
+                if audio.size == 0 or not np.isfinite(audio).all():
+                    raise RuntimeError("warm-up synthesis produced no valid audio")
+                log.info("warm-up synthesis passed in %.1fs", time.monotonic() - t0)
+            self.phase = "ready"
+        except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
+            log.exception("model failed to load")
+            self.error = f"{type(e).__name__}: {e}"
+            self.phase = "failed"
+            return
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                job = self._pending.popleft()
+                self._running = job
+            try:
+                self._execute(job)
+            finally:
+                with self._cv:
+                    self._running = None
+
+    def _execute(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        self.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        try:
+            for sentence in job.sentences:
+                self._check(job)
+                if job.stream:
+                    for piece in self.engine.stream(sentence, job.preset, job.prompt, job.params):
+                        self._emit(job, piece, False)
+                        self._check(job)
+                    self._emit(job, np.zeros(0, dtype=np.float32), True)
+                else:
+                    self._emit(job, self.engine.synthesize(sentence, job.preset, job.prompt, job.params), True)
+            job.finished_at = time.monotonic()
+            self._record(job)
+            job.events.put(("done", None))
+        except Cancelled:
+            log.info("job cancelled after %.2fs", time.monotonic() - job.started_at)
+        except DeadlineExceeded as e:
+            job.events.put(("error", e))
+        except Exception as e:
+            log.exception("synthesis failed")
+            job.events.put(("error", e))
+
+    def _check(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            raise Cancelled()
+        if time.monotonic() > job.deadline:
+            raise DeadlineExceeded(f"synthesis did not finish within the {job.timeout_s:.0f}s request deadline")
+
+    def _emit(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
+        if audio.size and job.first_audio_at is None:
+            job.first_audio_at = time.monotonic()
+            self.metrics.ttfa.labels(job.endpoint).observe(job.first_audio_at - job.enqueued_at)
+        job.audio_samples += audio.size
+        job.events.put(("audio", AudioEvent(audio, sentence_ends)))
+
+    def _record(self, job: Job) -> None:
+        synth = job.finished_at - job.started_at
+        audio_s = job.audio_samples / self.engine.sample_rate
+        self.metrics.synthesis_seconds.observe(synth)
+        self.metrics.audio_seconds.inc(audio_s)
+        if audio_s > 0:
+            self.metrics.rtf.observe(synth / audio_s)

@@ -1,0 +1,77 @@
+"""The worker's one typed settings object, read from the environment (documented in .env.example)."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Engine and model
+    tts_engine: Literal["voxcpm", "embedded"] = "embedded"
+    model_dir: Optional[Path] = None  # VoxCPM checkpoint directory (set by bootstrap after a pull)
+    tts_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tts_compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto = on for CUDA
+    warmup: bool = True
+
+    # VoxCPM generation defaults (each can be overridden per request within bounds)
+    voxcpm_cfg_value: float = Field(2.0, ge=0.5, le=5.0)
+    voxcpm_inference_timesteps: int = Field(10, ge=1, le=100)
+    voxcpm_max_len: int = Field(2048, ge=16)
+    voxcpm_normalize: bool = False
+    voxcpm_retry_badcase: bool = True
+
+    # Text
+    max_text_chars: int = Field(5000, ge=1)
+    max_chunk_chars: int = Field(200, ge=20)
+    crossfade_ms: float = Field(15.0, ge=0)
+
+    # Scheduling
+    queue_size: int = Field(32, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    retry_after_s: int = Field(2, ge=1)
+
+    # Output
+    default_sample_rate: int = 44100
+    allowed_sample_rates: str = "8000,16000,22050,24000,32000,44100,48000"
+
+    # Voices
+    voices_dir: Path = Path("/models/voices")
+    voice_max_bytes: int = 10 * 1024 * 1024
+    voice_min_seconds: float = 2.0
+    voice_max_seconds: float = 30.0
+
+    # Bootstrap hand-off (status file written by `python -m bootstrap`)
+    status_file: Optional[Path] = None
+
+    # HTTP server (gunicorn)
+    bind: str = "0.0.0.0:8000"
+    gunicorn_threads: int = Field(16, ge=2)
+    gunicorn_timeout: int = 0  # 0: no worker timeout; long streams are normal, deadlines are per request
+    graceful_timeout: int = 30
+    log_level: str = "info"
+
+    @field_validator("allowed_sample_rates")
+    @classmethod
+    def _rates_are_ints(cls, v: str) -> str:
+        rates = [int(r) for r in v.split(",") if r.strip()]
+        if not rates or any(r < 8000 or r > 192000 for r in rates):
+            raise ValueError("ALLOWED_SAMPLE_RATES must be comma-separated rates between 8000 and 192000")
+        return v
+
+    @cached_property
+    def sample_rates(self) -> tuple[int, ...]:
+        return tuple(sorted(int(r) for r in self.allowed_sample_rates.split(",") if r.strip()))
+
+    def check(self) -> None:
+        """Cross-field checks that must stop a production worker at start, not at first request."""
+        if self.tts_engine == "voxcpm" and self.model_dir is None:
+            raise ValueError("TTS_ENGINE=voxcpm needs MODEL_DIR (a VoxCPM-1.5 checkpoint directory); "
+                             "set MODEL_URI so bootstrap pulls one, or set TTS_ENGINE=embedded")
+        if self.default_sample_rate not in self.sample_rates:
+            raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")

@@ -1,0 +1,132 @@
+"""The service layer between HTTP and the scheduler: validate text and voice, queue a job, shape its audio."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from . import text as textmod
+from .api.errors import ApiError
+from .audio import Stitcher, resample
+from .encode import StreamEncoder
+from .engines import Engine, SynthesisParams, VoicePrompt
+from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler
+from .settings import Settings
+from .voices import VoiceStore
+
+# OpenAI SDK users send these names; they all mean "the engine's default voice" here.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
+
+
+@dataclass
+class Prepared:
+    job: Job
+    sample_rate: int
+    received_at: float
+
+
+@dataclass
+class Result:
+    audio: np.ndarray
+    sample_rate: int
+    latency: float
+
+
+class SynthesisService:
+    def __init__(self, settings: Settings, engine: Engine, scheduler: Scheduler, voices: VoiceStore):
+        self.settings = settings
+        self.engine = engine
+        self.scheduler = scheduler
+        self.voices = voices
+
+    # -- validation --------------------------------------------------------------------------
+    def resolve_voice(self, name: str) -> tuple[str, Optional[VoicePrompt]]:
+        presets = self.engine.presets()
+        default = next(iter(presets))
+        if name in ("", "default") or name in OPENAI_VOICES:
+            return default, None
+        if name in presets:
+            return name, None
+        voice = self.voices.get(name)
+        if voice is not None:
+            if not self.engine.info().supports_cloning:
+                raise ApiError(400, "voice_not_supported", f"voice '{name}' is a cloned voice, and the "
+                               f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}")
+            return default, voice.prompt()
+        raise ApiError(400, "unknown_voice", f"unknown voice '{name}'; use a preset "
+                       f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'")
+
+    def check_rate(self, rate: Optional[int]) -> int:
+        rate = rate or self.settings.default_sample_rate
+        if rate not in self.settings.sample_rates:
+            raise ApiError(400, "unsupported_sample_rate", f"sample_rate {rate} is not supported; use one of "
+                           f"{', '.join(map(str, self.settings.sample_rates))}")
+        return rate
+
+    def prepare_text(self, raw: str, lang: str) -> list[str]:
+        if len(raw) > self.settings.max_text_chars:
+            raise ApiError(413, "text_too_long", f"text has {len(raw)} characters; the limit is "
+                           f"{self.settings.max_text_chars} (MAX_TEXT_CHARS). Split it into several requests")
+        try:
+            text = textmod.normalize(raw)
+        except textmod.TextError as e:
+            raise ApiError(400, "invalid_text", str(e)) from None
+        langs = self.engine.info().languages
+        wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
+        if wanted not in langs:
+            raise ApiError(400, "unsupported_language", f"the {self.engine.name} engine speaks "
+                           f"{', '.join(langs)} only; this text needs '{wanted}'")
+        return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars))
+
+    # -- execution ---------------------------------------------------------------------------
+    def submit(self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool,
+               endpoint: str) -> Prepared:
+        received = time.monotonic()
+        preset, prompt = self.resolve_voice(voice)
+        job = Job(sentences=sentences, preset=preset, prompt=prompt, params=params, stream=stream,
+                  timeout_s=self.settings.request_timeout_s, endpoint=endpoint)
+        try:
+            self.scheduler.submit(job)
+        except Overloaded as e:
+            raise ApiError(503, "overloaded", str(e), retry_after=e.retry_after) from None
+        except NotReady as e:
+            raise ApiError(503, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s) from None
+        return Prepared(job, rate, received)
+
+    def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
+        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        parts = []
+        for event in self._events(prep, client_gone):
+            parts.append(stitcher.push(event.audio, event.sentence_ends))
+        parts.append(stitcher.flush())
+        audio = resample(np.concatenate(parts), self.engine.sample_rate, prep.sample_rate)
+        return Result(audio, prep.sample_rate, time.monotonic() - prep.received_at)
+
+    def stream(self, prep: Prepared, encoder: StreamEncoder) -> Iterator[bytes]:
+        """Encoded bytes as the engine produces audio; closing the iterator cancels the job."""
+        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        try:
+            head = encoder.header()
+            if head:
+                yield head
+            for event in self._events(prep, lambda: False):
+                data = encoder.push(stitcher.push(event.audio, event.sentence_ends))
+                if data:
+                    yield data
+            yield encoder.push(stitcher.flush()) + encoder.close()
+        finally:
+            prep.job.cancel()  # no-op when finished; stops generation when the client went away
+
+    def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
+        try:
+            yield from prep.job.results(client_gone)
+        except DeadlineExceeded as e:
+            raise ApiError(504, "deadline_exceeded", f"{e}; send shorter text or raise REQUEST_TIMEOUT_S") from None
+        except Cancelled:
+            raise ApiError(499, "client_closed_request", "the client disconnected") from None
+        except NotReady as e:
+            raise ApiError(503, "not_ready", str(e), retry_after=self.settings.retry_after_s) from None
+        except Exception as e:
+            raise ApiError(500, "synthesis_failed", f"synthesis failed: {e}") from e

@@ -1,0 +1,75 @@
+"""Input text: normalise it, reject what an engine cannot read, split long text into sentence chunks."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Sentence ends in English and Chinese (full-width) punctuation; the punctuation stays with its sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?;。！？；…])[\"'”’）)\]]*\s*|\n+")
+# Places to break a sentence that is still too long: clause punctuation, then whitespace.
+_CLAUSE_END = re.compile(r"(?<=[,，、:：])\s*")
+_WHITESPACE = re.compile(r"[ \t\r\f\v]+")
+
+
+class TextError(ValueError):
+    """The text cannot be synthesised as given; the message says what to change."""
+
+
+def normalize(text: str) -> str:
+    """NFC-normalise, reject control characters, collapse runs of spaces, keep single line breaks."""
+    text = unicodedata.normalize("NFC", text)
+    for i, ch in enumerate(text):
+        if ch in "\n\t\r":
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs", "Co") or (cat == "Cf" and ch not in "\u200b\u200c\u200d\u2060\ufeff"):
+            raise TextError(f"text contains a control character U+{ord(ch):04X} at position {i}; remove it")
+    text = text.replace("\ufeff", "").replace("\u200b", "")
+    lines = [_WHITESPACE.sub(" ", line).strip() for line in text.replace("\r\n", "\n").split("\n")]
+    text = "\n".join(line for line in lines if line)
+    if not text:
+        raise TextError("text is empty; send at least one word")
+    return text
+
+
+def split_sentences(text: str, max_chars: int) -> list[str]:
+    """Split into sentence-sized chunks of at most `max_chars`, merging short neighbours."""
+    pieces: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        if len(sentence) <= max_chars:
+            pieces.append(sentence)
+        else:
+            pieces.extend(_split_long(sentence, max_chars))
+    return _merge_short(pieces, max_chars)
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    out: list[str] = []
+    for clause in _CLAUSE_END.split(sentence):
+        clause = clause.strip()
+        while len(clause) > max_chars:
+            cut = clause.rfind(" ", 0, max_chars + 1)
+            if cut <= 0:  # no space (e.g. Chinese without commas): hard cut
+                cut = max_chars
+            out.append(clause[:cut].strip())
+            clause = clause[cut:].strip()
+        if clause:
+            out.append(clause)
+    return out
+
+
+def _merge_short(pieces: list[str], max_chars: int) -> list[str]:
+    merged: list[str] = []
+    for piece in pieces:
+        if merged and len(merged[-1]) + 1 + len(piece) <= max_chars and len(merged[-1]) < max_chars // 3:
+            merged[-1] = f"{merged[-1]} {piece}"
+        else:
+            merged.append(piece)
+    return merged
+
+
+def has_cjk(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)

@@ -1,0 +1,142 @@
+"""Uploaded voices for cloning: validated reference audio + transcript, stored on the models volume.
+
+Each voice is a directory `<voices_dir>/<id>/` holding `audio.wav` (mono, float, 44.1 kHz) and
+`voice.json`. It is written under a temporary name and renamed into place, so a crash never leaves a
+half-written voice, and ids are generated here: a user-chosen name never becomes a path.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+
+from . import text as textmod
+from .audio import resample
+from .engines import VoicePrompt
+
+_ID = re.compile(r"^v_[0-9a-f]{16}$")
+STORE_RATE = 44100
+
+
+class VoiceError(ValueError):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass(frozen=True)
+class Voice:
+    id: str
+    name: str
+    transcript: str
+    duration: float
+    sample_rate: int
+    created_at: float
+    path: Path
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+    def prompt(self) -> VoicePrompt:
+        return VoicePrompt(self.id, self.path / "audio.wav", self.transcript)
+
+
+class VoiceStore:
+    def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float):
+        self.root = Path(root)
+        self.max_bytes, self.min_seconds, self.max_seconds = max_bytes, min_seconds, max_seconds
+        self._lock = threading.Lock()
+
+    def _ensure_root(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VoiceError(500, "voices_dir_unwritable", f"cannot create VOICES_DIR {self.root}: {e}") from e
+
+    def create(self, name: str, transcript: str, data: bytes) -> Voice:
+        name = (name or "").strip()
+        if not 1 <= len(name) <= 64 or not name.isprintable():
+            raise VoiceError(400, "invalid_name", "name must be 1-64 printable characters")
+        try:
+            transcript = textmod.normalize(transcript or "")
+        except textmod.TextError as e:
+            raise VoiceError(400, "invalid_transcript", f"transcript: {e}") from None
+        if len(transcript) > 1000:
+            raise VoiceError(400, "invalid_transcript", "transcript must be at most 1000 characters")
+        if len(data) > self.max_bytes:
+            raise VoiceError(413, "file_too_large", f"the audio file has {len(data)} bytes; the limit is "
+                             f"{self.max_bytes} (VOICE_MAX_BYTES)")
+        if not data:
+            raise VoiceError(400, "empty_file", "the audio file is empty")
+        try:
+            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except Exception:
+            raise VoiceError(415, "unsupported_audio", "the file is not audio this server can decode; "
+                             "upload WAV, FLAC, OGG or MP3") from None
+        audio = audio.mean(axis=1)
+        duration = audio.size / rate
+        if not self.min_seconds <= duration <= self.max_seconds:
+            raise VoiceError(400, "bad_duration", f"the clip is {duration:.1f}s long; it must be between "
+                             f"{self.min_seconds:g}s and {self.max_seconds:g}s")
+        if not np.isfinite(audio).all() or float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
+            raise VoiceError(400, "silent_audio", "the clip is silent or invalid; record someone speaking")
+        audio = resample(audio, rate, STORE_RATE)
+        voice_id = "v_" + secrets.token_hex(8)
+        self._ensure_root()
+        tmp = self.root / f".tmp-{voice_id}"
+        tmp.mkdir()
+        try:
+            sf.write(tmp / "audio.wav", audio, STORE_RATE, subtype="FLOAT")
+            meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
+                    "sample_rate": STORE_RATE, "created_at": time.time()}
+            (tmp / "voice.json").write_text(json.dumps(meta, ensure_ascii=False))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, self.root / voice_id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self._load(self.root / voice_id)
+
+    def _load(self, d: Path) -> Optional[Voice]:
+        try:
+            meta = json.loads((d / "voice.json").read_text())
+            return Voice(path=d, **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate",
+                                                            "created_at")})
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def get(self, voice_id: str) -> Optional[Voice]:
+        if not _ID.match(voice_id or ""):
+            return None
+        return self._load(self.root / voice_id)
+
+    def list(self) -> list[Voice]:
+        if not self.root.is_dir():
+            return []
+        voices = [self._load(d) for d in self.root.iterdir() if _ID.match(d.name)]
+        return sorted((v for v in voices if v), key=lambda v: v.created_at)
+
+    def delete(self, voice_id: str) -> bool:
+        voice = self.get(voice_id)
+        if voice is None:
+            return False
+        with self._lock:
+            trash = self.root / f".del-{voice_id}-{secrets.token_hex(4)}"
+            os.rename(voice.path, trash)  # atomic: the voice disappears whole
+            shutil.rmtree(trash, ignore_errors=True)
+        return True

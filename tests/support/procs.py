@@ -1,0 +1,83 @@
+"""Start and stop real server processes on free loopback ports for the tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail(log)}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s\n{tail(log)}")
+
+
+def tail(log: Path | None, n: int = 60) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@contextmanager
+def running(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+            ready: Callable[[], bool] | None = None, timeout: float = 60, what: str = "server",
+            stop_signal: int = signal.SIGTERM) -> Iterator[subprocess.Popen]:
+    """Run `cmd` in its own process group; on exit stop the whole group (no strays left behind)."""
+    full_env = {**os.environ, **(env or {})}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=str(cwd or REPO_ROOT), start_new_session=True)
+    try:
+        if ready is not None:
+            wait_until(ready, timeout, what, proc, log)
+        yield proc
+    finally:
+        stop_group(proc, stop_signal)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+PYTHON = sys.executable
