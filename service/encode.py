@@ -28,8 +28,7 @@ FORMATS: dict[str, Format] = {
     "opus": Format("opus", "audio/ogg; codecs=opus", "OGG", "OPUS", (8000, 12000, 16000, 24000, 48000)),
     "pcm": Format("pcm", "audio/L16", None, None),
 }
-STREAMABLE = ("pcm", "wav", "mp3", "opus")
-MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+STREAMABLE = ("pcm", "wav", "opus")
 
 
 def codec_rate(fmt: Format, rate: int) -> int:
@@ -60,10 +59,17 @@ def wav_stream_header(rate: int, channels: int = 1) -> bytes:
 
 
 class _AppendOnlySink(io.RawIOBase):
-    """A write-only file for libsndfile that hands out bytes as soon as they are written."""
+    """A write-only file for libsndfile that hands out bytes as soon as they are written.
+
+    Ogg pages are written strictly in order; a rewrite of bytes already handed out (which Ogg does
+    not do, but other containers' writers do on close) could not be taken back, so it is dropped.
+    MP3 is not streamed for that reason: its writer rewrites a header frame with totals on close,
+    and without it decoders mis-size the stream.
+    """
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
+        self._end = 0  # bytes written (and handed out or pending) so far
         self._pos = 0
 
     def writable(self) -> bool:
@@ -74,7 +80,9 @@ class _AppendOnlySink(io.RawIOBase):
 
     def write(self, b) -> int:
         data = bytes(b)
-        self._chunks.append(data)
+        if self._pos >= self._end:
+            self._chunks.append(data)
+            self._end += len(data)
         self._pos += len(data)
         return len(data)
 
@@ -82,10 +90,8 @@ class _AppendOnlySink(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        # Streaming codecs only ask where they are; a real rewind would corrupt bytes already sent.
-        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset, io.SEEK_END: self._pos + offset}[whence]
-        if target != self._pos:
-            raise io.UnsupportedOperation("stream sink cannot rewind")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end}[whence]
+        self._pos = base + offset
         return self._pos
 
     def read(self, n: int = -1) -> bytes:
@@ -97,7 +103,7 @@ class _AppendOnlySink(io.RawIOBase):
 
 
 class StreamEncoder:
-    """Encodes successive float chunks into bytes of one continuous stream (pcm, wav, mp3, ogg/opus)."""
+    """Encodes successive float chunks into bytes of one continuous stream (pcm, wav, ogg/opus)."""
 
     def __init__(self, fmt_name: str, in_rate: int, out_rate: int):
         if fmt_name not in STREAMABLE:
@@ -109,7 +115,7 @@ class StreamEncoder:
         self._resampler = soxr.ResampleStream(rate, self.rate, 1, dtype="float32") if self.rate != rate else None
         self._sink: _AppendOnlySink | None = None
         self._file: sf.SoundFile | None = None
-        if self.fmt.name in ("mp3", "opus"):
+        if self.fmt.name == "opus":
             self._sink = _AppendOnlySink()
             self._file = sf.SoundFile(self._sink, "w", self.rate, 1, format=self.fmt.sf_format,
                                       subtype=self.fmt.sf_subtype)
