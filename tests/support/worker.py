@@ -1,0 +1,55 @@
+"""A real gunicorn worker (service.app:create_app) on a free loopback port, for the tests."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import requests
+
+from .procs import PYTHON, REPO_ROOT, free_port, running
+
+
+@dataclass
+class Worker:
+    url: str
+    port: int
+    log: Path
+    env: dict
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _ready(url: str) -> bool:
+    return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+
+
+@contextmanager
+def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: float = 180,
+                 wait_ready: bool = True) -> Iterator[Worker]:
+    """Start gunicorn with the embedded engine unless `env_overrides` says otherwise; yields a Worker.
+
+    The Worker's `url` is the base URL; `log` is the combined stdout/stderr log file.
+    """
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        "BIND": f"127.0.0.1:{port}",
+        "TTS_ENGINE": "embedded",
+        "VOICES_DIR": str(tmp_dir / "voices"),
+        "GUNICORN_THREADS": "8",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env_overrides or {}),
+    }
+    log = tmp_dir / f"worker-{port}.log"
+    url = f"http://127.0.0.1:{port}"
+    gunicorn = str(Path(PYTHON).with_name("gunicorn"))
+    cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), "service.app:create_app()"]
+    check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2).ok)
+    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}"):
+        yield Worker(url=url, port=port, log=log, env=env)
