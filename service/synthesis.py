@@ -1,6 +1,7 @@
 """The service layer between HTTP and the scheduler: validate text and voice, queue a job, shape its audio."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -15,6 +16,8 @@ from .engines import Engine, SynthesisParams, VoicePrompt
 from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler
 from .settings import Settings
 from .voices import VoiceStore
+
+log = logging.getLogger(__name__)
 
 # OpenAI SDK users send these names; they all mean "the engine's default voice" here.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
@@ -101,21 +104,32 @@ class SynthesisService:
         for event in self._events(prep, client_gone):
             parts.append(stitcher.push(event.audio, event.sentence_ends))
         parts.append(stitcher.flush())
+        if sum(p.size for p in parts) == 0:
+            raise ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols); "
+                           "send words")
         audio = resample(np.concatenate(parts), self.engine.sample_rate, prep.sample_rate)
         return Result(audio, prep.sample_rate, time.monotonic() - prep.received_at)
 
-    def stream(self, prep: Prepared, encoder: StreamEncoder) -> Iterator[bytes]:
-        """Encoded bytes as the engine produces audio; closing the iterator cancels the job."""
+    def stream(self, prep: Prepared, encoder: StreamEncoder, client_gone: Callable[[], bool]) -> Iterator[bytes]:
+        """Encoded bytes as the engine produces audio; closing the iterator cancels the job.
+
+        Nothing is yielded before the first audio exists, so a job that fails early (deadline, engine
+        error) still gets a proper JSON error status instead of a 200 followed by a broken stream.
+        """
         stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
         try:
-            head = encoder.header()
-            if head:
-                yield head
-            for event in self._events(prep, lambda: False):
+            first = True
+            for event in self._events(prep, client_gone):
                 data = encoder.push(stitcher.push(event.audio, event.sentence_ends))
+                if first:
+                    data, first = encoder.header() + data, False
                 if data:
                     yield data
-            yield encoder.push(stitcher.flush()) + encoder.close()
+            yield (encoder.header() if first else b"") + encoder.push(stitcher.flush()) + encoder.close()
+        except ApiError as e:
+            if first or e.code != "client_closed_request":
+                raise
+            log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
 

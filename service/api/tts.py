@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
@@ -56,7 +57,9 @@ def speech():
                    "X-Accel-Buffering": "no"}
         if req.response_format == "pcm":
             headers["X-Audio-Format"] = "s16le"
-        return Response(stream_with_context(svc.stream(prep, encoder)), status=200,
+        chunks = svc.stream(prep, encoder, client_gone_probe())
+        first = next(chunks)  # errors before the first audio become JSON errors, not a broken 200
+        return Response(stream_with_context(itertools.chain([first], chunks)), status=200,
                         content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())
     body = encode(result.audio, result.sample_rate, req.response_format)
