@@ -16,6 +16,9 @@ class VoxCPMKnobs(_Strict):
     inference_timesteps: Optional[StrictInt] = Field(None, ge=1, le=50, description="VoxCPM diffusion steps")
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**31 - 1, description="Random seed (VoxCPM)")
     normalize: Optional[StrictBool] = Field(None, description="VoxCPM text normalisation (numbers, dates)")
+    max_len: Optional[StrictInt] = Field(None, ge=4, le=8192,
+                                         description="VoxCPM: most tokens (6.25/s) per sentence chunk; "
+                                                     "capped by VOXCPM_MAX_LEN")
 
 
 class TTSRequest(VoxCPMKnobs):

@@ -21,7 +21,7 @@ def _service():
 
 def _params(req, speed: float = 1.0) -> SynthesisParams:
     return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
-                           seed=req.seed, normalize=req.normalize)
+                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)
 
 
 @bp.post("/tts")

@@ -139,7 +139,7 @@ class VoxCPMEngine(Engine):
         return dict(
             target_text=text,
             prompt_cache=self._prompt_cache(prompt),
-            max_len=params.max_len or self.defaults["max_len"],
+            max_len=min(params.max_len or self.defaults["max_len"], self.defaults["max_len"]),
             inference_timesteps=params.inference_timesteps or self.defaults["inference_timesteps"],
             cfg_value=params.cfg_value or self.defaults["cfg_value"],
         )
