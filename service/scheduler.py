@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from .audio import resample
 from .engines import Engine, SynthesisParams, VoicePrompt
 from .metrics import Metrics
 
@@ -168,6 +169,8 @@ class Scheduler:
                                                SynthesisParams())
                 if audio.size == 0 or not np.isfinite(audio).all():
                     raise RuntimeError("warm-up synthesis produced no valid audio")
+                # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
+                resample(audio, self.engine.sample_rate, 48000)
                 log.info("warm-up synthesis passed in %.1fs", time.monotonic() - t0)
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread

@@ -50,6 +50,7 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
     url = f"http://127.0.0.1:{port}"
     gunicorn = str(Path(PYTHON).with_name("gunicorn"))
     cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), "service.app:create_app()"]
-    check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2).ok)
+    # Without wait_ready, "answers at all" is enough: a worker whose model failed answers 503.
+    check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2) is not None)
     with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}"):
         yield Worker(url=url, port=port, log=log, env=env)
