@@ -1,0 +1,71 @@
+"""Real nginx, rendered by nginx/render.sh exactly as in the gateway image, on a free loopback port."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import requests
+
+from .procs import REPO_ROOT, free_port, port_open, running
+
+RENDER = REPO_ROOT / "nginx" / "render.sh"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise RuntimeError("nginx is not installed: run `make test`, which installs Debian's nginx-light")
+    return found
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    prefix: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None) -> dict:
+    return {
+        "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(), "UPSTREAM": upstream,
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "NGINX_WORKER_PROCESSES": "1", "ACCESS_LOG": "/dev/stdout",
+        **(extra or {}),
+    }
+
+
+def render(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
+           mode: str = "--render-only") -> subprocess.CompletedProcess:
+    env = {**os.environ, **render_env(prefix, upstream, port, extra)}
+    return subprocess.run(["sh", str(RENDER), mode], env=env, capture_output=True, text=True, timeout=60)
+
+
+@contextmanager
+def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> Iterator[Gateway]:
+    # nginx's workers run as nobody when started by root: the prefix must be traversable by them.
+    prefix = Path(tmp_dir) / "nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    for p in [prefix, *prefix.parents]:
+        if str(p).startswith(("/tmp", str(REPO_ROOT))) and p != Path("/tmp"):
+            p.chmod(p.stat().st_mode | 0o055)
+    port = free_port()
+    log = Path(tmp_dir) / f"nginx-{port}.log"
+    cmd = ["sh", str(RENDER)]
+    with running(cmd, log, env=render_env(prefix, upstream, port, env), ready=lambda: port_open(port),
+                 timeout=30, what=f"nginx on :{port}"):
+        yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log)
+
+
+def wait_ready_through(gw: Gateway, auth) -> None:
+    from .procs import wait_until
+
+    wait_until(lambda: requests.get(f"{gw.url}/readyz", auth=auth, timeout=2).status_code == 200, 120,
+               "worker ready through the gateway", log=gw.log)

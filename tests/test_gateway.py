@@ -1,0 +1,174 @@
+"""The gateway: real nginx (rendered by nginx/render.sh) in front of a real gunicorn worker."""
+import base64
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from .support.gateway import render, start_gateway
+from .support.procs import free_port
+from .support.worker import start_worker
+
+USER, PASSWORD = "alice", "correct horse battery"
+KEY = "vbx_test_key_0123456789abcdef"
+BASIC = (USER, PASSWORD)
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with start_worker(tmp_path_factory.mktemp("gw-worker"), {"QUEUE_SIZE": "8"}) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def gateway(worker, tmp_path_factory):
+    env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "API_KEYS": KEY, "RATE_LIMIT_RPS": "50",
+           "RATE_LIMIT_BURST": "50", "MAX_JSON_BODY": "64k", "MAX_UPLOAD_BODY": "2m"}
+    with start_gateway(tmp_path_factory.mktemp("gw"), f"127.0.0.1:{worker.port}", env) as gw:
+        yield gw
+
+
+def test_rendered_config_passes_nginx_t(tmp_path):
+    port = free_port()
+    r = render(tmp_path / "ngx", "127.0.0.1:9", port, {"BASIC_AUTH_USERS": "u:p", "API_KEYS": KEY}, mode="--test")
+    assert r.returncode == 0, r.stderr
+    assert "test is successful" in r.stderr
+
+
+def test_no_credentials_refuses_to_start(tmp_path):
+    r = render(tmp_path / "ngx", "127.0.0.1:9", free_port(), {"BASIC_AUTH_USERS": "", "API_KEYS": ""})
+    assert r.returncode != 0 and "never runs open" in r.stderr
+
+
+def test_bad_api_key_is_refused_at_render(tmp_path):
+    r = render(tmp_path / "ngx", "127.0.0.1:9", free_port(), {"API_KEYS": 'short"key'})
+    assert r.returncode != 0 and "must be 16-256 characters" in r.stderr
+
+
+def test_htpasswd_is_hashed_and_world_readable(gateway):
+    line = (gateway.prefix / "generated" / "htpasswd").read_text().strip()
+    assert line.startswith(f"{USER}:$apr1$") and PASSWORD not in line
+    assert (gateway.prefix / "generated" / "htpasswd").stat().st_mode & 0o004
+
+
+def test_healthz_is_open(gateway):
+    assert requests.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"auth": (USER, "wrong")}, {"auth": ("mallory", PASSWORD)},
+                                    {"headers": {"Authorization": "Bearer wrong-key-0123456789"}},
+                                    {"headers": {"Authorization": f"Bearer {KEY}x"}}],
+                         ids=["none", "wrong-password", "wrong-user", "wrong-key", "key-suffix"])
+def test_unauthenticated_is_401_json(gateway, kwargs):
+    r = requests.post(f"{gateway.url}/tts", json={"text": "hi"}, **kwargs)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+    assert "Basic" in r.headers["WWW-Authenticate"]
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_basic_auth_works(gateway):
+    r = requests.post(f"{gateway.url}/tts", json={"text": "Hello through the gateway."}, auth=BASIC)
+    assert r.status_code == 200, r.text
+    assert base64.b64decode(r.json()["audio_base64"])[:4] == b"RIFF"
+
+
+def test_bearer_key_works_and_is_not_forwarded(gateway, worker):
+    r = requests.post(f"{gateway.url}/tts", json={"text": "Hello with a key."}, headers=BEARER)
+    assert r.status_code == 200, r.text
+    assert "Server" not in r.headers or "nginx/" not in r.headers["Server"]  # server_tokens off
+    assert KEY not in worker.log_text() and KEY not in gateway.log_text()
+
+
+def test_request_id_reaches_worker_and_access_log_is_json(gateway, worker):
+    rid = "gw-trace-42"
+    r = requests.post(f"{gateway.url}/tts", json={"text": "Trace."}, auth=BASIC, headers={"X-Request-ID": rid})
+    assert r.headers["X-Request-ID"] == rid
+    time.sleep(0.3)
+    assert rid in worker.log_text()
+    entries = [json.loads(line) for line in gateway.log_text().splitlines() if line.startswith("{")]
+    mine = [e for e in entries if e["request_id"] == rid]
+    assert mine and mine[0]["user"] == USER and mine[0]["status"] == 200 and mine[0]["upstream_time"]
+    generated = requests.get(f"{gateway.url}/info", auth=BASIC).headers["X-Request-ID"]
+    assert len(generated) == 32  # nginx's own id when the client sends none
+
+
+def test_body_over_limit_is_413_json(gateway):
+    r = requests.post(f"{gateway.url}/tts", data=json.dumps({"text": "a" * 70_000}), auth=BASIC,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_upload_limit_is_larger_than_json_limit(gateway):
+    r = requests.post(f"{gateway.url}/v1/voices", auth=BASIC, files={"file": ("x.wav", b"\0" * 100_000)},
+                      data={"name": "n", "text": "t"})
+    assert r.status_code == 415  # reached the worker (not a gateway 413), which rejects non-audio
+    r = requests.post(f"{gateway.url}/v1/voices", auth=BASIC, files={"file": ("x.wav", b"\0" * 3_000_000)},
+                      data={"name": "n", "text": "t"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_stream_passes_through_unbuffered(gateway):
+    text = " ".join(f"This is sentence number {i} of a long streamed answer." for i in range(12))
+    t0 = time.monotonic()
+    with requests.post(f"{gateway.url}/v1/audio/speech", headers=BEARER, stream=True,
+                       json={"input": text, "response_format": "pcm", "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["X-Sample-Rate"] == "44100"
+        arrivals = []
+        for chunk in r.iter_content(chunk_size=None):
+            arrivals.append(time.monotonic() - t0)
+    assert len(arrivals) >= 3
+    assert arrivals[0] < 0.6 * arrivals[-1]  # the first audio came well before the end
+
+
+def test_upstream_down_is_503_json(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    with start_gateway(tmp_path, dead, {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}"}) as gw:
+        r = requests.post(f"{gw.url}/tts", json={"text": "hi"}, auth=BASIC)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_unavailable"
+        assert r.headers["Retry-After"]
+
+
+def test_worker_not_ready_is_503_json_through_gateway(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with start_worker(tmp_path / "w", {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(tmp_path / "empty")},
+                      wait_ready=False) as w, \
+            start_gateway(tmp_path / "g", f"127.0.0.1:{w.port}", {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}"}) as gw:
+        r = requests.get(f"{gw.url}/readyz", auth=BASIC)
+        assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["status"] == "not_ready"
+
+
+def test_rate_limit_is_429_json(tmp_path, worker):
+    env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "2"}
+    with start_gateway(tmp_path, f"127.0.0.1:{worker.port}", env) as gw:
+        codes = [requests.get(f"{gw.url}/info", auth=BASIC) for _ in range(8)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited and codes[0].status_code == 200
+    assert limited[0].json()["error"]["code"] == "rate_limited" and limited[0].headers["Retry-After"]
+
+
+def test_ip_allowlist(tmp_path, worker):
+    env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "ALLOW_CIDRS": "10.0.0.0/8"}
+    with start_gateway(tmp_path / "deny", f"127.0.0.1:{worker.port}", env) as gw:
+        r = requests.get(f"{gw.url}/info", auth=BASIC)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    env["ALLOW_CIDRS"] = "10.0.0.0/8,127.0.0.0/8"
+    with start_gateway(tmp_path / "allow", f"127.0.0.1:{worker.port}", env) as gw:
+        assert requests.get(f"{gw.url}/info", auth=BASIC).status_code == 200
+
+
+def test_openai_sdk_through_gateway(gateway):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY)
+    audio = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the OpenAI SDK.",
+                                       response_format="wav")
+    assert audio.content[:4] == b"RIFF" and len(audio.content) > 20_000
+    bad = OpenAI(base_url=f"{gateway.url}/v1", api_key="not-a-valid-key-000000", max_retries=0)
+    with pytest.raises(Exception) as e:
+        bad.audio.speech.create(model="tts-1", voice="alloy", input="x")
+    assert "401" in str(e.value)
