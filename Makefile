@@ -11,13 +11,18 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST ?= 127.0.0.1
-PORT ?= 8000
+PORT ?= 6006
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-runtime deps-test system-test clean-venv lint-static bench-overhead
+.PHONY: run run-worker test deps-runtime deps-test system-run system-test clean-venv bench-overhead
 
-run: deps-runtime
-	TTS_ENGINE=$${TTS_ENGINE:-embedded} BIND=$(HOST):$(PORT) $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
+# The whole stack natively: nginx gateway (auth) in front of the worker on the embedded engine.
+run: deps-runtime system-run
+	PY=$(PY) HOST=$(HOST) GATEWAY_PORT=$(PORT) scripts/run-stack.sh
+
+# Only the worker, no gateway and no auth (development).
+run-worker: deps-runtime
+	TTS_ENGINE=$${TTS_ENGINE:-embedded} BIND=$(HOST):$${WORKER_PORT:-8000} $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
 
 test: deps-test system-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -37,6 +42,10 @@ $(VENV)/.runtime-ok: $(REQ_FILES)
 $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements/test.txt
 	$(PIP) -r requirements/test.txt
 	touch $@
+
+system-run:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light openssl curl >/dev/null; }
 
 # Real nginx and Chromium for the gateway and browser tests (Debian packages).
 system-test:

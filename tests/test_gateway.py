@@ -13,7 +13,7 @@ from .support.procs import free_port
 from .support.worker import start_worker
 
 USER, PASSWORD = "alice", "correct horse battery"
-KEY = "vbx_test_key_0123456789abcdef"
+KEY = "vbx_" + "0123456789abcdef" * 3  # as long as run-stack.sh generates: map hash sizes matter
 BASIC = (USER, PASSWORD)
 BEARER = {"Authorization": f"Bearer {KEY}"}
 
