@@ -9,7 +9,7 @@ from typing import Optional
 
 from flask import Flask, g, request
 
-from .api import errors, health, tts, voices as voices_api
+from .api import errors, health, tts, ui, voices as voices_api, ws
 from .engines import Engine, build_engine
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -49,8 +49,9 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     app.config["MAX_CONTENT_LENGTH"] = settings.voice_max_bytes + 1024 * 1024  # multipart overhead
     app.extensions["voxbox"] = ctx
     errors.install(app)
-    for bp in (health.bp, tts.bp, voices_api.bp):
+    for bp in (health.bp, tts.bp, voices_api.bp, ui.bp):
         app.register_blueprint(bp)
+    ws.register(app)
     _install_request_hooks(app, metrics)
     scheduler.start()
     log.info("VoxBox worker: engine=%s queue=%d", settings.tts_engine, settings.queue_size)

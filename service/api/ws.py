@@ -1,0 +1,145 @@
+"""GET /v1/stream: WebSocket streaming. One synthesis at a time per connection, many per connection.
+
+Protocol: the client sends a JSON request; the server answers {"type":"header",...}, then binary
+audio chunks as they are generated, then {"type":"done",...}. {"type":"cancel"} stops the current
+synthesis ({"type":"cancelled"}). Problems are {"type":"error","code","message"} and the connection
+stays open for the next request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Literal, Optional
+
+from flask import Flask, current_app
+from flask_sock import ConnectionClosed, Sock
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from ..encode import StreamEncoder
+from ..engines import SynthesisParams
+from .errors import ApiError, describe_validation_error
+from .schemas import VoxCPMKnobs
+
+log = logging.getLogger(__name__)
+
+
+class StreamRequest(VoxCPMKnobs):
+    type: Literal["synthesize"] = "synthesize"
+    text: StrictStr
+    voice: StrictStr = "default"
+    format: Literal["pcm16", "wav"] = "pcm16"
+    sample_rate: Optional[StrictInt] = None
+    speed: StrictFloat | StrictInt = Field(1.0, ge=0.25, le=4.0)
+    lang: Literal["auto", "en", "zh"] = "auto"
+
+
+def _error(ws, code: str, message: str) -> None:
+    ws.send(json.dumps({"type": "error", "code": code, "message": message}))
+
+
+def _parse(raw) -> dict:
+    if isinstance(raw, bytes):
+        raise ApiError(400, "invalid_message", "send requests as JSON text messages, not binary")
+    try:
+        msg = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, "invalid_json", f"the message is not valid JSON ({e})") from None
+    if not isinstance(msg, dict):
+        raise ApiError(400, "invalid_json", 'the message must be a JSON object, e.g. {"text": "hello"}')
+    return msg
+
+
+class _Connection:
+    def __init__(self, ws, ctx):
+        self.ws, self.ctx = ws, ctx
+        self.cancelled = False
+
+    def serve(self) -> None:
+        while True:
+            raw = self.ws.receive()
+            if raw is None:
+                return
+            try:
+                msg = _parse(raw)
+                if msg.get("type") == "cancel":
+                    _error(self.ws, "nothing_to_cancel", "no synthesis is running on this connection")
+                    continue
+                try:
+                    req = StreamRequest.model_validate(msg)
+                except ValidationError as e:
+                    raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
+                self.synthesize(req)
+            except ApiError as e:
+                _error(self.ws, e.code, e.message)
+
+    def cancel_requested(self) -> bool:
+        """Non-blocking look at incoming messages while audio is being produced."""
+        if self.cancelled:
+            return True
+        try:
+            raw = self.ws.receive(timeout=0)
+        except ConnectionClosed:
+            self.cancelled = True
+            return True
+        if raw is None:
+            return False
+        try:
+            msg = _parse(raw)
+        except ApiError as e:
+            _error(self.ws, e.code, e.message)
+            return False
+        if msg.get("type") == "cancel":
+            self.cancelled = True
+        else:
+            _error(self.ws, "busy", "a synthesis is already running on this connection; wait for 'done' "
+                   "or send {\"type\": \"cancel\"}")
+        return self.cancelled
+
+    def synthesize(self, req: StreamRequest) -> None:
+        svc = self.ctx.synthesis
+        rate = svc.check_rate(req.sample_rate)
+        sentences = svc.prepare_text(req.text, req.lang)
+        params = SynthesisParams(speed=float(req.speed), cfg_value=req.cfg_value,
+                                 inference_timesteps=req.inference_timesteps, seed=req.seed,
+                                 normalize=req.normalize, max_len=req.max_len)
+        prep = svc.submit(sentences, req.voice, params, rate, stream=True, endpoint="websocket")
+        encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
+        self.cancelled = False
+        self.ws.send(json.dumps({"type": "header", "sample_rate": encoder.rate, "channels": 1,
+                                 "format": req.format, "sample_format": "s16le"}))
+        chunks = svc.stream(prep, encoder, self.cancel_requested)
+        sent = 0
+        try:
+            for data in chunks:
+                if self.cancel_requested():
+                    break
+                self.ws.send(data)
+                sent += 1
+        except ApiError as e:
+            if e.code != "client_closed_request":
+                raise
+        finally:
+            chunks.close()  # cancels the job if it is still running
+        job = prep.job
+        if self.cancelled:
+            self.ws.send(json.dumps({"type": "cancelled", "chunks": sent}))
+            return
+        done = time.monotonic()
+        self.ws.send(json.dumps({
+            "type": "done", "chunks": sent,
+            "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
+            "latency": round(done - prep.received_at, 3),
+            "ttfa": round(job.first_audio_at - job.enqueued_at, 3) if job.first_audio_at else None,
+        }))
+
+
+def register(app: Flask) -> None:
+    sock = Sock(app)
+
+    @sock.route("/v1/stream")
+    def stream(ws):
+        try:
+            _Connection(ws, current_app.extensions["voxbox"]).serve()
+        except ConnectionClosed:
+            pass
