@@ -172,3 +172,31 @@ def test_openai_sdk_through_gateway(gateway):
     with pytest.raises(Exception) as e:
         bad.audio.speech.create(model="tts-1", voice="alloy", input="x")
     assert "401" in str(e.value)
+
+
+def test_websocket_through_gateway_needs_credentials(gateway):
+    import websocket
+
+    url = gateway.url.replace("http://", "ws://") + "/v1/stream"
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(url, timeout=10)
+    assert e.value.status_code == 401
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    for header in ([f"Authorization: Basic {token}"], [f"Authorization: Bearer {KEY}"]):
+        ws = websocket.create_connection(url, header=header, timeout=30)
+        ws.send(json.dumps({"text": "Through the gateway, over a WebSocket."}))
+        kinds = []
+        while True:
+            msg = ws.recv()
+            kinds.append("audio" if isinstance(msg, bytes) else json.loads(msg)["type"])
+            if kinds[-1] in ("done", "error"):
+                break
+        ws.close()
+        assert kinds[0] == "header" and "audio" in kinds and kinds[-1] == "done"
+
+
+def test_ui_is_served_behind_auth(gateway):
+    assert requests.get(f"{gateway.url}/").status_code == 401
+    page = requests.get(f"{gateway.url}/", auth=BASIC)
+    assert page.status_code == 200 and "VoxBox" in page.text
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
