@@ -1,0 +1,126 @@
+"""The web UI in real headless Chromium against real gunicorn (and through real nginx with basic auth)."""
+import base64
+
+import numpy as np
+import pytest
+import soundfile as sf
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from .support.browser import chromium
+from .support.gateway import start_gateway
+from .support.procs import REPO_ROOT
+from .support.worker import start_worker
+
+ARTIFACTS = REPO_ROOT / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with start_worker(tmp_path_factory.mktemp("ui"), {"MAX_TEXT_CHARS": "300"}) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+def wait(browser, cond, timeout=60):
+    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda b: cond(b))
+
+
+def open_page(browser, url):
+    browser.get(url)
+    wait(browser, lambda b: b.find_element(By.ID, "status").text.endswith("ready"))
+    wait(browser, lambda b: len(Select(b.find_element(By.ID, "voice")).options) >= 3)
+
+
+def set_text(browser, text):
+    area = browser.find_element(By.ID, "text")
+    area.clear()
+    area.send_keys(text)
+
+
+def test_generate_plays_audio_of_the_right_length(browser, worker):
+    open_page(browser, worker.url + "/")
+    set_text(browser, "The web page turns this sentence into speech.")
+    assert browser.find_element(By.ID, "counter").text.startswith("45 / 300")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    duration = wait(browser, lambda b: b.execute_script(
+        "const a = document.getElementById('player'); return a.readyState >= 1 && isFinite(a.duration) ? a.duration : null"))
+    shown = float(browser.find_element(By.ID, "result-info").text.split(" s of audio")[0])
+    assert duration > 1.0 and abs(duration - shown) < 0.1 * shown
+    assert browser.find_element(By.ID, "download").get_attribute("download") == "voxbox.wav"
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-desktop.png"))
+
+
+def test_stream_receives_chunks_before_done(browser, worker):
+    open_page(browser, worker.url + "/")
+    set_text(browser, " ".join(f"Streamed sentence number {i} arrives while the rest is made." for i in range(4)))
+    browser.execute_script("""
+        window.__seenBeforeDone = 0;
+        const orig = WebSocket.prototype.addEventListener;
+        setInterval(() => { if (!window.voxbox.streamDone) window.__seenBeforeDone = window.voxbox.chunksReceived; }, 5);
+    """)
+    browser.find_element(By.ID, "stream").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+    chunks = browser.execute_script("return window.voxbox.chunksReceived")
+    assert chunks >= 2
+    assert browser.execute_script("return window.__seenBeforeDone") >= 1
+    assert browser.execute_script("return window.voxbox.streamHeader.sample_rate") == 44100
+    assert "Streamed" in browser.find_element(By.ID, "result-info").text
+
+
+def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
+    open_page(browser, worker.url + "/")
+    t = np.arange(22050 * 3) / 22050
+    wav = tmp_path / "reference.wav"
+    sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
+    browser.find_element(By.ID, "voice-name").send_keys("Browser voice")
+    browser.find_element(By.ID, "voice-file").send_keys(str(wav))
+    browser.find_element(By.ID, "voice-text").send_keys("A reference clip uploaded from the browser.")
+    browser.find_element(By.ID, "upload").click()
+    wait(browser, lambda b: "Added" in b.find_element(By.ID, "voice-msg").text)
+    picker = Select(browser.find_element(By.ID, "voice"))
+    assert picker.first_selected_option.text.startswith("Browser voice")
+    # The embedded engine cannot clone: using the voice shows the API's explanation.
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
+    assert "cannot clone" in browser.find_element(By.ID, "error").text
+
+
+def test_over_limit_text_shows_the_api_error(browser, worker):
+    open_page(browser, worker.url + "/")
+    set_text(browser, "word " * 70)
+    assert "over" in browser.find_element(By.ID, "counter").get_attribute("class")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
+    assert "the limit is 300" in browser.find_element(By.ID, "error").text
+
+
+def test_phone_width_layout(worker):
+    with chromium(390, 844) as phone:
+        open_page(phone, worker.url + "/")
+        width = phone.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 400  # no horizontal scrolling on a phone
+        ARTIFACTS.mkdir(exist_ok=True)
+        phone.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
+
+
+def test_through_the_gateway_with_basic_auth(worker, tmp_path):
+    env = {"BASIC_AUTH_USERS": "ui:secret-password"}
+    with start_gateway(tmp_path, f"127.0.0.1:{worker.port}", env) as gw, chromium() as b:
+        # What the browser sends after a user answers the basic-auth prompt (headless has no prompt).
+        b.execute_cdp_cmd("Network.enable", {})
+        b.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {
+            "Authorization": "Basic " + base64.b64encode(b"ui:secret-password").decode()}})
+        open_page(b, gw.url + "/")
+        set_text(b, "Through the gateway.")
+        b.find_element(By.ID, "stream").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.streamDone"))
+        assert b.execute_script("return window.voxbox.chunksReceived") >= 1
+        assert not b.find_element(By.ID, "error").is_displayed()
