@@ -1,0 +1,84 @@
+"""python -m bootstrap [pull | publish LOCAL_DIR URI | run]: the worker container's entrypoint.
+
+With no command (the image's ENTRYPOINT), it pulls MODEL_URI into MODELS_DIR when set, sizes the
+worker for the GPU, and execs gunicorn with MODEL_DIR pointing at the verified version.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import FatalError
+from .settings import BootstrapSettings
+from .status import Status
+
+log = logging.getLogger("bootstrap")
+GUNICORN = ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]
+
+
+def _pull(s: BootstrapSettings, status: Status):
+    from .puller import pull
+
+    if not s.model_uri:
+        raise FatalError("MODEL_URI is not set; set it to s3://bucket/prefix/ of a published model")
+    return pull(s, status)
+
+
+def _run(s: BootstrapSettings, status: Status) -> None:
+    from .gpu import decide, detect_gpus
+
+    env = dict(os.environ)
+    if s.model_uri:
+        result = _pull(s, status)
+        # The resolved version dir, not `current`: a later switch must not move files under us.
+        env["MODEL_DIR"] = str(result.model_dir.resolve())
+    else:
+        log.info("MODEL_URI is empty: no pull (TTS_ENGINE=%s, MODEL_DIR=%s)", env.get("TTS_ENGINE", "embedded"),
+                 env.get("MODEL_DIR", "-"))
+    env.update(decide(detect_gpus(), env))
+    env["STATUS_FILE"] = str(status.path)
+    log.info("handing off to gunicorn")
+    os.execvpe(GUNICORN[0], GUNICORN, env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m bootstrap", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    sub.add_parser("run", help="pull (if MODEL_URI is set), then exec gunicorn (the default)")
+    sub.add_parser("pull", help="pull MODEL_URI into MODELS_DIR and exit")
+    pub = sub.add_parser("publish", help="upload LOCAL_DIR with a manifest to URI")
+    pub.add_argument("local_dir", type=Path)
+    pub.add_argument("uri")
+    pub.add_argument("--name")
+    pub.add_argument("--version")
+    args = ap.parse_args(argv)
+
+    s = BootstrapSettings()
+    status = Status(s.status_path)
+    try:
+        if args.cmd == "publish":
+            from .publish import publish
+
+            m = publish(args.local_dir, args.uri, s, args.name, args.version)
+            print(f"published {m.name} {m.version} (digest {m.digest[:16]}) to {args.uri}")
+        elif args.cmd == "pull":
+            result = _pull(s, status)
+            print(result.model_dir)
+        else:
+            _run(s, status)
+    except FatalError as e:
+        status.fail(str(e))
+        print(f"bootstrap: fatal: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

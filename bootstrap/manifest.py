@@ -1,0 +1,78 @@
+"""manifest.json: the contract between publish and pull (each file's path, size, sha256)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import FatalError
+
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: Optional[str]  # None only for ALLOW_UNVERIFIED pulls (size/ETag trust)
+    etag: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    files: tuple[FileEntry, ...]
+    raw: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_rel(path: str) -> str:
+    p = Path(path)
+    if p.is_absolute() or ".." in p.parts or not p.parts or path.startswith(".voxbox"):
+        raise FatalError(f"manifest lists an unsafe path {path!r}; republish the model")
+    return p.as_posix()
+
+
+def build(local_dir: Path, name: str, version: str) -> Manifest:
+    files = []
+    for p in sorted(local_dir.rglob("*")):
+        rel = p.relative_to(local_dir).as_posix()
+        if p.is_file() and rel != MANIFEST and not p.name.startswith("."):
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+    if not files:
+        raise FatalError(f"{local_dir} holds no files to publish")
+    doc = {"name": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "files": files}
+    return parse(json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+def parse(raw: bytes) -> Manifest:
+    try:
+        doc = json.loads(raw)
+        files = tuple(FileEntry(_safe_rel(f["path"]), int(f["size"]), f.get("sha256"), f.get("etag"))
+                      for f in doc["files"])
+        return Manifest(str(doc.get("name", "model")), str(doc.get("version", "")), files, raw)
+    except FatalError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise FatalError(f"manifest.json is malformed ({e}); republish with `python -m bootstrap publish`") from None

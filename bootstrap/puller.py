@@ -1,0 +1,297 @@
+"""Pull a published model version into MODELS_DIR/versions/<digest>/ and point MODELS_DIR/current at it.
+
+Invariants: a file appears at its final path only after its size and sha256 match the manifest
+(downloads land as `*.part` and are renamed); `current` is switched with one atomic rename, and only
+to a version whose every file was verified; a version is downloaded by one process at a time (a lock
+on the volume), so replicas sharing the volume fetch each object once and then reuse it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.manager import TransferManager
+from s3transfer.subscribers import BaseSubscriber
+
+from . import manifest as mf
+from .errors import FatalError
+from .lock import volume_lock
+from .progress import Progress
+from .s3client import explain, make_client, transfer_config
+from .settings import BootstrapSettings
+from .status import Status
+from .uri import ObjectPrefix, parse_uri
+
+log = logging.getLogger("bootstrap")
+
+VERIFIED = ".voxbox-verified.json"  # {path: {size, mtime_ns, sha256}}: what was checked, and when
+COMPLETE = ".voxbox-complete"
+
+
+@dataclass
+class PullResult:
+    model_dir: Path
+    digest: str
+    downloaded_bytes: int
+    warm: bool
+    seconds: float
+
+
+def pull(s: BootstrapSettings, status: Status) -> PullResult:
+    t0 = time.monotonic()
+    where = parse_uri(s.model_uri, s.s3_endpoint_url)
+    client = make_client(s)
+    status.update(phase="listing", error=None)
+    manifest = _fetch_manifest(client, where, s)
+    digest = manifest.digest[:16]
+    vdir = s.models_dir / "versions" / digest
+    status.update(model=f"{manifest.name}:{manifest.version}", digest=digest, bytes_total=manifest.total_bytes)
+    log.info("pull: %s -> %s (%s %s, %d files, %.1f MB), listed in %.2fs", where, vdir, manifest.name,
+             manifest.version, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - t0)
+
+    locks = s.models_dir / ".voxbox" / "locks"
+    downloaded = 0
+    warm = _is_verified(vdir, manifest, s.verify)
+    if not warm:
+        with volume_lock(locks / f"{digest}.lock", s.pull_lock_timeout_s,
+                         on_wait=lambda: log.info("pull: another replica is pulling %s; waiting for it", digest)):
+            warm = _is_verified(vdir, manifest, s.verify)  # it may have finished while we waited
+            if not warm:
+                downloaded = _download_version(client, where, manifest, vdir, s, status)
+    with volume_lock(locks / "current.lock", s.pull_lock_timeout_s):
+        _switch_current(s.models_dir, vdir)
+        _prune(s.models_dir, vdir, s.keep_versions, locks)
+    took = time.monotonic() - t0
+    status.update(phase="ready", bytes_done=manifest.total_bytes, error=None)
+    log.info("pull: %s ready in %.2fs (%s)", digest, took,
+             "warm start, nothing downloaded" if warm else f"{downloaded / 1e6:.1f} MB downloaded")
+    return PullResult(vdir, digest, downloaded, warm, took)
+
+
+# -- manifest -----------------------------------------------------------------------------------
+def _fetch_manifest(client, where: ObjectPrefix, s: BootstrapSettings) -> mf.Manifest:
+    try:
+        raw = client.get_object(Bucket=where.bucket, Key=where.key(mf.MANIFEST))["Body"].read()
+        return mf.parse(raw)
+    except ClientError as e:
+        fatal = explain(e, where)
+        if fatal:
+            raise fatal from None
+        if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise FatalError(f"cannot read {where}{mf.MANIFEST}: {e}") from None
+    if not s.allow_unverified:
+        raise FatalError(f"no {mf.MANIFEST} at {where}: publish the model with `python -m bootstrap publish "
+                         f"LOCAL_DIR {where}` (or set ALLOW_UNVERIFIED=true to trust sizes only)")
+    return _unverified_manifest(client, where)
+
+
+def _unverified_manifest(client, where: ObjectPrefix) -> mf.Manifest:
+    files = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(where.prefix):]
+                if rel and not rel.endswith("/"):
+                    files.append({"path": rel, "size": obj["Size"], "sha256": None, "etag": obj["ETag"].strip('"')})
+    except ClientError as e:
+        raise (explain(e, where) or FatalError(f"cannot list {where}: {e}")) from None
+    if not files:
+        raise FatalError(f"nothing to pull at {where}")
+    log.warning("pull: no manifest; ALLOW_UNVERIFIED=true, so files are checked by size only")
+    return mf.parse(json.dumps({"name": where.prefix.strip("/") or where.bucket, "version": "unverified",
+                                "files": sorted(files, key=lambda f: f["path"])}, sort_keys=True).encode())
+
+
+# -- verification state -------------------------------------------------------------------------
+def _load_state(vdir: Path) -> dict:
+    try:
+        return json.loads((vdir / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(vdir: Path, state: dict) -> None:
+    tmp = vdir / f"{VERIFIED}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, vdir / VERIFIED)
+
+
+def _still_verified(path: Path, entry: mf.FileEntry, record: dict | None) -> bool:
+    """Verified earlier and untouched since: same size and mtime as when it was hashed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return bool(record) and st.st_size == entry.size == record["size"] and st.st_mtime_ns == record["mtime_ns"] \
+        and record.get("sha256") == entry.sha256
+
+
+def _is_verified(vdir: Path, manifest: mf.Manifest, mode: str) -> bool:
+    if not (vdir / COMPLETE).exists():
+        return False
+    state = _load_state(vdir)
+    for entry in manifest.files:
+        path = vdir / entry.path
+        if not _still_verified(path, entry, state.get(entry.path)):
+            return False
+        if mode == "full" and entry.sha256 and mf.sha256_file(path) != entry.sha256:
+            log.warning("pull: %s changed on disk; re-downloading it", entry.path)
+            return False
+    return True
+
+
+def _verify(path: Path, entry: mf.FileEntry) -> bool:
+    if path.stat().st_size != entry.size:
+        return False
+    return entry.sha256 is None or mf.sha256_file(path) == entry.sha256
+
+
+# -- download -----------------------------------------------------------------------------------
+class _Progress(BaseSubscriber):
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        self.progress(bytes_transferred)
+
+
+def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: Path, s: BootstrapSettings,
+                      status: Status) -> int:
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / COMPLETE).unlink(missing_ok=True)
+    for stray in vdir.rglob("*.part.*"):  # the transfer manager's temp names, left by a killed pull
+        stray.unlink(missing_ok=True)
+    state = _load_state(vdir)
+    todo: list[mf.FileEntry] = []
+    t_verify = time.monotonic()
+    for entry in manifest.files:
+        final, part = vdir / entry.path, vdir / f"{entry.path}.part"
+        if _still_verified(final, entry, state.get(entry.path)) and (s.verify == "fast" or _verify(final, entry)):
+            continue
+        # A download that finished but was not yet renamed when we were killed: check and keep it.
+        if part.exists() and part.stat().st_size == entry.size and _verify(part, entry):
+            _promote(part, final, entry, state, vdir)
+            continue
+        todo.append(entry)
+    need = sum(e.size for e in todo)
+    _check_disk(s.models_dir, need)
+    done_bytes = manifest.total_bytes - need
+    log.info("pull: %d of %d files to download (%.1f MB); %d already verified (checked in %.2fs)", len(todo),
+             len(manifest.files), need / 1e6, len(manifest.files) - len(todo), time.monotonic() - t_verify)
+
+    progress = Progress(manifest.total_bytes, done_bytes, status, s.progress_interval_s)
+    t_dl = time.monotonic()
+    try:
+        attempt = 0
+        while todo:
+            attempt += 1
+            todo = _download_batch(client, where, todo, vdir, state, s, progress)
+            if todo:
+                if attempt >= s.pull_retries:
+                    names = ", ".join(e.path for e in todo)
+                    raise FatalError(f"checksum mismatch after {attempt} attempts for {names}: the objects in "
+                                     f"{where} differ from its manifest.json; republish the model")
+                delay = min(2 ** attempt, 30)
+                log.warning("pull: %d file(s) failed verification or download; retrying in %ds", len(todo), delay)
+                time.sleep(delay)
+    finally:
+        progress.close()
+    secs = time.monotonic() - t_dl
+    log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s)", need / 1e6, secs, need / 1e6 / max(secs, 1e-6))
+    status.update(phase="verifying")
+    # Every file verified: record the version as complete (fsync first, so a crash cannot fake it).
+    fd = os.open(vdir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    (vdir / mf.MANIFEST).write_bytes(manifest.raw)
+    (vdir / COMPLETE).write_text(manifest.digest)
+    return need
+
+
+def _download_batch(client, where, entries, vdir, state, s, progress) -> list[mf.FileEntry]:
+    """Download entries concurrently with boto3's transfer manager; returns those that must be retried."""
+    failed: list[mf.FileEntry] = []
+    futures = []
+    with TransferManager(client, transfer_config(s)) as manager:
+        for entry in entries:
+            part = vdir / f"{entry.path}.part"
+            part.parent.mkdir(parents=True, exist_ok=True)
+            futures.append((entry, part, manager.download(where.bucket, where.key(entry.path), str(part),
+                                                          subscribers=[_Progress(progress)])))
+        for entry, part, future in futures:
+            try:
+                future.result()
+            except (ClientError, BotoCoreError, OSError) as e:
+                fatal = explain(e, where) if isinstance(e, (ClientError, BotoCoreError)) else None
+                if fatal:
+                    raise fatal from None
+                if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise FatalError(f"{where}{entry.path} is listed in manifest.json but missing from the "
+                                     "bucket; republish the model") from None
+                if isinstance(e, OSError) and e.errno == 28:
+                    raise FatalError(f"disk full while writing {part}; free space on the models volume") from None
+                log.warning("pull: %s failed (%s); will retry", entry.path, e)
+                part.unlink(missing_ok=True)
+                failed.append(entry)
+                continue
+            if _verify(part, entry):
+                _promote(part, vdir / entry.path, entry, state, vdir)
+            else:
+                log.warning("pull: %s does not match the manifest (size or sha256); will retry", entry.path)
+                progress.rewind(part.stat().st_size)
+                part.unlink(missing_ok=True)
+                failed.append(entry)
+    return failed
+
+
+def _promote(part: Path, final: Path, entry: mf.FileEntry, state: dict, vdir: Path) -> None:
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, final)
+    st = final.stat()
+    state[entry.path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry.sha256}
+    _save_state(vdir, state)
+
+
+def _check_disk(models_dir: Path, need: int) -> None:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(models_dir).free
+    if need > free:
+        raise FatalError(f"disk full: the model needs {need / 1e9:.2f} GB more but {models_dir} has "
+                         f"{free / 1e9:.2f} GB free; grow the volume or lower KEEP_VERSIONS")
+
+
+# -- current pointer and pruning ----------------------------------------------------------------
+def _switch_current(models_dir: Path, vdir: Path) -> None:
+    link = models_dir / "current"
+    tmp = models_dir / f".current.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(vdir, models_dir), tmp)
+    os.replace(tmp, link)  # atomic: readers see the old version or the new one, never neither
+
+
+def _prune(models_dir: Path, current: Path, keep: int, locks: Path) -> None:
+    versions = [d for d in (models_dir / "versions").iterdir() if (d / COMPLETE).exists() and d != current]
+    versions.sort(key=lambda d: (d / COMPLETE).stat().st_mtime, reverse=True)
+    for old in versions[keep - 1:]:
+        lock_path = locks / f"{old.name}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # someone is pulling it right now
+        else:
+            log.info("pull: pruning old version %s (KEEP_VERSIONS=%d)", old.name, keep)
+            (old / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
