@@ -28,6 +28,7 @@ class FaultProxy:
         self.faults: list[tuple[str, str]] = []  # (key suffix, fault), consumed in order
         self.injected: list[tuple[str, str]] = []
         self.delay_s = 0.0  # per-response delay, to make transfers slow enough to interrupt
+        self.per_connection_mbps = 0.0  # emulate a WAN store's per-connection bandwidth (0: unlimited)
         self._lock = threading.Lock()
         proxy = self
 
@@ -79,12 +80,14 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if self.command != "HEAD":
-                    if proxy.delay_s and self.command == "GET":
+                    if (proxy.delay_s or proxy.per_connection_mbps) and self.command == "GET":
                         import time
 
-                        for i in range(0, len(data), 256 * 1024):  # trickle: a kill can land mid-body
-                            self.wfile.write(data[i:i + 256 * 1024])
-                            time.sleep(proxy.delay_s)
+                        step = 256 * 1024
+                        pause = proxy.delay_s or step / (proxy.per_connection_mbps * 1024 * 1024)
+                        for i in range(0, len(data), step):  # trickle: a kill can land mid-body
+                            self.wfile.write(data[i:i + step])
+                            time.sleep(pause)
                     else:
                         self.wfile.write(data)
 
