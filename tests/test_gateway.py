@@ -200,3 +200,24 @@ def test_ui_is_served_behind_auth(gateway):
     page = requests.get(f"{gateway.url}/", auth=BASIC)
     assert page.status_code == 200 and "VoxBox" in page.text
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+def test_tls_with_mounted_certificate(tmp_path, worker):
+    import subprocess
+
+    import urllib3
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert.chmod(0o644)
+    key.chmod(0o644)  # read by nginx's unprivileged workers in this test; mount it read-only in production
+    env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "TLS_CERT": str(cert), "TLS_KEY": str(key)}
+    urllib3.disable_warnings()
+    with start_gateway(tmp_path / "tls", f"127.0.0.1:{worker.port}", env) as gw:
+        url = gw.url.replace("http://", "https://")
+        r = requests.get(f"{url}/info", auth=BASIC, verify=False)
+        assert r.status_code == 200 and r.json()["engine"]["name"] == "embedded"
+        assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+        plain = requests.get(f"{gw.url}/info", auth=BASIC, timeout=5)
+        assert plain.status_code == 400 and "HTTPS port" in plain.text  # no plain-HTTP service on a TLS port
