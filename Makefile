@@ -27,19 +27,21 @@ run-worker: deps-runtime
 test: deps-test system-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The venv directory is named by the requirements' hash, so a stamp inside it is valid for exactly
+# that set of requirements: no mtime comparisons (a fresh clone reuses a built venv at once).
 deps-runtime: $(VENV)/.runtime-ok
-deps-test: $(VENV)/.test-ok
+	@ln -sfn $(VENV) .venv
+deps-test: deps-runtime $(VENV)/.test-ok
 
-$(VENV)/.runtime-ok: $(REQ_FILES)
+$(VENV)/.runtime-ok:
 	@mkdir -p $(VOXBOX_CACHE)
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -r requirements/runtime.txt -r requirements/embedded.txt
 	$(PIP) --no-deps -r requirements/voxcpm.txt
-	ln -sfn $(VENV) .venv
 	touch $@
 
-$(VENV)/.test-ok: $(VENV)/.runtime-ok requirements/test.txt
+$(VENV)/.test-ok: $(VENV)/.runtime-ok
 	$(PIP) -r requirements/test.txt
 	touch $@
 
