@@ -1,8 +1,10 @@
 """Correctness guard for continuous batching: each request generated inside a batch (joining and
 leaving between steps) produces the same audio as the package generating it alone with the same seed.
 
-Tolerance: identical number of 160 ms chunks, and max |difference| < 1e-4 per sample, on a float32
-tiny checkpoint on CPU (batched matrix products may round differently from batch-1 ones).
+Compared per generated token: the latent patch the local DiT produced (what the noise and every LM
+step shape; random VAE weights are nearly insensitive to it, so audio alone would prove little)
+and the decoded 160 ms audio chunk. Tolerance: identical token counts, max |difference| < 1e-4,
+on a float32 tiny checkpoint on CPU (batched matrix products may round differently).
 """
 import json
 
@@ -33,9 +35,13 @@ def model(tmp_path_factory):
 
 
 def alone(model, text, seed, max_len, prompt=None):
+    """The package's own streaming generation: [(latent patch [P, D], audio chunk)] per token."""
     torch.manual_seed(seed)
-    return [w.squeeze(0).numpy() for w, _, _ in model.generate_with_prompt_cache_streaming(
-        target_text=text, prompt_cache=prompt, max_len=max_len, min_len=2, inference_timesteps=4, cfg_value=2.0)]
+    out = []
+    for wav, _, feats in model.generate_with_prompt_cache_streaming(
+            target_text=text, prompt_cache=prompt, max_len=max_len, min_len=2, inference_timesteps=4, cfg_value=2.0):
+        out.append((feats[-1][0, 0].float().numpy(), wav.squeeze(0).numpy()))
+    return out
 
 
 def run_batched(gen, schedule):
@@ -49,7 +55,7 @@ def run_batched(gen, schedule):
         if not gen.active() and step > max(schedule):
             return out
         for row, audio, done in gen.step():
-            out[row_of[row]].append(audio)
+            out[row_of[row]].append((gen.last_patch[row].float().numpy(), audio))
             if done:
                 del row_of[row]
         step += 1
@@ -57,9 +63,10 @@ def run_batched(gen, schedule):
 
 def assert_same(batched, reference):
     assert len(batched) == len(reference) > 0
-    for b, r in zip(batched, reference):
-        assert b.shape == r.shape
-        assert np.abs(b - r).max() < TOL
+    for (b_feat, b_audio), (r_feat, r_audio) in zip(batched, reference):
+        assert b_feat.shape == r_feat.shape and b_audio.shape == r_audio.shape
+        assert np.abs(b_feat - r_feat).max() < TOL
+        assert np.abs(b_audio - r_audio).max() < TOL
 
 
 def test_batched_equals_alone_with_joins_and_leaves(model):
@@ -74,7 +81,7 @@ def test_batched_equals_alone_with_joins_and_leaves(model):
     assert gen.active() == 0 and gen.free_slots() == 3
     # The comparison is sensitive: another seed gives audio far outside the tolerance.
     other = alone(model, REQUESTS[0][0], REQUESTS[0][1] + 1, REQUESTS[0][2])
-    assert max(np.abs(a - b).max() for a, b in zip(batched[0], other)) > 100 * TOL
+    assert max(np.abs(a[0] - b[0]).max() for a, b in zip(batched[0], other)) > 100 * TOL
 
 
 def test_a_freed_row_is_reused_correctly(model):
@@ -97,7 +104,7 @@ def test_with_a_voice_prompt(model):
     row = gen.add("Cloned voice output.", prompt, max_len=8, min_len=2, inference_timesteps=4, cfg_value=2.0, seed=7)
     got = []
     while gen.active():
-        got += [audio for r, audio, _ in gen.step() if r == row]
+        got += [(gen.last_patch[r].float().numpy(), audio) for r, audio, _ in gen.step() if r == row]
     assert other != row
     assert_same(got, reference)
 

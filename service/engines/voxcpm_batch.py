@@ -55,6 +55,7 @@ class BatchedGenerator:
         self.cond = torch.zeros(max_batch, p, d, device=self.device, dtype=self.dtype)
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next KV slot per row
         self.rows: dict[int, _Row] = {}
+        self.last_patch: dict[int, torch.Tensor] = {}  # row -> latent patch [P, D] of the latest step
 
     def _alloc(self, lm) -> torch.Tensor:
         cfg = lm.config
@@ -167,6 +168,7 @@ class BatchedGenerator:
         out = []
         for j, (row_id, r) in enumerate(zip(idx.tolist(), rows)):
             r.recent = (r.recent + [pred[j:j + 1].unsqueeze(1)])[-_STREAMING_PREFIX:]
+            self.last_patch[row_id] = pred[j]
             done = (r.step > r.min_len and stop[j] == 1) or r.step + 1 >= r.max_len
             out.append((row_id, self._decode(r.recent), done))
             r.step += 1
