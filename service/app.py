@@ -39,7 +39,8 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
 
     engine = engine or build_engine(settings)
     metrics = Metrics()
-    scheduler = Scheduler(engine, metrics, settings.queue_size, settings.retry_after_s, settings.warmup)
+    scheduler = Scheduler(engine, metrics, settings.queue_size, settings.retry_after_s, settings.warmup,
+                          settings.tts_max_batch)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
                        settings.voice_max_seconds)
     ctx = AppContext(settings, engine, scheduler, store, SynthesisService(settings, engine, scheduler, store),

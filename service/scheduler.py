@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .audio import resample
+from .audio import resample, time_stretch
 from .engines import Engine, SynthesisParams, VoicePrompt
 from .metrics import Metrics
 
@@ -99,8 +99,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, queue_size: int, retry_after_s: int,
-                 warmup: bool = True):
+                 warmup: bool = True, max_batch: str = "1"):
         self.engine = engine
+        self.max_batch = max_batch
+        self.batch_size = 1
         self.metrics = metrics
         self.queue_size = queue_size
         self.retry_after_s = retry_after_s
@@ -110,10 +112,12 @@ class Scheduler:
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running: Optional[Job] = None
+        self._batched_jobs = 0  # jobs inside the batch loop (for the in-flight gauge)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         metrics.queue_depth.set_function(lambda: len(self._pending))
-        metrics.in_flight.set_function(lambda: len(self._pending) + (1 if self._running else 0))
+        metrics.in_flight.set_function(
+            lambda: len(self._pending) + (1 if self._running else 0) + self._batched_jobs)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,25 +176,40 @@ class Scheduler:
                 # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
                 resample(audio, self.engine.sample_rate, 48000)
                 log.info("warm-up synthesis passed in %.1fs", time.monotonic() - t0)
+            batch = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
+            self.batch_size = batch
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"
             self.phase = "failed"
             return
+        if batch > 1:
+            log.info("continuous batching: up to %d requests per generation step", batch)
+            BatchLoop(self, self.engine.make_batch(batch)).run()
+        else:
+            self._serial_loop()
+
+    def _serial_loop(self) -> None:
         while True:
-            with self._cv:
-                while not self._pending and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                job = self._pending.popleft()
-                self._running = job
+            job = self._next_job()
+            if job is None:
+                return
             try:
                 self._execute(job)
             finally:
                 with self._cv:
                     self._running = None
+
+    def _next_job(self) -> Optional[Job]:
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            job = self._pending.popleft()
+            self._running = job
+            return job
 
     def _execute(self, job: Job) -> None:
         job.started_at = time.monotonic()
@@ -236,3 +255,115 @@ class Scheduler:
         self.metrics.audio_seconds.inc(audio_s)
         if audio_s > 0:
             self.metrics.rtf.observe(synth / audio_s)
+
+
+class BatchLoop:
+    """The inference thread's loop with continuous batching: jobs join and leave between steps.
+
+    Each job's sentences go through the batch one after another (a sentence is one row); a job
+    whose rows finish leaves, and waiting jobs take the freed rows at the next step.
+    """
+
+    def __init__(self, sched: Scheduler, batch):
+        self.s = sched
+        self.batch = batch
+        self.rows: dict[int, tuple[Job, int]] = {}  # row -> (job, sentence index)
+        self.held: dict[int, list] = {}  # id(job) -> audio of the current sentence, for time-stretching
+
+    def run(self) -> None:
+        s = self.s
+        while True:
+            with s._cv:
+                while not s._pending and not self.rows and not s._stopping:
+                    s._cv.wait()
+                if s._stopping:
+                    return
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job, 0)
+            self._drop_cancelled()
+            if not self.rows:
+                continue
+            try:
+                results = self.batch.step()
+            except Exception as e:  # a failed step fails its jobs, never the worker
+                log.exception("batched generation step failed")
+                for row, (job, _) in list(self.rows.items()):
+                    self._finish(row, job, e)
+                continue
+            for row, audio, done in results:
+                job, sentence = self.rows[row]
+                self._audio(job, audio, done)
+                if done:
+                    del self.rows[row]
+                    if sentence + 1 < len(job.sentences):
+                        self._start(job, sentence + 1)
+                    else:
+                        self._complete(job)
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that fit: free rows, and the same DiT step count as the rows running now."""
+        s, admitted = self.s, []
+        key = self._key(next(iter(self.rows.values()))[0]) if self.rows else None
+        for job in list(s._pending):
+            if len(admitted) + len(self.rows) >= self.batch.max_batch:
+                break
+            k = self._key(job)
+            if key is None:
+                key = k
+            if k == key:
+                s._pending.remove(job)
+                admitted.append(job)
+        s._batched_jobs += len(admitted)
+        return admitted
+
+    def _key(self, job: Job):
+        return self.s.engine.batch_key(job.params)
+
+    def _start(self, job: Job, sentence: int) -> None:
+        if job.started_at is None:
+            job.started_at = time.monotonic()
+            self.s.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        try:
+            row = self.s.engine.batch_add(self.batch, job.sentences[sentence], job.prompt, job.params)
+        except Exception as e:
+            log.exception("could not add a request to the batch")
+            self._end(job, ("error", e))
+            return
+        self.rows[row] = (job, sentence)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for row, (job, _) in list(self.rows.items()):
+            if job.cancelled.is_set():
+                self._finish(row, job, None)
+            elif now > job.deadline:
+                self._finish(row, job, DeadlineExceeded(
+                    f"synthesis did not finish within the {job.timeout_s:.0f}s request deadline"))
+
+    def _audio(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
+        speed = job.params.speed
+        if abs(speed - 1.0) > 1e-3:  # tempo change needs the whole sentence
+            self.held.setdefault(id(job), []).append(audio)
+            if not sentence_ends:
+                return
+            audio = time_stretch(np.concatenate(self.held.pop(id(job))), speed)
+        self.s._emit(job, audio, False)
+        if sentence_ends:
+            self.s._emit(job, np.zeros(0, dtype=np.float32), True)
+
+    def _finish(self, row: int, job: Job, error: Optional[Exception]) -> None:
+        self.batch.cancel(row)
+        self.rows.pop(row, None)
+        self._end(job, ("error", error) if error else None)
+
+    def _complete(self, job: Job) -> None:
+        job.finished_at = time.monotonic()
+        self.s._record(job)
+        self._end(job, ("done", None))
+
+    def _end(self, job: Job, event) -> None:
+        self.held.pop(id(job), None)
+        self.s._batched_jobs -= 1
+        if event is not None:
+            job.events.put(event)

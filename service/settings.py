@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     tts_device: str = "auto"  # auto | cpu | cuda | cuda:N
     tts_compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto = on for CUDA
     warmup: bool = True
+    # Requests generated together by continuous batching (VoxCPM): a number, or auto = sized from free
+    # GPU memory on CUDA and 1 (one request at a time) on CPU.
+    tts_max_batch: str = "auto"
 
     # VoxCPM generation defaults (each can be overridden per request within bounds)
     voxcpm_cfg_value: float = Field(2.0, ge=0.5, le=5.0)

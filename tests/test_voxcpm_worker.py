@@ -23,11 +23,13 @@ def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "voxcpm-tiny", size="tiny", seed=0)
 
 
-@pytest.fixture(scope="module")
-def worker(checkpoint, tmp_path_factory):
-    env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(checkpoint), "TTS_DEVICE": "auto",
+@pytest.fixture(scope="module", params=["1", "3"], ids=["serial", "batched"])
+def worker(request, checkpoint, tmp_path_factory):
+    """The same tests run one request at a time and through continuous batching (TTS_MAX_BATCH=3)."""
+    env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(checkpoint), "TTS_DEVICE": "auto", "TTS_MAX_BATCH": request.param,
            "VOXCPM_MAX_LEN": "24", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
     with start_worker(tmp_path_factory.mktemp("vox"), env) as w:
+        w.batched = request.param != "1"
         yield w
 
 
@@ -39,6 +41,23 @@ def test_info_reports_voxcpm_on_cpu_and_why(worker):
     info = requests.get(f"{worker.url}/info").json()["engine"]
     assert info["name"] == "voxcpm" and info["device"] == "cpu" and info["sample_rate"] == 44100
     assert "auto: no CUDA device visible to torch" in worker.log_text()
+    assert ("continuous batching: up to 3 requests" in worker.log_text()) == worker.batched
+
+
+def test_concurrent_requests_are_all_served(worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        r = requests.post(f"{worker.url}/v1/audio/speech", json={
+            "input": f"Concurrent request number {i}." * (1 + i % 3), "response_format": "pcm", "seed": i,
+            "stream": i % 2 == 0})
+        return r.status_code, len(r.content) // 2
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    assert all(code == 200 and n > 0 and n % TOKEN_SAMPLES == 0 for code, n in results), results
+    metrics = requests.get(f"{worker.url}/metrics").text
+    assert 'voxbox_requests_total{endpoint="/v1/audio/speech",status="200"}' in metrics
 
 
 def test_tts_is_44k1_audio_in_whole_tokens(worker):

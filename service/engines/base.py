@@ -55,6 +55,7 @@ class Engine(ABC):
     name: str
     sample_rate: int
     max_chunk_chars: int = 200
+    supports_batching = False  # engines that can share generation steps override make_batch/batch_add
 
     @abstractmethod
     def load(self) -> None:

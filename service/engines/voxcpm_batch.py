@@ -42,6 +42,10 @@ class _Row:
 class BatchedGenerator:
     def __init__(self, model, max_batch: int, max_length: Optional[int] = None):
         self.m = model
+        # Eager modules: the package's torch.compile'd ones (reduce-overhead, CUDA graphs) are built
+        # for batch 1 and would recompile for every batch size.
+        self.feat_encoder = _eager(model.feat_encoder)
+        self.estimator = _eager(model.feat_decoder.estimator)
         self.max_batch = max_batch
         self.device = model.device
         self.dtype = next(model.base_lm.parameters()).dtype
@@ -87,8 +91,7 @@ class BatchedGenerator:
         if text_token.shape[1] >= self.max_length:
             raise ValueError(f"text and prompt take {text_token.shape[1]} tokens; the cache holds {self.max_length}")
         # Prefill with the package's own (non-step) forward, exactly as its _inference does.
-        encoder = getattr(m, "_feat_encoder_raw", m.feat_encoder)
-        feat_embed = m.enc_to_lm_proj(encoder(feat))
+        feat_embed = m.enc_to_lm_proj(self.feat_encoder(feat))
         scale = m.config.lm_config.scale_emb if m.config.lm_config.use_mup else 1.0
         text_embed = m.base_lm.embed_tokens(text_token) * scale
         combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
@@ -159,9 +162,13 @@ class BatchedGenerator:
         t_span = torch.linspace(1, 0, n + 1, device=self.device, dtype=dit_hidden.dtype)
         t_span = t_span + _SWAY * (torch.cos(torch.pi / 2 * t_span) - 1 + t_span)
         cfg = torch.tensor([r.cfg for r in rows], device=self.device, dtype=dit_hidden.dtype).view(b, 1, 1)
-        pred = cfm.solve_euler(x=z, t_span=t_span, mu=dit_hidden, cond=self.cond[idx].transpose(1, 2).contiguous(),
-                               cfg_value=cfg, use_cfg_zero_star=True).transpose(1, 2)  # [b, P, D]
-        curr = m.enc_to_lm_proj(m.feat_encoder(pred.unsqueeze(1)))[:, 0]  # [b, H]
+        compiled, cfm.estimator = cfm.estimator, self.estimator
+        try:
+            pred = cfm.solve_euler(x=z, t_span=t_span, mu=dit_hidden, cond=self.cond[idx].transpose(1, 2).contiguous(),
+                                   cfg_value=cfg, use_cfg_zero_star=True).transpose(1, 2)  # [b, P, D]
+        finally:
+            cfm.estimator = compiled
+        curr = m.enc_to_lm_proj(self.feat_encoder(pred.unsqueeze(1)))[:, 0]  # [b, H]
         self.cond[idx] = pred
         stop = m.stop_head(m.stop_actn(m.stop_proj(self.lm_hidden[idx]))).argmax(dim=-1).tolist()
 
@@ -222,6 +229,10 @@ class BatchedGenerator:
             h = layer.mlp(layer.post_attention_layernorm(h))
             h = residual + (h * (layer.scale_depth / math.sqrt(layer.num_hidden_layers)) if layer.use_mup else h)
         return lm.norm(h)
+
+
+def _eager(module):
+    return getattr(module, "_orig_mod", module)
 
 
 def _rope(q, k, cos, sin):

@@ -41,6 +41,7 @@ def pick_device(requested: str) -> tuple[str, str]:
 
 class VoxCPMEngine(Engine):
     name = "voxcpm"
+    supports_batching = True
 
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
@@ -163,6 +164,37 @@ class VoxCPMEngine(Engine):
         args = self._generation_args(text, prompt, params)
         wav, _, _ = self._model.generate_with_prompt_cache(**args, retry_badcase=self.retry_badcase)
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
+
+    # -- continuous batching (service/engines/voxcpm_batch.py) ----------------------------------------
+    def batch_size(self, requested: str) -> int:
+        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA; 1 = one at a time on CPU)."""
+        if requested.strip().lower() not in ("", "auto"):
+            return max(1, int(requested))
+        if not self.device.startswith("cuda"):
+            return 1
+        import torch
+
+        from .voxcpm_batch import pick_max_batch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        size = pick_max_batch(free, self._model, cap=64)
+        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory", size, free / 2**30)
+        return size
+
+    def make_batch(self, max_batch: int):
+        from .voxcpm_batch import BatchedGenerator
+
+        return BatchedGenerator(self._model, max_batch)
+
+    def batch_add(self, batch, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> int:
+        args = self._generation_args(text, prompt, params)
+        return batch.add(args["target_text"], args["prompt_cache"], max_len=args["max_len"],
+                         inference_timesteps=args["inference_timesteps"], cfg_value=args["cfg_value"],
+                         seed=params.seed)
+
+    def batch_key(self, params: SynthesisParams) -> int:
+        """Requests with the same key can share a batch (the DiT solver's step count must match)."""
+        return params.inference_timesteps or self.defaults["inference_timesteps"]
 
     def presets(self) -> dict[str, Preset]:
         return {"default": Preset("default", "The model's own voice (no prompt audio)", ("en", "zh"))}
