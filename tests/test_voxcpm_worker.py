@@ -150,3 +150,20 @@ def test_voxcpm_without_model_dir_refuses_to_start(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "TTS_ENGINE=voxcpm needs MODEL_DIR" in proc.stdout + proc.stderr
+
+
+def test_batched_worker_still_sheds_load_with_503(checkpoint, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(checkpoint), "TTS_MAX_BATCH": "2", "QUEUE_SIZE": "1",
+           "RETRY_AFTER_S": "7", "VOXCPM_MAX_LEN": "60", "VOXCPM_INFERENCE_TIMESTEPS": "2"}
+    with start_worker(tmp_path, env) as w:
+        def one(i):
+            r = requests.post(f"{w.url}/tts", json={"text": "A long enough request to keep the batch busy. " * 3,
+                                                     "max_len": 60, "seed": i})
+            return r.status_code, r.headers.get("Retry-After"), r.json()
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+    shed = [r for r in results if r[0] == 503]
+    assert any(r[0] == 200 for r in results) and shed
+    assert all(r[1] == "7" and r[2]["error"]["code"] == "overloaded" for r in shed)
