@@ -39,6 +39,14 @@ def make_scheduler(engine):
         s.stop()
 
 
+def occupy(s):
+    """Submit a long job and wait until the inference thread is busy with it."""
+    busy = s.submit(job(LONG))
+    while busy.started_at is None:
+        time.sleep(0.005)
+    return busy
+
+
 def sample(s, name, labels=None):
     return s.metrics.registry.get_sample_value(name, labels or {})
 
@@ -56,9 +64,7 @@ def test_submit_before_ready_is_refused(engine):
 
 def test_full_queue_is_refused_at_once_with_retry_after(make_scheduler):
     s = make_scheduler(queue_size=2)
-    busy = s.submit(job(LONG))
-    while busy.started_at is None:
-        time.sleep(0.005)
+    busy = occupy(s)
     queued = [s.submit(job(["Hello."])) for _ in range(2)]
     t0 = time.monotonic()
     with pytest.raises(Overloaded) as e:
@@ -75,9 +81,7 @@ def test_full_queue_is_refused_at_once_with_retry_after(make_scheduler):
 
 def test_cancelled_job_leaves_the_queue_and_frees_its_place(make_scheduler):
     s = make_scheduler(queue_size=1)
-    busy = s.submit(job(LONG))
-    while busy.started_at is None:
-        time.sleep(0.005)
+    busy = occupy(s)
     waiting = s.submit(job(["Hello."]))
     waiting.cancel()
     replacement = s.submit(job(["Hello there."]))  # the place is free again
@@ -113,9 +117,7 @@ def test_deadline_is_enforced(make_scheduler):
 
 def test_client_gone_cancels_a_waiting_job(make_scheduler):
     s = make_scheduler(queue_size=2)
-    busy = s.submit(job(LONG))
-    while busy.started_at is None:
-        time.sleep(0.005)
+    busy = occupy(s)
     waiting = s.submit(job(["Hello."]))
     gone = threading.Event()
     threading.Timer(0.3, gone.set).start()

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import requests
 
-from .procs import REPO_ROOT, free_port, port_open, running
+from .procs import REPO_ROOT, Served, free_port, port_open, running
 
 RENDER = REPO_ROOT / "nginx" / "render.sh"
 
@@ -24,14 +24,8 @@ def nginx_binary() -> str:
 
 
 @dataclass
-class Gateway:
-    url: str
-    port: int
-    prefix: Path
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+class Gateway(Served):
+    prefix: Path = Path()
 
 
 def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None) -> dict:

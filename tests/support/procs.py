@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -81,3 +82,14 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float =
 
 
 PYTHON = sys.executable
+
+
+@dataclass
+class Served:
+    """A server a test started: where it listens and where its output goes."""
+    url: str
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

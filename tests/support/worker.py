@@ -3,24 +3,18 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import requests
 
-from .procs import PYTHON, REPO_ROOT, free_port, running
+from .procs import PYTHON, REPO_ROOT, Served, free_port, running
 
 
 @dataclass
-class Worker:
-    url: str
-    port: int
-    log: Path
-    env: dict
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+class Worker(Served):
+    env: dict = field(default_factory=dict)
 
 
 def _ready(url: str) -> bool:

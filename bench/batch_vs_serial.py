@@ -1,0 +1,82 @@
+"""VoxCPM throughput: N requests one after another (the package's own generation) vs continuous batching.
+
+Both sides run in one process on the same model, with a fixed generated length (min_len = max_len,
+so each request does the same work as real speech of that length). Prints seconds, audio-seconds
+per wall-second and the speed-up.
+Usage: python bench/batch_vs_serial.py --model-dir DIR [--n 4] [--tokens 32] [--device auto]
+       (build a random full-size checkpoint with: python -m tests.support.voxcpm_checkpoint DIR --size full)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.engines.voxcpm_batch import BatchedGenerator  # noqa: E402
+from service.engines.voxcpm_engine import pick_device  # noqa: E402
+
+TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
+         "VoxBox serves speech to many users at once on one machine.",
+         "Continuous batching lets requests join and leave between steps.",
+         "Each request here generates exactly the same number of tokens."]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per request (6.25 per second of audio)")
+    ap.add_argument("--timesteps", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    from voxcpm.model.voxcpm import VoxCPMModel
+
+    device, why = pick_device(args.device)
+    model = VoxCPMModel.from_local(args.model_dir, optimize=False, device=device)
+    texts = [TEXTS[i % len(TEXTS)] for i in range(args.n)]
+    audio_s = args.n * args.tokens * model.patch_size * model.chunk_size / model.sample_rate
+
+    def serial():
+        for i, text in enumerate(texts):
+            torch.manual_seed(i)
+            for _ in model.generate_with_prompt_cache_streaming(
+                    target_text=text, prompt_cache=None, min_len=args.tokens, max_len=args.tokens,
+                    inference_timesteps=args.timesteps, retry_badcase=False):
+                pass
+
+    def batched():
+        gen = BatchedGenerator(model, max_batch=args.n, max_length=512)
+        for i, text in enumerate(texts):
+            gen.add(text, None, max_len=args.tokens, min_len=args.tokens, inference_timesteps=args.timesteps, seed=i)
+        while gen.active():
+            gen.step()
+
+    for name, fn in (("warm-up", lambda: (serial(), batched())),):
+        fn()
+    times = {}
+    for name, fn in (("serial", serial), ("batched", batched)):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times[name] = time.perf_counter() - t0
+    print(f"device={device} ({why}); {args.n} requests x {args.tokens} tokens ({audio_s / args.n:.2f} s audio each), "
+          f"{args.timesteps} DiT steps, dtype={model.config.dtype}")
+    print("| path | seconds | audio-s per wall-s |\n|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {t:.2f} | {audio_s / t:.2f} |")
+    print(f"speed-up (serial / batched): {times['serial'] / times['batched']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
