@@ -176,17 +176,18 @@ class Scheduler:
                 # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
                 resample(audio, self.engine.sample_rate, 48000)
                 log.info("warm-up synthesis passed in %.1fs", time.monotonic() - t0)
-            batch = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
-            self.batch_size = batch
+            self.batch_size = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
+            # Allocated before "ready": a batch that does not fit must fail the load, visibly.
+            batch = self.engine.make_batch(self.batch_size) if self.batch_size > 1 else None
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"
             self.phase = "failed"
             return
-        if batch > 1:
-            log.info("continuous batching: up to %d requests per generation step", batch)
-            BatchLoop(self, self.engine.make_batch(batch)).run()
+        if batch is not None:
+            log.info("continuous batching: up to %d requests per generation step", self.batch_size)
+            BatchLoop(self, batch).run()
         else:
             self._serial_loop()
 

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     graceful_timeout: int = 30
     log_level: str = "info"
 
+    @field_validator("tts_max_batch")
+    @classmethod
+    def _batch_is_auto_or_positive(cls, v: str) -> str:
+        if v.strip().lower() not in ("", "auto") and (not v.strip().isdigit() or int(v) < 1):
+            raise ValueError("TTS_MAX_BATCH must be auto or a positive integer")
+        return v
+
     @field_validator("allowed_sample_rates")
     @classmethod
     def _rates_are_ints(cls, v: str) -> str:

@@ -111,7 +111,8 @@ class BatchedGenerator:
         if n_prompt:
             context = min(_STREAMING_PREFIX - 1, n_prompt)
             recent = list(feat[:, -context:].split(1, dim=1))
-        self.rows[row] = _Row(max_len=min(int(target_len * 6.0 + 10), max_len), min_len=min_len,
+        room = self.max_length - text_token.shape[1]  # KV slots left for generated tokens in this row
+        self.rows[row] = _Row(max_len=min(int(target_len * 6.0 + 10), max_len, room), min_len=min_len,
                               timesteps=inference_timesteps, cfg=float(cfg_value), generator=gen, recent=recent)
         return row
 
