@@ -5,10 +5,14 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS deps
+# The embedded (Piper) engine's phonemizer and espeak-ng are GPL-3.0: only in images built with
+# --build-arg WITH_EMBEDDED=1; a VoxCPM deployment does not need them.
+ARG WITH_EMBEDDED=0
 WORKDIR /build
 COPY requirements/ requirements/
-RUN pip install --no-cache-dir --prefix=/deps -r requirements/runtime.txt -r requirements/embedded.txt \
-    && pip install --no-cache-dir --prefix=/deps --no-deps -r requirements/voxcpm.txt
+RUN pip install --no-cache-dir --prefix=/deps -r requirements/runtime.txt \
+    && pip install --no-cache-dir --prefix=/deps --no-deps -r requirements/voxcpm.txt \
+    && if [ "$WITH_EMBEDDED" = 1 ]; then pip install --no-cache-dir --prefix=/deps -r requirements/embedded.txt; fi
 
 FROM ${BASE_IMAGE}
 ARG VERSION=dev
