@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .errors import FatalError
 from .settings import BootstrapSettings
 from .status import Status
@@ -19,12 +21,12 @@ log = logging.getLogger("bootstrap")
 GUNICORN = ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]
 
 
-def _pull(s: BootstrapSettings, status: Status):
+def _pull(s: BootstrapSettings, status: Status, hold: bool = False):
     from .puller import pull
 
     if not s.model_uri:
         raise FatalError("MODEL_URI is not set; set it to s3://bucket/prefix/ of a published model")
-    return pull(s, status)
+    return pull(s, status, hold=hold)
 
 
 def _run(s: BootstrapSettings, status: Status) -> None:
@@ -32,12 +34,15 @@ def _run(s: BootstrapSettings, status: Status) -> None:
 
     env = dict(os.environ)
     if s.model_uri:
-        result = _pull(s, status)
+        result = _pull(s, status, hold=True)
         # The resolved version dir, not `current`: a later switch must not move files under us.
         env["MODEL_DIR"] = str(result.model_dir.resolve())
+        # gunicorn inherits the shared lock, so no other replica prunes this version while we serve it.
+        os.set_inheritable(result.in_use_fd, True)
     else:
         log.info("MODEL_URI is empty: no pull (TTS_ENGINE=%s, MODEL_DIR=%s)", env.get("TTS_ENGINE", "embedded"),
                  env.get("MODEL_DIR", "-"))
+        status.update(phase="ready", model=env.get("MODEL_DIR") or None, error=None)
     env.update(decide(detect_gpus(), env))
     env["STATUS_FILE"] = str(status.path)
     log.info("handing off to gunicorn")
@@ -58,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--version")
     args = ap.parse_args(argv)
 
-    s = BootstrapSettings()
+    try:
+        s = BootstrapSettings()
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(str(x) for x in err['loc']).upper()}: {err['msg']}" for err in e.errors())
+        print(f"bootstrap: fatal: invalid setting ({bad}); fix the environment (see .env.example)", file=sys.stderr)
+        return 1
     status = Status(s.status_path)
     try:
         if args.cmd == "publish":

@@ -63,8 +63,10 @@ def decide(gpus: list[Gpu], env: dict) -> dict[str, str]:
     else:
         chosen = {"TTS_DEVICE": "cpu", "TTS_MAX_BATCH": "1", "QUEUE_SIZE": "16", "GUNICORN_THREADS": "16"}
         why = "no GPU visible"
-    final = {k: env.get(k) or v for k, v in chosen.items()}
-    overridden = sorted(k for k in chosen if env.get(k))
+    # "auto" (the .env.example default) asks us to choose; any other value is an operator's decision.
+    explicit = {k: env[k] for k in chosen if env.get(k, "").strip().lower() not in ("", "auto")}
+    final = {**chosen, **explicit}
+    overridden = sorted(explicit)
     log.info("sizing: %s -> %s%s", why, ", ".join(f"{k}={v}" for k, v in final.items()),
              f" (set explicitly: {', '.join(overridden)})" if overridden else "")
     return final

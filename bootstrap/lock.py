@@ -33,3 +33,18 @@ def volume_lock(path: Path, timeout_s: float, on_wait=None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock, also when the process dies
+
+
+def shared_lock(path: Path) -> int:
+    """A shared lock, held until the returned fd is closed (or the process, or what it execs, exits).
+
+    Blocks only while someone holds it exclusively (a prune deleting that version: seconds).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

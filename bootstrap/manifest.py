@@ -31,11 +31,16 @@ class Manifest:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(self.raw).hexdigest()
+        """sha256 of the canonical JSON, so reformatting a manifest does not make a new version."""
+        return hashlib.sha256(canonical(json.loads(self.raw))).hexdigest()
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def canonical(doc) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sha256_file(path: Path) -> str:

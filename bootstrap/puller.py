@@ -8,6 +8,7 @@ on the volume), so replicas sharing the volume fetch each object once and then r
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from . import manifest as mf
 from .errors import FatalError
-from .lock import volume_lock
+from .lock import shared_lock, volume_lock
 from .progress import Progress
 from .s3client import explain, make_client, transfer_config
 from .settings import BootstrapSettings
@@ -42,9 +43,27 @@ class PullResult:
     downloaded_bytes: int
     warm: bool
     seconds: float
+    in_use_fd: int | None = None  # shared lock on the version: pruning skips it while this fd is open
+
+    def release(self) -> None:
+        if self.in_use_fd is not None:
+            os.close(self.in_use_fd)
+            self.in_use_fd = None
 
 
-def pull(s: BootstrapSettings, status: Status) -> PullResult:
+def pull(s: BootstrapSettings, status: Status, hold: bool = False) -> PullResult:
+    """Pull MODEL_URI's version and switch `current` to it.
+
+    With hold=True the result keeps a shared lock on the version (inherit it across exec to keep it
+    for the server's lifetime); otherwise it is released before returning.
+    """
+    result = _pull(s, status)
+    if not hold:
+        result.release()
+    return result
+
+
+def _pull(s: BootstrapSettings, status: Status) -> PullResult:
     t0 = time.monotonic()
     where = parse_uri(s.model_uri, s.s3_endpoint_url)
     client = make_client(s)
@@ -57,22 +76,34 @@ def pull(s: BootstrapSettings, status: Status) -> PullResult:
              manifest.version, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - t0)
 
     locks = s.models_dir / ".voxbox" / "locks"
-    downloaded = 0
-    warm = _is_verified(vdir, manifest, s.verify)
-    if not warm:
-        with volume_lock(locks / f"{digest}.lock", s.pull_lock_timeout_s,
-                         on_wait=lambda: log.info("pull: another replica is pulling %s; waiting for it", digest)):
-            warm = _is_verified(vdir, manifest, s.verify)  # it may have finished while we waited
-            if not warm:
-                downloaded = _download_version(client, where, manifest, vdir, s, status)
-    with volume_lock(locks / "current.lock", s.pull_lock_timeout_s):
-        _switch_current(s.models_dir, vdir)
-        _prune(s.models_dir, vdir, s.keep_versions, locks)
+    # Taken before anything else looks at the version, so another replica's prune cannot delete it
+    # between our check and our use (pruning needs this lock exclusively and never waits for it).
+    in_use = shared_lock(locks / f"{digest}.inuse")
+    try:
+        downloaded = 0
+        t_check = time.monotonic()
+        warm = _is_verified(vdir, manifest, s.verify)
+        if warm:
+            log.info("pull: all %d files verified earlier (%s check in %.2fs)", len(manifest.files),
+                     "sha256" if s.verify == "full" else "size+mtime", time.monotonic() - t_check)
+        else:
+            with volume_lock(locks / f"{digest}.lock", s.pull_lock_timeout_s,
+                             on_wait=lambda: log.info("pull: another replica is pulling %s; waiting for it",
+                                                      digest)):
+                warm = _is_verified(vdir, manifest, s.verify)  # it may have finished while we waited
+                if not warm:
+                    downloaded = _download_version(client, where, manifest, vdir, s, status)
+        with volume_lock(locks / "current.lock", s.pull_lock_timeout_s):
+            _switch_current(s.models_dir, vdir)
+            _prune(s.models_dir, vdir, s.keep_versions, locks)
+    except BaseException:
+        os.close(in_use)
+        raise
     took = time.monotonic() - t0
     status.update(phase="ready", bytes_done=manifest.total_bytes, error=None)
-    log.info("pull: %s ready in %.2fs (%s)", digest, took,
+    log.info("pull: %s ready in %.2fs total (%s)", digest, took,
              "warm start, nothing downloaded" if warm else f"{downloaded / 1e6:.1f} MB downloaded")
-    return PullResult(vdir, digest, downloaded, warm, took)
+    return PullResult(vdir, digest, downloaded, warm, took, in_use)
 
 
 # -- manifest -----------------------------------------------------------------------------------
@@ -150,7 +181,17 @@ def _is_verified(vdir: Path, manifest: mf.Manifest, mode: str) -> bool:
 def _verify(path: Path, entry: mf.FileEntry) -> bool:
     if path.stat().st_size != entry.size:
         return False
-    return entry.sha256 is None or mf.sha256_file(path) == entry.sha256
+    if entry.sha256 is not None:
+        return mf.sha256_file(path) == entry.sha256
+    # ALLOW_UNVERIFIED: a single-part upload's ETag is the body's MD5, so check it where we can;
+    # a multipart ETag ("<md5 of md5s>-N") depends on the uploader's part size, so size is all we have.
+    if entry.etag and len(entry.etag) == 32 and "-" not in entry.etag:
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(8 * 1024 * 1024):
+                h.update(chunk)
+        return h.hexdigest() == entry.etag.lower()
+    return True
 
 
 # -- download -----------------------------------------------------------------------------------
@@ -188,11 +229,12 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
 
     progress = Progress(manifest.total_bytes, done_bytes, status, s.progress_interval_s)
     t_dl = time.monotonic()
+    verify_s = [0.0]
     try:
         attempt = 0
         while todo:
             attempt += 1
-            todo = _download_batch(client, where, todo, vdir, state, s, progress)
+            todo = _download_batch(client, where, todo, vdir, state, s, progress, verify_s)
             if todo:
                 if attempt >= s.pull_retries:
                     names = ", ".join(e.path for e in todo)
@@ -204,7 +246,8 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     finally:
         progress.close()
     secs = time.monotonic() - t_dl
-    log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s)", need / 1e6, secs, need / 1e6 / max(secs, 1e-6))
+    log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s, sha256 verification included: %.2fs of it)",
+             need / 1e6, secs, need / 1e6 / max(secs, 1e-6), verify_s[0])
     status.update(phase="verifying")
     # Every file verified: record the version as complete (fsync first, so a crash cannot fake it).
     fd = os.open(vdir, os.O_RDONLY)
@@ -217,7 +260,7 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     return need
 
 
-def _download_batch(client, where, entries, vdir, state, s, progress) -> list[mf.FileEntry]:
+def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) -> list[mf.FileEntry]:
     """Download entries concurrently with boto3's transfer manager; returns those that must be retried."""
     failed: list[mf.FileEntry] = []
     futures = []
@@ -243,7 +286,10 @@ def _download_batch(client, where, entries, vdir, state, s, progress) -> list[mf
                 part.unlink(missing_ok=True)
                 failed.append(entry)
                 continue
-            if _verify(part, entry):
+            t_verify = time.monotonic()
+            ok = _verify(part, entry)
+            verify_s[0] += time.monotonic() - t_verify
+            if ok:
                 _promote(part, vdir / entry.path, entry, state, vdir)
             else:
                 log.warning("pull: %s does not match the manifest (size or sha256); will retry", entry.path)
@@ -273,25 +319,39 @@ def _check_disk(models_dir: Path, need: int) -> None:
 # -- current pointer and pruning ----------------------------------------------------------------
 def _switch_current(models_dir: Path, vdir: Path) -> None:
     link = models_dir / "current"
+    for stale in models_dir.glob(".current.*.tmp"):  # left by a puller killed here; we hold current.lock
+        stale.unlink(missing_ok=True)
     tmp = models_dir / f".current.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(vdir, models_dir), tmp)
     os.replace(tmp, link)  # atomic: readers see the old version or the new one, never neither
+    os.utime(vdir / COMPLETE)  # its mtime is "last made current": pruning keeps the recently used ones
 
 
 def _prune(models_dir: Path, current: Path, keep: int, locks: Path) -> None:
-    versions = [d for d in (models_dir / "versions").iterdir() if (d / COMPLETE).exists() and d != current]
-    versions.sort(key=lambda d: (d / COMPLETE).stat().st_mtime, reverse=True)
+    # Abandoned partial downloads count too, or failed pulls of other versions would fill the volume.
+    versions = [d for d in (models_dir / "versions").iterdir() if d.is_dir() and d != current]
+    versions.sort(key=_last_used, reverse=True)
     for old in versions[keep - 1:]:
-        lock_path = locks / f"{old.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Both locks, without waiting: one is held while a replica pulls that version, the other
+        # for as long as a replica serves it (the server inherits it); either way, keep the version.
+        fds = [os.open(locks / f"{old.name}{ext}", os.O_RDWR | os.O_CREAT, 0o644) for ext in (".lock", ".inuse")]
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for fd in fds:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            continue  # someone is pulling it right now
+            log.info("pull: keeping old version %s beyond KEEP_VERSIONS=%d: a replica is using it", old.name, keep)
+            continue
         else:
             log.info("pull: pruning old version %s (KEEP_VERSIONS=%d)", old.name, keep)
             (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
+
+
+def _last_used(vdir: Path) -> float:
+    try:
+        return (vdir / COMPLETE).stat().st_mtime
+    except OSError:
+        return vdir.stat().st_mtime

@@ -25,6 +25,7 @@ class FaultProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.gets: Counter = Counter()  # object key -> GET requests seen (body reads)
+        self.body_bytes: Counter = Counter()  # object key -> body bytes sent in full 2xx GET answers
         self.faults: list[tuple[str, str]] = []  # (key suffix, fault), consumed in order
         self.injected: list[tuple[str, str]] = []
         self.delay_s = 0.0  # per-response delay, to make transfers slow enough to interrupt
@@ -79,6 +80,9 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if self.command == "GET" and 200 <= resp.status < 300:
+                    with proxy._lock:
+                        proxy.body_bytes[key] += len(data)
                 if self.command != "HEAD":
                     if (proxy.delay_s or proxy.per_connection_mbps) and self.command == "GET":
                         import time
@@ -104,6 +108,11 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.gets.clear()
+            self.body_bytes.clear()
 
     def body_gets(self, suffix: str = "") -> int:
         """GETs of object bodies (everything but the manifest), optionally for keys ending in `suffix`."""

@@ -1,0 +1,203 @@
+"""bootstrap pull against a real S3 server (SeaweedFS on 127.0.0.1): publish/pull, warm start,
+rollback, pruning, kill -9 resume, replicas sharing a volume."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.support.s3")  # before the import below
+
+from bootstrap.puller import COMPLETE, VERIFIED, pull
+from bootstrap.status import Status
+
+from .support.faultproxy import FaultProxy
+from .support.procs import PYTHON, REPO_ROOT
+from .support.s3 import bootstrap_env, files_of, make_model, run_bootstrap, settings_from
+
+pytest_plugins = ["tests.support.s3"]
+
+
+def test_publish_then_pull_multi_file(s3_server, published, tmp_path):
+    uri, local = published
+    models = tmp_path / "models"
+    r = run_bootstrap(bootstrap_env(s3_server, models, uri), "pull")
+    assert r.returncode == 0, r.stderr
+    current = models / "current"
+    assert current.is_symlink() and Path(r.stdout.strip()) == current.resolve()
+    assert files_of(current) == files_of(local)  # bytes identical, nested paths included
+    manifest = json.loads((current / "manifest.json").read_text())
+    assert manifest["name"] == "voxcpm-1.5" and manifest["version"] == "v1" and len(manifest["files"]) == 4
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == files_of(local)
+    assert not list(models.rglob("*.part*"))
+    status = json.loads((models / ".voxbox" / "status.json").read_text())
+    assert status["phase"] == "ready" and status["error"] is None and status["model"] == "voxcpm-1.5:v1"
+    assert status["bytes_done"] == status["bytes_total"] == sum(f["size"] for f in manifest["files"])
+    assert status["digest"] == current.resolve().name and status["updated_at"] > time.time() - 60
+    # Each phase is logged with its timing; credentials never are.
+    assert "listed in" in r.stderr and "MB/s" in r.stderr and "ready in" in r.stderr
+    assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout
+
+
+def test_warm_start_downloads_nothing_and_is_fast(s3_server, published, tmp_path):
+    uri, _ = published
+    models = tmp_path / "m"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        env = bootstrap_env(s3_server, models, uri, proxy.url)
+        pull(settings_from(env), Status(tmp_path / "st.json"))
+        first = proxy.body_gets()
+        assert first >= 4
+        t0 = time.perf_counter()
+        again = pull(settings_from(env), Status(tmp_path / "st.json"))
+        took = time.perf_counter() - t0
+        assert proxy.body_gets() == first  # no object body was fetched the second time
+    assert again.warm and again.downloaded_bytes == 0 and took < 1.0
+
+
+def test_full_verify_rehashes_and_repairs_a_changed_file(s3_server, published, tmp_path):
+    uri, local = published
+    env = bootstrap_env(s3_server, tmp_path / "m", uri)
+    result = pull(settings_from(env), Status(tmp_path / "st.json"))
+    target = result.model_dir / "audiovae.pth"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    stat = target.stat()
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only a hash can tell
+    assert pull(settings_from(env), Status(tmp_path / "st.json")).warm  # fast mode trusts size + mtime
+    fixed = pull(settings_from({**env, "VERIFY": "full"}), Status(tmp_path / "st.json"))
+    assert not fixed.warm and fixed.downloaded_bytes == 3 * 1024 * 1024  # only the changed file
+    assert files_of(fixed.model_dir) == files_of(local)
+
+
+def test_a_touched_file_is_downloaded_again_in_fast_mode(s3_server, published, tmp_path):
+    uri, local = published
+    env = bootstrap_env(s3_server, tmp_path / "m", uri)
+    result = pull(settings_from(env), Status(tmp_path / "st.json"))
+    (result.model_dir / "config.json").write_text("{}")  # new size and mtime: no longer verified
+    again = pull(settings_from(env), Status(tmp_path / "st.json"))
+    assert not again.warm and files_of(again.model_dir) == files_of(local)
+    assert again.downloaded_bytes == (local / "config.json").stat().st_size
+
+
+def test_rollback_to_an_earlier_version_downloads_nothing(s3_server, published, tmp_path):
+    uri1, _ = published
+    bucket = uri1.split("/")[2]
+    uri2 = f"s3://{bucket}/voxcpm-1.5/v2/"
+    local2 = make_model(tmp_path / "v2", seed=2)
+    assert run_bootstrap(s3_server.env(), "publish", str(local2), uri2).returncode == 0
+    models = tmp_path / "m"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        v1 = pull(settings_from(bootstrap_env(s3_server, models, uri1, proxy.url)), Status(tmp_path / "s"))
+        v2 = pull(settings_from(bootstrap_env(s3_server, models, uri2, proxy.url)), Status(tmp_path / "s"))
+        assert (models / "current").resolve() == v2.model_dir and files_of(models / "current") == files_of(local2)
+        before = proxy.body_gets()
+        back = pull(settings_from(bootstrap_env(s3_server, models, uri1, proxy.url)), Status(tmp_path / "s"))
+        assert proxy.body_gets() == before and back.warm
+    assert back.model_dir == v1.model_dir and (models / "current").resolve() == v1.model_dir
+    assert v2.model_dir.exists()  # KEEP_VERSIONS=2 by default
+
+
+def test_old_versions_are_pruned_keep_n_but_never_one_in_use(s3_server, published, tmp_path):
+    uri1, _ = published
+    bucket = uri1.split("/")[2]
+    models = tmp_path / "m"
+    uris = []
+    for i in range(4):
+        uris.append(f"s3://{bucket}/prune/v{i}/")
+        src = make_model(tmp_path / f"p{i}", big_mb=1, seed=10 + i)
+        assert run_bootstrap(s3_server.env(), "publish", str(src), uris[-1]).returncode == 0
+
+    def pull_version(i, hold=False):
+        env = bootstrap_env(s3_server, models, uris[i], KEEP_VERSIONS=2)
+        return pull(settings_from(env), Status(tmp_path / "s"), hold=hold)
+
+    dirs = [pull_version(i).model_dir for i in range(3)]
+    assert not dirs[0].exists() and dirs[1].exists() and dirs[2].exists()
+    # A replica serving v1 (it holds v1's in-use lock, as the exec'd server does) keeps v1 on disk.
+    serving = pull_version(1, hold=True)
+    try:
+        dirs.append(pull_version(3).model_dir)
+        pull_version(2)
+        assert dirs[1].exists() and (dirs[1] / COMPLETE).exists()
+    finally:
+        serving.release()
+    pull_version(3)
+    assert not dirs[1].exists() and dirs[2].exists() and dirs[3].exists()
+
+
+def _check_invariants(models: Path, expected: dict) -> str:
+    """What a reader may see after a kill: every file at a final path is complete and correct, every
+    file the state records as verified still matches, `current` is absent or a complete version."""
+    stage = "nothing"
+    for vdir in (models / "versions").glob("*"):
+        state = json.loads((vdir / VERIFIED).read_text()) if (vdir / VERIFIED).exists() else {}
+        for rel, digest in expected.items():
+            p = vdir / rel
+            if p.exists():
+                assert hashlib.sha256(p.read_bytes()).hexdigest() == digest, f"corrupt {p}"
+            if rel in state:
+                assert p.exists() and state[rel]["sha256"] == digest and p.stat().st_size == state[rel]["size"]
+        if list(vdir.rglob("*.part*")) or state:
+            stage = "partial"
+        if (vdir / COMPLETE).exists():
+            stage = "complete"
+    current = models / "current"
+    if current.exists() or current.is_symlink():
+        assert (current.resolve() / COMPLETE).exists(), "current points at an incomplete version"
+        assert files_of(current) == expected
+    return stage
+
+
+def test_kill_9_at_random_points_then_resume(s3_server, published, tmp_path):
+    uri, local = published
+    expected = files_of(local)
+    models = tmp_path / "m"
+    rng = random.Random(1234)
+    stages = []
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.delay_s = 0.03  # ~1.5 s per large body, so kills land mid-transfer, mid-verify, mid-rename
+        env = {**os.environ, **bootstrap_env(s3_server, models, uri, proxy.url, PULL_CONCURRENCY=2)}
+        for i in range(12):
+            proc = subprocess.Popen([PYTHON, "-m", "bootstrap", "pull"], env=env, cwd=REPO_ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.4, 1.6))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            stages.append(_check_invariants(models, expected))
+            if stages[-1] == "complete" and i < 10:  # a run finished before its kill: start over
+                for p in (models / "versions").glob("*"):
+                    subprocess.run(["rm", "-rf", str(p)], check=True)
+                (models / "current").unlink(missing_ok=True)
+        proxy.delay_s = 0
+        proxy.reset_counts()
+        r = run_bootstrap(bootstrap_env(s3_server, models, uri, proxy.url), "pull")
+        assert r.returncode == 0, r.stderr
+        resumed_bytes = sum(proxy.body_bytes.values())
+    assert stages.count("partial") >= 3, stages  # the kills really interrupted pulls in progress
+    assert files_of(models / "current") == expected
+    assert not list(models.rglob("*.part*")) and not list(models.glob(".current.*"))
+    if stages[-1] == "partial":  # verified files from before the last kill were kept, not fetched again
+        assert resumed_bytes < sum((local / p).stat().st_size for p in expected)
+
+
+def test_four_pullers_at_once_fetch_each_object_once(s3_server, published, tmp_path):
+    uri, local = published
+    sizes = {p: (local / p).stat().st_size for p in files_of(local)}
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.delay_s = 0.02  # about a second per large body, so all four overlap
+        shared = tmp_path / "shared"
+        env = {**os.environ, **bootstrap_env(s3_server, shared, uri, proxy.url)}
+        procs = [subprocess.Popen([PYTHON, "-m", "bootstrap", "pull"], env=env, cwd=REPO_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
+    bodies = {k.split("/v1/", 1)[1]: n for k, n in proxy.body_bytes.items() if not k.endswith("manifest.json")}
+    assert bodies == sizes  # each object's bytes crossed the wire exactly once, for all four
+    assert sum("waiting for it" in o[1] for o in outs) >= 1
+    assert len({o[0].strip() for o in outs}) == 1 and files_of(shared / "current") == files_of(local)

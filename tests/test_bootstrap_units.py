@@ -1,0 +1,123 @@
+"""bootstrap's small parts with fake inputs: GPU sizing, URIs, manifests, settings, status, hand-off."""
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.support.s3")  # before the import below
+
+from bootstrap import manifest as mf
+from bootstrap.errors import FatalError
+from bootstrap.gpu import GIB, Gpu, decide, parse_nvidia_smi
+from bootstrap.settings import BootstrapSettings
+from bootstrap.status import Status
+from bootstrap.uri import parse_uri
+
+from .support.procs import PYTHON
+from .support.s3 import MB, run_bootstrap
+
+
+def test_gpu_sizing_from_memory():
+    assert parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559\nTesla T4, 15360\n") == [
+        Gpu("NVIDIA H100 80GB HBM3", 81559 * MB), Gpu("Tesla T4", 15360 * MB)]
+    assert parse_nvidia_smi("") == [] and parse_nvidia_smi("garbage\n") == []
+    h100 = decide([Gpu("H100", 80 * GIB)], {})
+    assert h100["TTS_DEVICE"] == "cuda" and int(h100["TTS_MAX_BATCH"]) == 64
+    t4 = decide([Gpu("T4", 16 * GIB)], {})
+    assert 1 <= int(t4["TTS_MAX_BATCH"]) < int(h100["TTS_MAX_BATCH"])
+    tiny = decide([Gpu("small", 2 * GIB)], {})
+    assert tiny["TTS_MAX_BATCH"] == "1"
+    cpu = decide([], {})
+    assert cpu["TTS_DEVICE"] == "cpu" and cpu["TTS_MAX_BATCH"] == "1"
+
+
+def test_gpu_sizing_explicit_settings_win_and_auto_means_choose():
+    forced = decide([Gpu("H100", 80 * GIB)], {"TTS_MAX_BATCH": "4", "TTS_DEVICE": "cuda:1", "QUEUE_SIZE": "7"})
+    assert forced["TTS_MAX_BATCH"] == "4" and forced["TTS_DEVICE"] == "cuda:1" and forced["QUEUE_SIZE"] == "7"
+    auto = decide([Gpu("H100", 80 * GIB)], {"TTS_MAX_BATCH": "auto", "TTS_DEVICE": "auto", "QUEUE_SIZE": ""})
+    assert auto == decide([Gpu("H100", 80 * GIB)], {})
+    assert decide([], {"TTS_DEVICE": "cuda"})["TTS_DEVICE"] == "cuda"  # the operator knows better
+
+
+def test_gpu_detection_falls_back_to_nvidia_smi(tmp_path, monkeypatch):
+    import sys
+
+    from bootstrap import gpu
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA A10G, 23028'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    assert gpu.detect_gpus() == [Gpu("NVIDIA A10G", 23028 * MB)]
+
+
+def test_uri_parsing():
+    assert str(parse_uri("s3://bucket/a/b", None)) == "s3://bucket/a/b/"
+    assert parse_uri("s3://bucket", None).key("x.bin") == "x.bin"
+    assert parse_uri("oss://b/m/", "https://oss-cn-hangzhou.aliyuncs.com").key("w.pt") == "m/w.pt"
+    for bad in ("http://b/x", "s3:///x", "bucket/x", ""):
+        with pytest.raises(FatalError, match="is not s3://bucket/prefix/"):
+            parse_uri(bad, None)
+    with pytest.raises(FatalError, match="S3_ENDPOINT_URL"):
+        parse_uri("oss://b/m/", None)
+
+
+def test_manifest_build_parse_and_canonical_digest(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"a" * 10)
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    (tmp_path / ".hidden").write_text("skip me")
+    m = mf.build(tmp_path, "voxcpm", "v1")
+    assert [(f.path, f.size) for f in m.files] == [("a.bin", 10), ("sub/b.json", 2)]
+    assert m.total_bytes == 12 and len(m.digest) == 64
+    doc = json.loads(m.raw)
+    assert set(doc) == {"name", "version", "created", "files"}
+    # Whitespace and key order do not change the version's identity; content does.
+    assert mf.parse(json.dumps(doc).encode()).digest == m.digest
+    doc["files"][0]["size"] = 11
+    assert mf.parse(json.dumps(doc).encode()).digest != m.digest
+    for bad_path in ("../etc/passwd", "/abs", ".voxbox/status.json"):
+        with pytest.raises(FatalError, match="unsafe path"):
+            mf.parse(json.dumps({"files": [{"path": bad_path, "size": 1, "sha256": "0"}]}).encode())
+    with pytest.raises(FatalError, match="malformed"):
+        mf.parse(b"not json")
+
+
+def test_settings_defaults_and_env(monkeypatch):
+    for name in BootstrapSettings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    s = BootstrapSettings()
+    assert s.models_dir == Path("/models") and s.verify == "fast" and s.keep_versions == 2
+    assert s.status_path == Path("/models/.voxbox/status.json") and not s.allow_unverified
+    monkeypatch.setenv("MODELS_DIR", "/vol")
+    monkeypatch.setenv("PULL_CONCURRENCY", "4")
+    monkeypatch.setenv("ALLOW_UNVERIFIED", "true")
+    monkeypatch.setenv("S3_ADDRESSING_STYLE", "virtual")
+    s = BootstrapSettings()
+    assert s.status_path == Path("/vol/.voxbox/status.json") and s.pull_concurrency == 4 and s.allow_unverified
+    monkeypatch.setenv("STATUS_FILE", "/run/status.json")
+    assert BootstrapSettings().status_path == Path("/run/status.json")
+
+
+def test_status_file_is_replaced_atomically(tmp_path):
+    st = Status(tmp_path / "deep" / "status.json")
+    st.update(phase="downloading", bytes_done=5, bytes_total=10)
+    st.fail("boom")
+    doc = json.loads((tmp_path / "deep" / "status.json").read_text())
+    assert doc["phase"] == "failed" and doc["error"] == "boom" and doc["bytes_done"] == 5
+    assert set(doc) == {"phase", "bytes_done", "bytes_total", "error", "model", "digest", "updated_at"}
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["status.json"]  # no temp files left
+
+
+def test_entrypoint_without_model_uri_hands_off_to_gunicorn(tmp_path):
+    """`python -m bootstrap` execs gunicorn; with a bad bind gunicorn itself fails, which proves the hand-off."""
+    env = {"MODEL_URI": "", "TTS_ENGINE": "embedded", "BIND": "256.0.0.1:1", "MODELS_DIR": str(tmp_path),
+           "TTS_MAX_BATCH": "auto", "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"}
+    r = run_bootstrap(env, timeout=120)
+    assert "handing off to gunicorn" in r.stderr and "sizing: no GPU visible -> TTS_DEVICE=cpu" in r.stderr
+    assert "TTS_MAX_BATCH=1" in r.stderr
+    assert r.returncode != 0  # gunicorn could not bind 256.0.0.1
+    assert json.loads((tmp_path / ".voxbox" / "status.json").read_text())["phase"] == "ready"
