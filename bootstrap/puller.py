@@ -260,48 +260,136 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     return need
 
 
+_WRITEBACK_BYTES = 16 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+class _HashingSink:
+    """The download target: s3transfer writes ranged parts into it at their offsets, in any order,
+    and the sha256 follows the contiguous prefix as it grows.
+
+    Bytes that extend the prefix are hashed straight from memory; parts that arrived early are read
+    back from the page cache once the gap before them fills. So the digest is ready when the last
+    byte lands, with no second pass over the file. (A non-seekable target would be simpler, but
+    s3transfer then replays a retried GET's bytes into it a second time.) A retry rewrites bytes
+    already hashed with the same bytes: ranged GETs are pinned to one ETag.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "w+b", buffering=0)
+        self._h = hashlib.sha256()
+        self._pos = 0
+        self._frontier = 0  # bytes [0, frontier) are hashed
+        self._ahead: dict[int, int] = {}  # start -> end of parts written beyond the frontier
+        self.size = 0  # highest offset written
+        self._written_back = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else (self._pos + offset if whence == 1 else self.size + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data) -> int:
+        start, end = self._pos, self._pos + len(data)
+        os.pwrite(self._f.fileno(), data, start)
+        self._pos = end
+        self.size = max(self.size, end)
+        if start <= self._frontier < end:
+            self._h.update(memoryview(data)[self._frontier - start:])
+            self._frontier = end
+            while self._frontier in self._ahead:
+                self._hash_from_file(self._ahead.pop(self._frontier))
+        elif start > self._frontier:
+            self._ahead[start] = max(end, self._ahead.get(start, end))
+        if self._frontier - self._written_back >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # Start writing the finished stretch to disk now, in the background, so the fsync before
+            # the rename finds little left to do instead of waiting for the whole file at the end.
+            os.posix_fadvise(self._f.fileno(), self._written_back, self._frontier - self._written_back,
+                             os.POSIX_FADV_DONTNEED)
+            self._written_back = self._frontier
+        return len(data)
+
+    def _hash_from_file(self, end: int) -> None:
+        while self._frontier < end:
+            chunk = os.pread(self._f.fileno(), min(_READ_CHUNK, end - self._frontier), self._frontier)
+            if not chunk:
+                break
+            self._h.update(chunk)
+            self._frontier += len(chunk)
+
+    def finish(self) -> str:
+        """sha256 of the whole file, flushed to disk (a verified file must survive a power cut)."""
+        self._hash_from_file(self.size)  # parts whose start was not a part boundary we saw: read them
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) -> list[mf.FileEntry]:
     """Download entries concurrently with boto3's transfer manager; returns those that must be retried."""
     failed: list[mf.FileEntry] = []
     futures = []
-    with TransferManager(client, transfer_config(s)) as manager:
-        for entry in entries:
-            part = vdir / f"{entry.path}.part"
-            part.parent.mkdir(parents=True, exist_ok=True)
-            futures.append((entry, part, manager.download(where.bucket, where.key(entry.path), str(part),
-                                                          subscribers=[_Progress(progress)])))
-        for entry, part, future in futures:
-            try:
-                future.result()
-            except (ClientError, BotoCoreError, OSError) as e:
-                fatal = explain(e, where) if isinstance(e, (ClientError, BotoCoreError)) else None
-                if fatal:
-                    raise fatal from None
-                if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise FatalError(f"{where}{entry.path} is listed in manifest.json but missing from the "
-                                     "bucket; republish the model") from None
-                if isinstance(e, OSError) and e.errno == 28:
-                    raise FatalError(f"disk full while writing {part}; free space on the models volume") from None
-                log.warning("pull: %s failed (%s); will retry", entry.path, e)
-                part.unlink(missing_ok=True)
-                failed.append(entry)
-                continue
-            t_verify = time.monotonic()
-            ok = _verify(part, entry)
-            verify_s[0] += time.monotonic() - t_verify
-            if ok:
-                _promote(part, vdir / entry.path, entry, state, vdir)
-            else:
-                log.warning("pull: %s does not match the manifest (size or sha256); will retry", entry.path)
-                progress.rewind(part.stat().st_size)
-                part.unlink(missing_ok=True)
-                failed.append(entry)
+    try:
+        with TransferManager(client, transfer_config(s)) as manager:
+            for entry in entries:
+                part = vdir / f"{entry.path}.part"
+                part.parent.mkdir(parents=True, exist_ok=True)
+                sink = _HashingSink(part)
+                futures.append((entry, sink, manager.download(where.bucket, where.key(entry.path), sink,
+                                                              subscribers=[_Progress(progress)])))
+            for entry, sink, future in futures:
+                part = sink.path
+                try:
+                    future.result()
+                except (ClientError, BotoCoreError, OSError) as e:
+                    sink.close()
+                    fatal = explain(e, where) if isinstance(e, (ClientError, BotoCoreError)) else None
+                    if fatal:
+                        raise fatal from None
+                    if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        raise FatalError(f"{where}{entry.path} is listed in manifest.json but missing from the "
+                                         "bucket; republish the model") from None
+                    if isinstance(e, OSError) and e.errno == 28:
+                        raise FatalError(f"disk full while writing {part}; free space on the models volume") from None
+                    log.warning("pull: %s failed (%s); will retry", entry.path, e)
+                    progress.rewind(sink.size)
+                    part.unlink(missing_ok=True)
+                    failed.append(entry)
+                    continue
+                t_verify = time.monotonic()
+                digest = sink.finish()
+                if entry.sha256 is not None:
+                    ok = sink.size == entry.size and digest == entry.sha256
+                else:
+                    ok = _verify(part, entry)
+                verify_s[0] += time.monotonic() - t_verify
+                if ok:
+                    _promote(part, vdir / entry.path, entry, state, vdir, synced=True)
+                else:
+                    log.warning("pull: %s does not match the manifest (size %d of %d, or sha256); will retry",
+                                entry.path, sink.size, entry.size)
+                    progress.rewind(sink.size)
+                    part.unlink(missing_ok=True)
+                    failed.append(entry)
+    finally:
+        for _, sink, _ in futures:
+            sink.close()
     return failed
 
 
-def _promote(part: Path, final: Path, entry: mf.FileEntry, state: dict, vdir: Path) -> None:
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
+def _promote(part: Path, final: Path, entry: mf.FileEntry, state: dict, vdir: Path, synced: bool = False) -> None:
+    if not synced:
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
     os.replace(part, final)
     st = final.stat()
     state[entry.path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry.sha256}

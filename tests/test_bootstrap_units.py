@@ -121,3 +121,25 @@ def test_entrypoint_without_model_uri_hands_off_to_gunicorn(tmp_path):
     assert "TTS_MAX_BATCH=1" in r.stderr
     assert r.returncode != 0  # gunicorn could not bind 256.0.0.1
     assert json.loads((tmp_path / ".voxbox" / "status.json").read_text())["phase"] == "ready"
+
+
+def test_hashing_sink_follows_out_of_order_and_repeated_writes(tmp_path):
+    """The download target hashes ranged parts arriving in any order, and retried ones twice."""
+    import hashlib
+    import random
+
+    from bootstrap.puller import _HashingSink
+
+    rng = random.Random(7)
+    body = rng.randbytes(3 * MB + 12345)
+    pieces = [(o, body[o:o + 300_000]) for o in range(0, len(body), 300_000)]
+    order = pieces[:]
+    rng.shuffle(order)
+    order += [pieces[0], pieces[3]]  # retried parts rewrite the same bytes
+    odd = [(100, body[100:200_000])]  # a part starting inside another one
+    sink = _HashingSink(tmp_path / "x.part")
+    for offset, data in odd + order:
+        sink.seek(offset)
+        sink.write(data)
+    assert sink.finish() == hashlib.sha256(body).hexdigest() and sink.size == len(body)
+    assert (tmp_path / "x.part").read_bytes() == body
