@@ -198,9 +198,16 @@ def _verify(path: Path, entry: mf.FileEntry) -> bool:
 class _Progress(BaseSubscriber):
     def __init__(self, progress: Progress):
         self.progress = progress
+        self.counted = 0  # this file's net contribution (s3transfer reports retried bytes as negative)
 
     def on_progress(self, future, bytes_transferred, **kwargs):
+        self.counted += bytes_transferred
         self.progress(bytes_transferred)
+
+    def take_back(self) -> None:
+        """The file failed: its bytes no longer count."""
+        self.progress.rewind(self.counted)
+        self.counted = 0
 
 
 def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: Path, s: BootstrapSettings,
@@ -344,9 +351,10 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                 part = vdir / f"{entry.path}.part"
                 part.parent.mkdir(parents=True, exist_ok=True)
                 sink = _HashingSink(part)
-                futures.append((entry, sink, manager.download(where.bucket, where.key(entry.path), sink,
-                                                              subscribers=[_Progress(progress)])))
-            for entry, sink, future in futures:
+                counter = _Progress(progress)
+                futures.append((entry, sink, counter, manager.download(where.bucket, where.key(entry.path), sink,
+                                                                       subscribers=[counter])))
+            for entry, sink, counter, future in futures:
                 part = sink.path
                 try:
                     future.result()
@@ -361,7 +369,7 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                     if isinstance(e, OSError) and e.errno == 28:
                         raise FatalError(f"disk full while writing {part}; free space on the models volume") from None
                     log.warning("pull: %s failed (%s); will retry", entry.path, e)
-                    progress.rewind(sink.size)
+                    counter.take_back()
                     part.unlink(missing_ok=True)
                     failed.append(entry)
                     continue
@@ -377,11 +385,11 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                 else:
                     log.warning("pull: %s does not match the manifest (size %d of %d, or sha256); will retry",
                                 entry.path, sink.size, entry.size)
-                    progress.rewind(sink.size)
+                    counter.take_back()
                     part.unlink(missing_ok=True)
                     failed.append(entry)
     finally:
-        for _, sink, _ in futures:
+        for _, sink, _, _ in futures:
             sink.close()
     return failed
 
