@@ -201,3 +201,36 @@ def test_four_pullers_at_once_fetch_each_object_once(s3_server, published, tmp_p
     assert bodies == sizes  # each object's bytes crossed the wire exactly once, for all four
     assert sum("waiting for it" in o[1] for o in outs) >= 1
     assert len({o[0].strip() for o in outs}) == 1 and files_of(shared / "current") == files_of(local)
+
+
+def test_entrypoint_pulls_then_execs_gunicorn_with_model_dir_and_the_version_lock(s3_server, published, tmp_path):
+    """The default command pulls, then execs `gunicorn` (a stand-in here) with MODEL_DIR pointing
+    at the verified version and the version's in-use lock still held, so no replica prunes it."""
+    uri, local = published
+    models = tmp_path / "m"
+    fake = tmp_path / "bin" / "gunicorn"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{PYTHON}
+import fcntl, json, os, sys
+from pathlib import Path
+model_dir = Path(os.environ["MODEL_DIR"])
+fd = os.open(Path(os.environ["MODELS_DIR"]) / ".voxbox" / "locks" / (model_dir.name + ".inuse"), os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held = False
+except BlockingIOError:
+    held = True
+print(json.dumps({{"argv": sys.argv[1:], "model_dir": str(model_dir), "lock_held": held,
+                  "device": os.environ["TTS_DEVICE"], "batch": os.environ["TTS_MAX_BATCH"],
+                  "status_file": os.environ["STATUS_FILE"]}}))
+""")
+    fake.chmod(0o755)
+    env = bootstrap_env(s3_server, models, uri, PATH=f"{fake.parent}:{os.environ['PATH']}", TTS_MAX_BATCH="3")
+    r = run_bootstrap(env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["argv"] == ["-c", "service/gunicorn.conf.py", "service.app:create_app()"]
+    assert Path(out["model_dir"]) == (models / "current").resolve() and files_of(Path(out["model_dir"])) == files_of(local)
+    assert out["lock_held"] and out["batch"] == "3" and out["device"] in ("cpu", "cuda")
+    assert json.loads(Path(out["status_file"]).read_text())["phase"] == "ready"
+    assert "handing off to gunicorn" in r.stderr
