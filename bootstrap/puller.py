@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
@@ -214,7 +215,7 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
                       status: Status) -> int:
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / COMPLETE).unlink(missing_ok=True)
-    for stray in vdir.rglob("*.part.*"):  # the transfer manager's temp names, left by a killed pull
+    for stray in vdir.rglob("*.part.*"):  # s3transfer's temp names for filename targets (older pullers)
         stray.unlink(missing_ok=True)
     state = _load_state(vdir)
     todo: list[mf.FileEntry] = []
@@ -241,10 +242,15 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
         attempt = 0
         while todo:
             attempt += 1
-            todo = _download_batch(client, where, todo, vdir, state, s, progress, verify_s)
+            failed = _download_batch(client, where, todo, vdir, state, s, progress, verify_s)
+            todo = [entry for entry, _ in failed]
             if todo:
                 if attempt >= s.pull_retries:
                     names = ", ".join(e.path for e in todo)
+                    errors = [err for _, err in failed if err]
+                    if errors:
+                        raise FatalError(f"downloading {names} from {where} failed {attempt} times (last error: "
+                                         f"{errors[-1]}); check S3_ENDPOINT_URL and the network, then restart")
                     raise FatalError(f"checksum mismatch after {attempt} attempts for {names}: the objects in "
                                      f"{where} differ from its manifest.json; republish the model")
                 delay = min(2 ** attempt, 30)
@@ -253,8 +259,8 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     finally:
         progress.close()
     secs = time.monotonic() - t_dl
-    log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s, sha256 verification included: %.2fs of it)",
-             need / 1e6, secs, need / 1e6 / max(secs, 1e-6), verify_s[0])
+    log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s); sha256 verified as the bytes arrived, "
+             "final checks and fsync %.2fs", need / 1e6, secs, need / 1e6 / max(secs, 1e-6), verify_s[0])
     status.update(phase="verifying")
     # Every file verified: record the version as complete (fsync first, so a crash cannot fake it).
     fd = os.open(vdir, os.O_RDONLY)
@@ -341,9 +347,13 @@ class _HashingSink:
         self._f.close()
 
 
-def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) -> list[mf.FileEntry]:
-    """Download entries concurrently with boto3's transfer manager; returns those that must be retried."""
-    failed: list[mf.FileEntry] = []
+def _download_batch(client, where, entries, vdir, state, s, progress,
+                    verify_s) -> list[tuple[mf.FileEntry, str | None]]:
+    """Download entries concurrently with boto3's transfer manager.
+
+    Returns the entries to retry, each with its transfer error (None: it arrived but did not match).
+    """
+    failed: list[tuple[mf.FileEntry, str | None]] = []
     futures = []
     try:
         with TransferManager(client, transfer_config(s)) as manager:
@@ -358,7 +368,7 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                 part = sink.path
                 try:
                     future.result()
-                except (ClientError, BotoCoreError, OSError) as e:
+                except (ClientError, BotoCoreError, OSError, RetriesExceededError, S3DownloadFailedError) as e:
                     sink.close()
                     fatal = explain(e, where) if isinstance(e, (ClientError, BotoCoreError)) else None
                     if fatal:
@@ -368,10 +378,12 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                                          "bucket; republish the model") from None
                     if isinstance(e, OSError) and e.errno == 28:
                         raise FatalError(f"disk full while writing {part}; free space on the models volume") from None
-                    log.warning("pull: %s failed (%s); will retry", entry.path, e)
+                    cause = getattr(e, "last_exception", None) or e  # RetriesExceededError wraps the real one
+                    error = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+                    log.warning("pull: %s failed (%s); will retry", entry.path, error)
                     counter.take_back()
                     part.unlink(missing_ok=True)
-                    failed.append(entry)
+                    failed.append((entry, error))
                     continue
                 t_verify = time.monotonic()
                 digest = sink.finish()
@@ -387,7 +399,7 @@ def _download_batch(client, where, entries, vdir, state, s, progress, verify_s) 
                                 entry.path, sink.size, entry.size)
                     counter.take_back()
                     part.unlink(missing_ok=True)
-                    failed.append(entry)
+                    failed.append((entry, None))
     finally:
         for _, sink, _, _ in futures:
             sink.close()

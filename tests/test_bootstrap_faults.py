@@ -103,3 +103,13 @@ def test_fatal_bad_uri_and_oss_without_endpoint(tmp_path):
 def test_fatal_bad_setting_is_one_line(tmp_path):
     line = _fatal(run_bootstrap({"MODELS_DIR": str(tmp_path), "VERIFY": "sometimes"}, "pull"))
     assert "VERIFY" in line
+
+
+def test_fatal_when_a_file_keeps_breaking_off(s3_server, published, tmp_path):
+    uri, _ = published
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.faults = [("audiovae.pth", "reset")] * 30
+        r = run_bootstrap(bootstrap_env(s3_server, tmp_path / "m", uri, proxy.url, PULL_RETRIES=1), "pull")
+    line = _fatal(r)
+    assert "downloading audiovae.pth from" in line and "failed 1 times" in line and "S3_ENDPOINT_URL" in line
+    assert not (tmp_path / "m" / "current").exists() and not list((tmp_path / "m").rglob("audiovae.pth"))
