@@ -30,8 +30,10 @@ def worker(tmp_path_factory, voices_dir):
 
 
 def upload(worker, data=None, name="Narrator", text="This is what the clip says.", filename="ref.wav", field="file"):
+    """POST /v1/voices; a None name or text leaves that form field out."""
     files = {field: (filename, data if data is not None else clip(), "application/octet-stream")}
-    return requests.post(f"{worker.url}/v1/voices", files=files, data={"name": name, "text": text})
+    form = {k: v for k, v in (("name", name), ("text", text)) if v is not None}
+    return requests.post(f"{worker.url}/v1/voices", files=files, data=form)
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
@@ -51,9 +53,15 @@ def test_upload_list_get_delete(worker, fmt):
 
 def test_embedded_engine_says_it_cannot_clone(worker):
     voice = upload(worker).json()
-    r = requests.post(f"{worker.url}/tts", json={"text": "hi", "style": voice["id"]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_supported"
-    assert "cannot clone" in r.json()["error"]["message"]
+    for path, body in (("/tts", {"text": "hi", "style": voice["id"]}),
+                       ("/v1/audio/speech", {"input": "hi", "voice": voice["id"], "response_format": "wav"}),
+                       ("/v1/audio/speech", {"input": "hi", "voice": voice["id"], "response_format": "pcm",
+                                             "stream": True})):
+        r = requests.post(f"{worker.url}{path}", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_supported", (path, r.text)
+        assert "cannot clone" in r.json()["error"]["message"]
+    assert requests.get(f"{worker.url}/info").json()["engine"]["supports_cloning"] is False
+    assert requests.get(f"{worker.url}/v1/voices").json()["supports_cloning"] is False
 
 
 BAD = [
@@ -64,9 +72,14 @@ BAD = [
     ("too long", dict(data=clip(seconds=9.0, rate=8000)), 400, "bad_duration"),
     ("too large", dict(data=clip(seconds=7.9, rate=48000)), 413, "file_too_large"),
     ("silent", dict(data=clip(amplitude=0.0)), 400, "silent_audio"),
-    ("no transcript", dict(text=""), 400, "invalid_transcript"),
+    ("no transcript field", dict(text=None), 400, "invalid_transcript"),
+    ("empty transcript", dict(text=""), 400, "invalid_transcript"),
+    ("blank transcript", dict(text="  \n "), 400, "invalid_transcript"),
     ("control chars in transcript", dict(text="bad\x00text"), 400, "invalid_transcript"),
+    ("no name field", dict(name=None), 400, "invalid_name"),
     ("empty name", dict(name=""), 400, "invalid_name"),
+    ("blank name", dict(name="   "), 400, "invalid_name"),
+    ("name with a newline", dict(name="two\nlines"), 400, "invalid_name"),
     ("long name", dict(name="n" * 65), 400, "invalid_name"),
 ]
 
@@ -91,9 +104,23 @@ def test_names_never_become_paths(worker, voices_dir):
     assert (voices_dir / r.json()["id"] / "audio.wav").exists()
 
 
-def test_voices_survive_a_restart(tmp_path, voices_dir, worker):
-    kept = upload(worker, name="Survivor").json()
-    with start_worker(tmp_path, {"VOICES_DIR": str(voices_dir)}) as again:
+def test_upload_far_over_the_request_limit_is_413(worker):
+    # Bigger than the whole request may be (VOICE_MAX_BYTES + multipart allowance): refused before parsing.
+    r = upload(worker, data=b"\0" * 3_000_000)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_voices_survive_a_restart(tmp_path):
+    """Stop the worker, start a new one on the same VOICES_DIR: the voice is still there, usable by id."""
+    store = tmp_path / "store"
+    with start_worker(tmp_path / "first", {"VOICES_DIR": str(store)}) as first:
+        kept = upload(first, name="Survivor").json()
+        gone = upload(first, name="Deleted").json()
+        assert requests.delete(f"{first.url}/v1/voices/{gone['id']}").status_code == 200
+    with start_worker(tmp_path / "second", {"VOICES_DIR": str(store)}) as again:
         got = requests.get(f"{again.url}/v1/voices/{kept['id']}")
-        assert got.status_code == 200 and got.json()["name"] == "Survivor"
-    assert not [p for p in voices_dir.iterdir() if p.name.startswith(".tmp-")]  # no half-written voices
+        assert got.status_code == 200 and got.json() == kept
+        uploaded = [v["id"] for v in requests.get(f"{again.url}/v1/voices").json()["voices"] if v["type"] == "uploaded"]
+        assert uploaded == [kept["id"]]
+        assert requests.get(f"{again.url}/v1/voices/{gone['id']}").status_code == 404
+    assert sorted(p.name for p in store.iterdir()) == [kept["id"]]  # no half-written or half-deleted voices

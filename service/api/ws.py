@@ -34,8 +34,11 @@ class StreamRequest(VoxCPMKnobs):
     lang: Literal["auto", "en", "zh"] = "auto"
 
 
-def _error(ws, code: str, message: str) -> None:
-    ws.send(json.dumps({"type": "error", "code": code, "message": message}))
+def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:
+    body = {"type": "error", "code": code, "message": message}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    ws.send(json.dumps(body))
 
 
 def _parse(raw) -> dict:
@@ -71,7 +74,13 @@ class _Connection:
                     raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
                 self.synthesize(req)
             except ApiError as e:
-                _error(self.ws, e.code, e.message)
+                _error(self.ws, e.code, e.message, e.retry_after)
+            except ConnectionClosed:
+                raise
+            except Exception:  # a bug must not cost the client its connection (nor go unlogged)
+                log.exception("websocket request failed")
+                _error(self.ws, "internal_error", "the worker failed on this request; it is logged, "
+                       "and this connection stays usable")
 
     def cancel_requested(self) -> bool:
         """Non-blocking look at incoming messages while audio is being produced."""

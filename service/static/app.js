@@ -1,9 +1,10 @@
 // VoxBox web UI: plain JS, relative URLs only (works behind the gateway's basic auth).
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { info: null, ws: null, audioCtx: null, nextTime: 0, streaming: false, recorder: null };
-// Counters the browser tests read.
-window.voxbox = { chunksReceived: 0, streamDone: false, streamHeader: null, lastError: null, generations: 0 };
+const state = { info: null, ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [] };
+// Counters the browser tests read (times are performance.now() milliseconds).
+window.voxbox = { chunksReceived: 0, streamDone: false, streamHeader: null, lastError: null, generations: 0,
+                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0 };
 
 function showError(message) {
   const box = $("error");
@@ -42,8 +43,18 @@ async function loadInfo() {
       rates.add(new Option(`${r / 1000} kHz`, r, false, r === state.info.limits.default_sample_rate));
     }
     const voxcpm = e.name === "voxcpm";
-    document.querySelectorAll(".voxcpm").forEach((el) => { el.disabled = !voxcpm; });
-    $("knobs-note").textContent = voxcpm ? "" : "CFG and steps apply to the VoxCPM engine only.";
+    document.querySelectorAll(".voxcpm").forEach((el) => {
+      el.disabled = !voxcpm;
+      el.closest("label").hidden = !voxcpm;
+    });
+    $("knobs-note").textContent = voxcpm ? "CFG and steps: empty means the server's default."
+      : "CFG and diffusion steps are VoxCPM settings; this server runs the embedded engine.";
+    const [lo, hi] = state.info.limits.voice_seconds;
+    const mb = (state.info.limits.voice_max_bytes / 1048576).toFixed(0);
+    $("voice-help").textContent = `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type ` +
+      "exactly what they say. It becomes a voice you can pick above." +
+      (e.supports_cloning ? "" : " This server's engine cannot clone voices, so uploaded voices are stored but " +
+       "cannot be used until it runs VoxCPM.");
     updateCounter();
   } catch (err) {
     $("status").textContent = "not reachable";
@@ -89,37 +100,59 @@ function requestBody() {
   return body;
 }
 
-function addHistory(kind, text, duration, latency) {
+function addHistory(kind, text, duration, latency, url, ext) {
   const li = document.createElement("li");
   const snippet = text.length > 60 ? `${text.slice(0, 57)}…` : text;
-  li.textContent = `${kind}: “${snippet}” — ${duration.toFixed(2)} s of audio in ${latency.toFixed(2)} s`;
+  li.textContent = `${kind}: “${snippet}” — ${duration.toFixed(2)} s of audio in ${latency.toFixed(2)} s `;
+  if (url) {
+    const play = document.createElement("a");
+    play.href = url; play.textContent = "play";
+    play.onclick = (ev) => { ev.preventDefault(); showResult(url, ext, false); $("player").play().catch(() => {}); };
+    const save = document.createElement("a");
+    save.href = url; save.download = `voxbox.${ext}`; save.textContent = "download";
+    li.append(play, " · ", save);
+  }
   $("history").prepend(li);
-  while ($("history").children.length > 10) $("history").lastChild.remove();
+  while ($("history").children.length > 10) {
+    const old = $("history").lastChild;
+    const link = old.querySelector("a");
+    if (link && link.href !== $("player").src) URL.revokeObjectURL(link.href);
+    old.remove();
+  }
   window.voxbox.generations += 1;
+}
+
+function showResult(url, ext, autoplay) {
+  const player = $("player");
+  player.src = url;
+  $("download").href = url; $("download").download = `voxbox.${ext}`; $("download").hidden = false;
+  if (autoplay) player.play().catch(() => { /* autoplay may be blocked; the controls still work */ });
 }
 
 async function generate() {
   showError("");
   const body = { ...requestBody(), response_format: $("format").value };
-  setBusy(true);
+  setBusy(true, true);
+  state.abort = new AbortController();
+  $("result-info").textContent = "Generating…";
   const t0 = performance.now();
   try {
     const resp = await api("v1/audio/speech", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      signal: state.abort.signal });
     const blob = await resp.blob();
     const url = URL.createObjectURL(blob);
-    const player = $("player");
-    player.src = url;
     const ext = body.response_format === "opus" ? "ogg" : body.response_format;
-    $("download").href = url; $("download").download = `voxbox.${ext}`; $("download").hidden = false;
     const duration = Number(resp.headers.get("X-Audio-Duration")) || 0;
     const latency = (performance.now() - t0) / 1000;
-    $("result-info").textContent = `${duration.toFixed(2)} s of audio · ${latency.toFixed(2)} s · ${resp.headers.get("X-Sample-Rate")} Hz`;
-    addHistory("Generate", body.input, duration, latency);
-    player.play().catch(() => { /* autoplay may be blocked; the controls still work */ });
+    $("result-info").textContent = `${duration.toFixed(2)} s of audio · made in ${latency.toFixed(2)} s · ${resp.headers.get("X-Sample-Rate")} Hz`;
+    addHistory("Generate", body.input, duration, latency, url, ext);
+    showResult(url, ext, true);
   } catch (err) {
-    showError(err.message);
+    if (err.name === "AbortError") $("result-info").textContent = "Stopped.";
+    else { $("result-info").textContent = "Failed."; showError(err.message); }
   } finally {
+    state.abort = null;
     setBusy(false);
   }
 }
@@ -134,7 +167,7 @@ function playPcm(buf) {
   const ctx = state.audioCtx;
   const pcm = new Int16Array(buf);
   if (!pcm.length) return;
-  const audio = ctx.createBuffer(1, pcm.length, ctx.sampleRate);
+  const audio = ctx.createBuffer(1, pcm.length, state.rate);  // WebAudio resamples to the device rate
   const ch = audio.getChannelData(0);
   for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
   const src = ctx.createBufferSource();
@@ -143,6 +176,19 @@ function playPcm(buf) {
   state.nextTime = Math.max(state.nextTime, ctx.currentTime + 0.05);
   src.start(state.nextTime);
   state.nextTime += audio.duration;
+  window.voxbox.scheduledSeconds += audio.duration;
+}
+
+// A WAV file (PCM16 mono) from the streamed chunks, so a stream can be replayed and downloaded.
+function wavBlob(chunks, rate) {
+  const size = chunks.reduce((n, c) => n + c.byteLength, 0);
+  const head = new DataView(new ArrayBuffer(44));
+  const text = (at, s) => [...s].forEach((ch, i) => head.setUint8(at + i, ch.charCodeAt(0)));
+  text(0, "RIFF"); head.setUint32(4, 36 + size, true); text(8, "WAVE"); text(12, "fmt ");
+  head.setUint32(16, 16, true); head.setUint16(20, 1, true); head.setUint16(22, 1, true);
+  head.setUint32(24, rate, true); head.setUint32(28, rate * 2, true); head.setUint16(32, 2, true);
+  head.setUint16(34, 16, true); text(36, "data"); head.setUint32(40, size, true);
+  return new Blob([head.buffer, ...chunks], { type: "audio/wav" });
 }
 
 function stream() {
@@ -151,8 +197,15 @@ function stream() {
   const req = { text: body.input, voice: body.voice, format: "pcm16", sample_rate: body.sample_rate, speed: body.speed };
   if (body.cfg_value) req.cfg_value = body.cfg_value;
   if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
-  Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null });
+  Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
+                                 doneAt: null, scheduledSeconds: 0 });
+  state.pcm = [];
+  // Created in the click handler (a user gesture), so browsers let it play.
+  if (state.audioCtx) state.audioCtx.close();
+  state.audioCtx = new AudioContext();
+  state.audioCtx.resume().catch(() => {});
   setBusy(true, true);
+  $("result-info").textContent = "Connecting…";
   const t0 = performance.now();
   const ws = new WebSocket(wsUrl());
   ws.binaryType = "arraybuffer";
@@ -161,36 +214,50 @@ function stream() {
   ws.onmessage = (ev) => {
     if (typeof ev.data !== "string") {
       window.voxbox.chunksReceived += 1;
-      playPcm(ev.data);
+      if (window.voxbox.firstChunkAt === null) window.voxbox.firstChunkAt = performance.now();
+      state.pcm.push(ev.data);
+      if (state.audioCtx) playPcm(ev.data);
       $("result-info").textContent = `Streaming… ${window.voxbox.chunksReceived} chunks`;
       return;
     }
     const msg = JSON.parse(ev.data);
     if (msg.type === "header") {
       window.voxbox.streamHeader = msg;
-      if (state.audioCtx) state.audioCtx.close();
-      state.audioCtx = new AudioContext({ sampleRate: msg.sample_rate });
+      state.rate = msg.sample_rate;
       state.nextTime = 0;
     } else if (msg.type === "done" || msg.type === "cancelled") {
+      window.voxbox.doneAt = performance.now();
       window.voxbox.streamDone = true;
-      const latency = (performance.now() - t0) / 1000;
+      const latency = (window.voxbox.doneAt - t0) / 1000;
+      const rate = window.voxbox.streamHeader ? window.voxbox.streamHeader.sample_rate : req.sample_rate;
+      const url = state.pcm.length ? URL.createObjectURL(wavBlob(state.pcm, rate)) : null;
+      if (url) showResult(url, "wav", false);
       if (msg.type === "done") {
-        $("result-info").textContent = `Streamed ${msg.duration.toFixed(2)} s of audio · first audio after ${Number(msg.ttfa).toFixed(2)} s`;
-        addHistory("Stream", req.text, msg.duration, latency);
+        $("result-info").textContent = `Streamed ${msg.duration.toFixed(2)} s of audio · first audio after ` +
+          `${Number(msg.ttfa).toFixed(2)} s · done in ${latency.toFixed(2)} s`;
+        addHistory("Stream", req.text, msg.duration, latency, url, "wav");
       } else {
-        $("result-info").textContent = "Stream stopped.";
+        $("result-info").textContent = `Stream stopped after ${window.voxbox.chunksReceived} chunks.`;
       }
       ws.close();
     } else if (msg.type === "error") {
+      $("result-info").textContent = "Failed.";
       showError(msg.message);
       ws.close();
     }
   };
   ws.onerror = () => showError("The streaming connection failed (is the server reachable, are you logged in?).");
-  ws.onclose = () => { setBusy(false); state.ws = null; };
+  ws.onclose = (ev) => {
+    setBusy(false);
+    state.ws = null;
+    if (!window.voxbox.streamDone && !window.voxbox.lastError) {
+      showError(`The streaming connection closed early (code ${ev.code}); try again.`);
+    }
+  };
 }
 
 function stop() {
+  if (state.abort) state.abort.abort();
   if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "cancel" }));
   if (state.audioCtx) { state.audioCtx.close(); state.audioCtx = null; }
 }
