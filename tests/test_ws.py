@@ -1,9 +1,12 @@
 """GET /v1/stream over a real WebSocket to real gunicorn (flask-sock, gthread)."""
+import io
 import json
 import time
 
 import numpy as np
 import pytest
+import requests
+import soundfile as sf
 import websocket
 
 from .support.worker import start_worker
@@ -19,9 +22,13 @@ def worker(tmp_path_factory):
         yield w
 
 
+def connect(worker):
+    return websocket.create_connection(worker.url.replace("http://", "ws://") + "/v1/stream", timeout=60)
+
+
 @pytest.fixture
 def ws(worker):
-    conn = websocket.create_connection(worker.url.replace("http://", "ws://") + "/v1/stream", timeout=60)
+    conn = connect(worker)
     yield conn
     conn.close()
 
@@ -77,7 +84,66 @@ def test_cancel_mid_stream_then_connection_still_usable(ws):
             break
     assert json.loads(msg)["type"] == "cancelled"
     assert time.monotonic() - t0 < 3  # stopped, not run to the end of 16 sentences
+    # The server really stopped: the next request is not queued behind the rest of the long text.
     ws.send(json.dumps({"text": "After the cancel."}))
+    _, chunks, done = collect(ws)
+    assert done["type"] == "done" and chunks and done["latency"] < 5
+
+
+def test_closing_the_connection_mid_stream_stops_the_synthesis(worker):
+    first = connect(worker)
+    first.send(json.dumps({"text": PARAGRAPHS}))
+    assert json.loads(first.recv())["type"] == "header"
+    assert isinstance(first.recv(), bytes)
+    first.close()
+    with_new = connect(worker)
+    try:
+        t0 = time.monotonic()
+        with_new.send(json.dumps({"text": "A new connection is served at once."}))
+        assert collect(with_new)[2]["type"] == "done"
+        assert time.monotonic() - t0 < 5  # not behind the abandoned long text (~20 s of synthesis)
+    finally:
+        with_new.close()
+
+
+def test_a_second_request_while_streaming_is_refused_and_the_stream_goes_on(ws):
+    ws.send(json.dumps({"text": PARAGRAPHS}))
+    assert json.loads(ws.recv())["type"] == "header"
+    ws.send(json.dumps({"text": "Too early."}))
+    while True:
+        msg = ws.recv()
+        if isinstance(msg, bytes):  # audio that was on its way before the refusal
+            continue
+        body = json.loads(msg)
+        assert body["type"] == "error", body
+        assert body["code"] == "busy" and "cancel" in body["message"]
+        break
+    # The running stream is unaffected: audio keeps coming until we cancel it.
+    assert isinstance(ws.recv(), bytes)
+    ws.send(json.dumps({"type": "cancel"}))
+    while isinstance(msg := ws.recv(), bytes):
+        pass
+    assert json.loads(msg)["type"] == "cancelled"
+
+
+def test_explicit_synthesize_type_and_knobs(ws):
+    ws.send(json.dumps({"type": "synthesize", "text": "Knobs.", "voice": "joe-calm", "speed": 1.5,
+                        "sample_rate": 16000, "lang": "en"}))
+    header, chunks, done = collect(ws)
+    assert header["sample_rate"] == 16000 and done["type"] == "done"
+    assert abs(sum(len(c) for _, c in chunks) / 2 / 16000 - done["duration"]) < 0.1
+
+
+def test_uploaded_voice_on_the_embedded_engine_is_an_error(worker, ws):
+    t = np.arange(22050 * 3) / 22050
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050, format="WAV")
+    voice = requests.post(f"{worker.url}/v1/voices", files={"file": ("a.wav", buf.getvalue())},
+                          data={"name": "Clone me", "text": "Some words."}).json()
+    ws.send(json.dumps({"text": "hi", "voice": voice["id"]}))
+    err = json.loads(ws.recv())
+    assert err["type"] == "error" and err["code"] == "voice_not_supported" and "cannot clone" in err["message"]
+    ws.send(json.dumps({"text": "Still fine."}))
     assert collect(ws)[2]["type"] == "done"
 
 
@@ -88,6 +154,13 @@ def test_cancel_mid_stream_then_connection_still_usable(ws):
     (json.dumps({"text": ""}), "invalid_text"),
     (json.dumps({"text": "hi", "voice": "nobody"}), "unknown_voice"),
     (json.dumps({"text": "hi", "format": "mp3"}), "invalid_request"),
+    (json.dumps({"voice": "joe"}), "invalid_request"),
+    (json.dumps({"text": 42}), "invalid_request"),
+    (json.dumps({"text": "hi", "speed": 10}), "invalid_request"),
+    (json.dumps({"text": "hi", "cfg_value": 99}), "invalid_request"),
+    (json.dumps({"text": "hi", "inference_timesteps": 0}), "invalid_request"),
+    (json.dumps({"type": "dance"}), "invalid_request"),
+    (json.dumps({"text": "   "}), "invalid_text"),
     (json.dumps({"text": "hi", "sample_rate": 1234}), "unsupported_sample_rate"),
     (json.dumps({"text": "x" * 3001}), "text_too_long"),
     (json.dumps({"type": "cancel"}), "nothing_to_cancel"),
