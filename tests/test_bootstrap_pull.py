@@ -131,6 +131,18 @@ def test_old_versions_are_pruned_keep_n_but_never_one_in_use(s3_server, publishe
     assert not dirs[1].exists() and dirs[2].exists() and dirs[3].exists()
 
 
+def _stage(models: Path) -> str:
+    stage = "nothing"
+    for vdir in (models / "versions").glob("*"):
+        if list(vdir.rglob("*.part*")):
+            stage = "downloading"
+        if (vdir / VERIFIED).exists():
+            stage = "some verified"
+        if (vdir / COMPLETE).exists():
+            return "complete"
+    return stage
+
+
 def _check_invariants(models: Path, expected: dict) -> str:
     """What a reader may see after a kill: every file at a final path is complete and correct, every
     file the state records as verified still matches, `current` is absent or a complete version."""
@@ -168,7 +180,15 @@ def test_kill_9_at_random_points_then_resume(s3_server, published, tmp_path):
         for i in range(12):
             proc = subprocess.Popen([PYTHON, "-m", "bootstrap", "pull"], env=env, cwd=REPO_ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.4, 1.6))
+            # Kill at random moments, but make sure some land while bodies are in flight and some
+            # after the first files were verified: wait for that stage (on this run's own progress).
+            wait_for = ("anything", "downloading", "some verified")[i % 3]
+            deadline = time.monotonic() + 10
+            while wait_for != "anything" and time.monotonic() < deadline and proc.poll() is None:
+                if _stage(models) in (wait_for, "some verified", "complete"):
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6) if wait_for != "anything" else rng.uniform(0.2, 1.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             stages.append(_check_invariants(models, expected))
