@@ -2,10 +2,13 @@
 import base64
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -31,7 +34,18 @@ def browser():
 
 
 def wait(browser, cond, timeout=60):
-    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda b: cond(b))
+    try:
+        return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda b: cond(b))
+    except TimeoutException:
+        state = browser.execute_script(
+            "return {voxbox: window.voxbox, error: document.getElementById('error').textContent, "
+            "status: document.getElementById('status').textContent, "
+            "info: document.getElementById('result-info').textContent}")
+        try:
+            logs = [e["message"] for e in browser.get_log("browser")]
+        except Exception as e:  # the driver may not keep console logs
+            logs = [f"(no console log: {e.__class__.__name__})"]
+        raise AssertionError(f"page condition not met after {timeout}s; page state {state}; console {logs}") from None
 
 
 def open_page(browser, url):
@@ -118,6 +132,34 @@ def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
     assert "cannot clone" in browser.find_element(By.ID, "error").text
+
+
+def test_record_from_microphone_uploads_a_voice(browser, worker):
+    open_page(browser, worker.url + "/")
+    assert browser.find_element(By.ID, "record").is_displayed()
+    # A "microphone" that plays a 220 Hz tone (headless Chromium has no audio input device).
+    browser.execute_script("""
+        navigator.mediaDevices.getUserMedia = async () => {
+          const ctx = new AudioContext();
+          const osc = ctx.createOscillator(), dst = ctx.createMediaStreamDestination();
+          osc.frequency.value = 220; osc.connect(dst); osc.start();
+          return dst.stream;
+        };""")
+    browser.find_element(By.ID, "voice-name").clear()
+    browser.find_element(By.ID, "voice-name").send_keys("Recorded voice")
+    browser.find_element(By.ID, "voice-text").clear()
+    browser.find_element(By.ID, "voice-text").send_keys("A tone recorded in the browser.")
+    browser.find_element(By.ID, "record").click()
+    wait(browser, lambda b: "Stop recording" in b.find_element(By.ID, "record").text)
+    time.sleep(3.5)
+    browser.find_element(By.ID, "record").click()
+    wait(browser, lambda b: "Added" in b.find_element(By.ID, "voice-msg").text
+         or b.find_element(By.ID, "error").is_displayed())
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    assert Select(browser.find_element(By.ID, "voice")).first_selected_option.text.startswith("Recorded voice")
+    voices = requests.get(f"{worker.url}/v1/voices").json()["voices"]
+    recorded = [v for v in voices if v["name"] == "Recorded voice"]
+    assert len(recorded) == 1 and 3.0 < recorded[0]["duration"] < 5.0
 
 
 def test_over_limit_text_shows_the_api_error(browser, worker):

@@ -273,15 +273,33 @@ async function uploadVoice(fileOverride) {
   const file = fileOverride || $("voice-file").files[0];
   if (!file) { showError("Choose a reference clip first."); return; }
   const form = new FormData();
-  form.append("file", file, file.name || "recording.webm");
+  form.append("file", file, file.name || "recording.wav");
   form.append("name", $("voice-name").value || (file.name || "My voice").replace(/\.[^.]*$/, ""));
   form.append("text", $("voice-text").value);
+  $("voice-msg").textContent = "Uploading…";
   try {
     const voice = await (await api("v1/voices", { method: "POST", body: form })).json();
     $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
     await loadVoices(voice.id);
   } catch (err) {
+    $("voice-msg").textContent = "";
     showError(`Upload failed: ${err.message}`);
+  }
+}
+
+// Browsers record WebM/Ogg Opus, which the server's decoder may not read: decode here, upload a WAV.
+async function recordingAsWav(blob) {
+  const ctx = new AudioContext();
+  try {
+    const audio = await ctx.decodeAudioData(await blob.arrayBuffer());
+    const pcm = new Int16Array(audio.length);
+    for (let c = 0; c < audio.numberOfChannels; c++) {
+      const data = audio.getChannelData(c);
+      for (let i = 0; i < data.length; i++) pcm[i] += Math.round(Math.max(-1, Math.min(1, data[i])) * 32767 / audio.numberOfChannels);
+    }
+    return new File([wavBlob([pcm.buffer], audio.sampleRate)], "recording.wav", { type: "audio/wav" });
+  } finally {
+    ctx.close();
   }
 }
 
@@ -293,12 +311,15 @@ async function toggleRecording() {
     const rec = new MediaRecorder(media);
     const parts = [];
     rec.ondataavailable = (e) => parts.push(e.data);
-    rec.onstop = () => {
+    rec.onstop = async () => {
       media.getTracks().forEach((t) => t.stop());
       state.recorder = null;
       $("record").textContent = "Record from microphone";
-      const type = rec.mimeType.includes("ogg") ? "ogg" : "webm";
-      uploadVoice(new File(parts, `recording.${type}`, { type: rec.mimeType }));
+      try {
+        await uploadVoice(await recordingAsWav(new Blob(parts, { type: rec.mimeType })));
+      } catch (err) {
+        showError(`The recording could not be read: ${err.message}`);
+      }
     };
     rec.start();
     state.recorder = rec;
@@ -314,4 +335,5 @@ $("stream").addEventListener("click", stream);
 $("stop").addEventListener("click", stop);
 $("upload").addEventListener("click", () => uploadVoice());
 $("record").addEventListener("click", toggleRecording);
+$("record").hidden = !(navigator.mediaDevices && window.MediaRecorder);
 loadInfo().then(() => loadVoices()).catch((err) => showError(err.message));
