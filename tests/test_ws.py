@@ -173,6 +173,14 @@ def test_bad_message_gets_error_and_connection_stays_usable(ws, raw, code):
     assert collect(ws)[2]["type"] == "done"
 
 
+def test_an_oversized_message_closes_the_connection_with_1009(worker):
+    conn = connect(worker)
+    try:
+        conn.send(json.dumps({"text": "x" * 2_000_000}))
+        opcode, data = conn.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1009, (opcode, data)
+    finally:
+        conn.close()
 def test_binary_message_is_refused(ws):
     ws.send_binary(b"\x00\x01")
     assert json.loads(ws.recv())["code"] == "invalid_message"

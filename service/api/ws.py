@@ -144,6 +144,9 @@ class _Connection:
 
 
 def register(app: Flask) -> None:
+    # Requests are small JSON: a client cannot make the worker buffer a huge message (closed with 1009).
+    max_chars = app.extensions["voxbox"].settings.max_text_chars
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": max(1 << 20, 16 * max_chars)})
     sock = Sock(app)
 
     @sock.route("/v1/stream")
