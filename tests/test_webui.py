@@ -123,15 +123,27 @@ def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
     sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
     browser.find_element(By.ID, "voice-name").send_keys("Browser voice")
     browser.find_element(By.ID, "voice-file").send_keys(str(wav))
+    # Without the transcript the API refuses, and the page says why.
+    browser.find_element(By.ID, "upload").click()
+    wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
+    assert "Upload failed: transcript" in browser.find_element(By.ID, "error").text
     browser.find_element(By.ID, "voice-text").send_keys("A reference clip uploaded from the browser.")
     browser.find_element(By.ID, "upload").click()
     wait(browser, lambda b: "Added" in b.find_element(By.ID, "voice-msg").text)
+    assert not browser.find_element(By.ID, "error").is_displayed()
     picker = Select(browser.find_element(By.ID, "voice"))
     assert picker.first_selected_option.text.startswith("Browser voice")
     # The embedded engine cannot clone: using the voice shows the API's explanation.
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
     assert "cannot clone" in browser.find_element(By.ID, "error").text
+    # Deleting it from the list removes it from the picker and from the server.
+    item = next(li for li in browser.find_elements(By.CSS_SELECTOR, "#voice-list li") if "Browser voice" in li.text)
+    item.find_element(By.TAG_NAME, "button").click()
+    wait(browser, lambda b: not any(o.text.startswith("Browser voice")
+                                    for o in Select(b.find_element(By.ID, "voice")).options))
+    names = [v["name"] for v in requests.get(f"{worker.url}/v1/voices").json()["voices"]]
+    assert "Browser voice" not in names
 
 
 def test_record_from_microphone_uploads_a_voice(browser, worker):
@@ -174,9 +186,17 @@ def test_over_limit_text_shows_the_api_error(browser, worker):
 def test_phone_width_layout(worker):
     with chromium(390, 844) as phone:
         open_page(phone, worker.url + "/")
+        phone.find_element(By.CSS_SELECTOR, "#advanced summary").click()
         width = phone.execute_script("return document.documentElement.scrollWidth")
         assert width <= 400  # no horizontal scrolling on a phone
+        # Nothing visible sticks out to the right of the viewport.
+        outside = phone.execute_script("""
+            return [...document.querySelectorAll('main *')].filter((el) => el.offsetParent !== null)
+              .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 0.5)
+              .map((el) => el.id || el.tagName);""")
+        assert outside == []
         ARTIFACTS.mkdir(exist_ok=True)
+        phone.set_window_size(390, phone.execute_script("return document.documentElement.scrollHeight") + 140)
         phone.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
 
 
