@@ -139,7 +139,7 @@ class _Connection:
             "type": "done", "chunks": sent,
             "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
             "latency": round(done - prep.received_at, 3),
-            "ttfa": round(job.first_audio_at - job.enqueued_at, 3) if job.first_audio_at else None,
+            "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None,
         }))
 
 
