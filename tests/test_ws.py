@@ -23,7 +23,7 @@ def worker(tmp_path_factory):
 
 
 def connect(worker):
-    return websocket.create_connection(worker.url.replace("http://", "ws://") + "/v1/stream", timeout=60)
+    return websocket.create_connection(worker.ws_url, timeout=60)
 
 
 @pytest.fixture

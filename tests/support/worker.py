@@ -14,7 +14,15 @@ from .procs import PYTHON, REPO_ROOT, Served, free_port, running
 
 @dataclass
 class Worker(Served):
+    """A running worker: `url` (base URL, also its str()), `port`, `log` (its output), `env` (what it got)."""
     env: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.url[len("http"):] + "/v1/stream"
 
 
 def _ready(url: str) -> bool:
