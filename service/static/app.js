@@ -330,6 +330,9 @@ async function toggleRecording() {
 }
 
 $("text").addEventListener("input", updateCounter);
+$("text").addEventListener("keydown", (ev) => {  // Ctrl/Cmd+Enter: Generate
+  if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !$("generate").disabled) { ev.preventDefault(); generate(); }
+});
 $("generate").addEventListener("click", generate);
 $("stream").addEventListener("click", stream);
 $("stop").addEventListener("click", stop);
