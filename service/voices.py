@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,7 +57,6 @@ class VoiceStore:
     def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float):
         self.root = Path(root)
         self.max_bytes, self.min_seconds, self.max_seconds = max_bytes, min_seconds, max_seconds
-        self._lock = threading.Lock()
 
     def _ensure_root(self) -> None:
         try:
@@ -132,11 +130,14 @@ class VoiceStore:
         return sorted((v for v in voices if v), key=lambda v: v.created_at)
 
     def delete(self, voice_id: str) -> bool:
-        voice = self.get(voice_id)
-        if voice is None:
+        if not _ID.match(voice_id or ""):
             return False
-        with self._lock:
-            trash = self.root / f".del-{voice_id}-{secrets.token_hex(4)}"
-            os.rename(voice.path, trash)  # atomic: the voice disappears whole
-            shutil.rmtree(trash, ignore_errors=True)
+        trash = self.root / f".del-{voice_id}-{secrets.token_hex(4)}"
+        try:
+            # The rename is the check: of concurrent deletes (other threads, other replicas on the same
+            # volume) exactly one wins, and the voice disappears whole.
+            os.rename(self.root / voice_id, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
         return True

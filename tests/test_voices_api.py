@@ -124,3 +124,13 @@ def test_voices_survive_a_restart(tmp_path):
         assert uploaded == [kept["id"]]
         assert requests.get(f"{again.url}/v1/voices/{gone['id']}").status_code == 404
     assert sorted(p.name for p in store.iterdir()) == [kept["id"]]  # no half-written or half-deleted voices
+
+
+def test_concurrent_deletes_of_one_voice_one_wins_the_rest_404(worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    voice_id = upload(worker, name="Raced").json()["id"]
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: requests.delete(f"{worker.url}/v1/voices/{voice_id}").status_code, range(8)))
+    assert codes == [200] + [404] * 7
+    assert requests.get(f"{worker.url}/v1/voices/{voice_id}").status_code == 404
