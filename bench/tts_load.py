@@ -81,12 +81,13 @@ def one_ws(url, headers, text, seed, timeout):
     return {"status": 200, "ttfa": first, "total": total, "audio": audio, "rtf": total / audio if audio else None}
 
 
-def run_level(args, headers, level):
-    fn = one_ws if args.ws else one_http
-    jobs = [(LONG if i % 2 else SHORT, i) for i in range(args.requests_per_level)]
+def run_level(url, headers, level, n_requests, ws=False, timeout=600.0):
+    """n_requests (short and long texts alternating, seeded) sent by `level` concurrent clients."""
+    fn = one_ws if ws else one_http
+    jobs = [(LONG if i % 2 else SHORT, i) for i in range(n_requests)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(level) as pool:
-        results = list(pool.map(lambda j: _safe(fn, args.url, headers, j[0], j[1], args.timeout), jobs))
+        results = list(pool.map(lambda j: _safe(fn, url, headers, j[0], j[1], timeout), jobs))
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     ttfa = [r["ttfa"] for r in ok if r["ttfa"] is not None]
@@ -124,21 +125,38 @@ def main() -> None:
     elif args.user:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{args.user}:{args.password}".encode()).decode()
     info = requests.get(f"{args.url}/info", headers=headers, timeout=30).json()
-    rows = [run_level(args, headers, int(level)) for level in args.levels.split(",")]
-    ok_levels = [r["concurrency"] for r in rows if r["ok"] and r["rtf_p95"] < 1]
-    print(f"engine {info['engine']['name']} on {info['engine']['device']}; "
-          f"{'WebSocket' if args.ws else 'HTTP streaming'}; {args.requests_per_level} requests per level\n")
-    print("| concurrency | TTFA p50 | p95 | p99 | RTF p50 | RTF p95 | audio-s/s | req/s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['ttfa_p50']:.3f} | {r['ttfa_p95']:.3f} | {r['ttfa_p99']:.3f} | "
-              f"{r['rtf_p50']:.3f} | {r['rtf_p95']:.3f} | {r['audio_s_per_wall_s']:.2f} | "
-              f"{r['requests_per_s']:.2f} | {r['errors'] or '-'} |")
-    print(f"\nlargest concurrency with p95 RTF < 1: {max(ok_levels) if ok_levels else 'none'}")
+    rows = [run_level(args.url, headers, int(level), args.requests_per_level, args.ws, args.timeout)
+            for level in args.levels.split(",")]
+    print(describe(info, args.ws, args.requests_per_level) + "\n")
+    print(table(rows))
+    best = max_level_below_rtf_1(rows)
+    print(f"\nlargest concurrency with p95 RTF < 1: {best or 'none'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"engine": info["engine"], "levels": rows, "max_concurrency_rtf_below_1":
-                       max(ok_levels) if ok_levels else None}, f, indent=2)
+            json.dump({"engine": info["engine"], "batch_size": info["limits"].get("batch_size"), "levels": rows,
+                       "max_concurrency_rtf_below_1": best}, f, indent=2)
+
+
+def describe(info: dict, ws: bool, n_requests: int) -> str:
+    e = info["engine"]
+    fixed = f", fixed {e['fixed_tokens']} tokens per chunk" if e.get("fixed_tokens") else ""
+    return (f"engine {e['name']} on {e['device']}, batch size {info['limits'].get('batch_size')}{fixed}; "
+            f"{'WebSocket' if ws else 'HTTP streaming'}; {n_requests} requests per level")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| concurrency | TTFA p50 | p95 | p99 | RTF p50 | RTF p95 | audio-s/s | req/s | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['ttfa_p50']:.3f} | {r['ttfa_p95']:.3f} | {r['ttfa_p99']:.3f} | "
+                     f"{r['rtf_p50']:.3f} | {r['rtf_p95']:.3f} | {r['audio_s_per_wall_s']:.2f} | "
+                     f"{r['requests_per_s']:.2f} | {r['errors'] or '-'} |")
+    return "\n".join(lines)
+
+
+def max_level_below_rtf_1(rows: list[dict]):
+    ok = [r["concurrency"] for r in rows if r["ok"] == r["requests"] and r["rtf_p95"] < 1]
+    return max(ok) if ok else None
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     voxcpm_max_len: int = Field(2048, ge=16)
     voxcpm_normalize: bool = False
     voxcpm_retry_badcase: bool = True
+    # Benchmarks only: every sentence chunk generates exactly this many tokens, stop head ignored
+    # (random-weight checkpoints stop at random). 0 = off, the only sensible production value.
+    voxcpm_fixed_tokens: int = Field(0, ge=0, le=4096)
 
     # Text
     max_text_chars: int = Field(5000, ge=1)

@@ -127,3 +127,30 @@ def test_pick_max_batch_scales_with_memory(model):
     small = pick_max_batch(1 << 30, model, cap=64)
     big = pick_max_batch(64 << 30, model, cap=64)
     assert 1 <= small <= big <= 64
+
+
+def test_fixed_tokens_force_the_same_length_on_every_path(model, tmp_path_factory):
+    """VOXCPM_FIXED_TOKENS (benchmarks): serial, streaming and batched generation all produce exactly
+    N tokens, also past the package's cap of 6 tokens per text token + 10 for a short text."""
+    from service.engines.base import SynthesisParams
+    from service.engines.voxcpm_engine import VoxCPMEngine
+
+    n, text = 30, "Hi."  # "Hi." is a few text tokens: capped near 22 tokens without the setting
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("fixed") / "tiny", size="tiny", seed=5, dtype="float32")
+    engine = VoxCPMEngine(ckpt, device="cpu", compile_mode="off", inference_timesteps=2, fixed_tokens=n)
+    engine.load()
+    patch = engine._model.patch_size * engine._model.chunk_size
+    params = SynthesisParams(seed=3)
+    assert sum(c.size for c in engine.stream(text, "default", None, params)) == n * patch
+    assert engine.synthesize(text, "default", None, params).size == n * patch
+    batch = engine.make_batch(2)
+    row = engine.batch_add(batch, text, None, params)
+    steps = 0
+    while batch.active():
+        steps += sum(1 for r, _, _ in batch.step() if r == row)
+    assert steps == n
+    assert engine.info().details["fixed_tokens"] == n
+
+    unfixed = VoxCPMEngine(ckpt, device="cpu", compile_mode="off", inference_timesteps=2)
+    unfixed._model = engine._model  # same weights; only the setting differs
+    assert sum(c.size for c in unfixed.stream(text, "default", None, SynthesisParams(seed=3))) < n * patch

@@ -15,7 +15,8 @@ def build_engine(settings: Settings) -> Engine:
             model_dir=settings.model_dir, device=settings.tts_device, compile_mode=settings.tts_compile,
             cfg_value=settings.voxcpm_cfg_value, inference_timesteps=settings.voxcpm_inference_timesteps,
             max_len=settings.voxcpm_max_len, normalize=settings.voxcpm_normalize,
-            retry_badcase=settings.voxcpm_retry_badcase, max_chunk_chars=settings.max_chunk_chars)
+            retry_badcase=settings.voxcpm_retry_badcase, max_chunk_chars=settings.max_chunk_chars,
+            fixed_tokens=settings.voxcpm_fixed_tokens)
     from .embedded import EmbeddedEngine
 
     return EmbeddedEngine()

@@ -80,7 +80,10 @@ class BatchedGenerator:
     # -- joining ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def add(self, text: str, prompt_cache: Optional[dict] = None, max_len: int = 2000, min_len: int = 2,
-            inference_timesteps: int = 10, cfg_value: float = 2.0, seed: Optional[int] = None) -> int:
+            inference_timesteps: int = 10, cfg_value: float = 2.0, seed: Optional[int] = None,
+            length_ratio: Optional[float] = 6.0) -> int:
+        """Prefill a new row. Like the package, generation is capped at length_ratio tokens per text
+        token (+10) against runaway audio; None lifts that cap (fixed-length benchmarks)."""
         if not self.free_slots():
             raise RuntimeError("no free batch slot; wait for a row to finish")
         if self.rows and inference_timesteps != self._timesteps():
@@ -112,7 +115,8 @@ class BatchedGenerator:
             context = min(_STREAMING_PREFIX - 1, n_prompt)
             recent = list(feat[:, -context:].split(1, dim=1))
         room = self.max_length - text_token.shape[1]  # KV slots left for generated tokens in this row
-        self.rows[row] = _Row(max_len=min(int(target_len * 6.0 + 10), max_len, room), min_len=min_len,
+        cap = max_len if length_ratio is None else int(target_len * length_ratio + 10)
+        self.rows[row] = _Row(max_len=min(cap, max_len, room), min_len=min_len,
                               timesteps=inference_timesteps, cfg=float(cfg_value), generator=gen, recent=recent)
         return row
 

@@ -45,13 +45,15 @@ class VoxCPMEngine(Engine):
 
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
-                 normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200):
+                 normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200,
+                 fixed_tokens: int = 0):
         self.model_dir = Path(model_dir)
         self.requested_device = device
         self.compile_mode = compile_mode
         self.defaults = dict(cfg_value=cfg_value, inference_timesteps=inference_timesteps, max_len=max_len,
                              normalize=normalize)
-        self.retry_badcase = retry_badcase
+        self.retry_badcase = retry_badcase and not fixed_tokens
+        self.fixed_tokens = fixed_tokens
         self.max_chunk_chars = max_chunk_chars
         self.sample_rate = 44100
         self.device = "cpu"
@@ -137,13 +139,17 @@ class VoxCPMEngine(Engine):
         normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
         if normalize:
             text = self._normalizer_or_raise().normalize(text)
-        return dict(
+        args = dict(
             target_text=text,
             prompt_cache=self._prompt_cache(prompt),
             max_len=min(params.max_len or self.defaults["max_len"], self.defaults["max_len"]),
             inference_timesteps=params.inference_timesteps or self.defaults["inference_timesteps"],
             cfg_value=params.cfg_value or self.defaults["cfg_value"],
         )
+        if self.fixed_tokens:
+            # min_len = max_len: the loop never stops early; the ratio cap would shorten short texts.
+            args.update(min_len=self.fixed_tokens, max_len=self.fixed_tokens, retry_badcase_ratio_threshold=1e9)
+        return args
 
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
                params: SynthesisParams) -> Iterator[np.ndarray]:
@@ -188,9 +194,10 @@ class VoxCPMEngine(Engine):
 
     def batch_add(self, batch, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> int:
         args = self._generation_args(text, prompt, params)
+        fixed = {"min_len": args["min_len"], "length_ratio": None} if self.fixed_tokens else {}
         return batch.add(args["target_text"], args["prompt_cache"], max_len=args["max_len"],
                          inference_timesteps=args["inference_timesteps"], cfg_value=args["cfg_value"],
-                         seed=params.seed)
+                         seed=params.seed, **fixed)
 
     def batch_key(self, params: SynthesisParams) -> int:
         """Requests with the same key can share a batch (the DiT solver's step count must match)."""
@@ -202,4 +209,4 @@ class VoxCPMEngine(Engine):
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
                           sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
-                          details={k: v for k, v in self.defaults.items()})
+                          details={**self.defaults, **({"fixed_tokens": self.fixed_tokens} if self.fixed_tokens else {})})
