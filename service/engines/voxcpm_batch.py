@@ -58,6 +58,7 @@ class BatchedGenerator:
         self.res_hidden = torch.zeros(max_batch, h, device=self.device, dtype=self.dtype)
         self.cond = torch.zeros(max_batch, p, d, device=self.device, dtype=self.dtype)
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next KV slot per row
+        self._pos = [0] * max_batch  # the same on the host, so sizing attention needs no device sync
         self.rows: dict[int, _Row] = {}
         self.last_patch: dict[int, torch.Tensor] = {}  # row -> latent patch [P, D] of the latest step
 
@@ -106,7 +107,7 @@ class BatchedGenerator:
         self.lm_hidden[row] = enc_out[0, -1]
         self.res_hidden[row] = res_out[0, -1]
         self.cond[row] = feat[0, -1]
-        self.pos[row] = text_token.shape[1]
+        self.pos[row] = self._pos[row] = text_token.shape[1]
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
         recent = []
@@ -177,41 +178,63 @@ class BatchedGenerator:
         self.cond[idx] = pred
         stop = m.stop_head(m.stop_actn(m.stop_proj(self.lm_hidden[idx]))).argmax(dim=-1).tolist()
 
-        out = []
-        for j, (row_id, r) in enumerate(zip(idx.tolist(), rows)):
+        row_ids = idx.tolist()
+        done = []
+        for j, (row_id, r) in enumerate(zip(row_ids, rows)):
             r.recent = (r.recent + [pred[j:j + 1].unsqueeze(1)])[-_STREAMING_PREFIX:]
             self.last_patch[row_id] = pred[j]
-            done = (r.step > r.min_len and stop[j] == 1) or r.step + 1 >= r.max_len
-            out.append((row_id, self._decode(r.recent), done))
+            done.append((r.step > r.min_len and stop[j] == 1) or r.step + 1 >= r.max_len)
             r.step += 1
-        finished = {row_id for row_id, _, done in out if done}
-        keep = [j for j, row_id in enumerate(idx.tolist()) if row_id not in finished]
-        for row_id in finished:
-            del self.rows[row_id]
+        audio = self._decode(rows)
+        out = list(zip(row_ids, audio, done))
+        keep = [j for j, d in enumerate(done) if not d]
+        for row_id, d in zip(row_ids, done):
+            if d:
+                del self.rows[row_id]
         if keep:
             k = torch.tensor(keep, device=self.device)
             kidx = idx[k]
-            lm = self._lm_step(m.base_lm, self.base_kv, curr[k], kidx)
+            live = max(self._pos[row_ids[j]] for j in keep) + 1  # attend over the filled prefix only
+            lm = self._lm_step(m.base_lm, self.base_kv, curr[k], kidx, live)
             lm = m.fsq_layer(lm)
             self.lm_hidden[kidx] = lm
-            self.res_hidden[kidx] = self._lm_step(m.residual_lm, self.res_kv, lm + curr[k], kidx)
+            self.res_hidden[kidx] = self._lm_step(m.residual_lm, self.res_kv, lm + curr[k], kidx, live)
             self.pos[kidx] += 1
+            for j in keep:
+                self._pos[row_ids[j]] += 1
         return out
 
-    def _decode(self, recent: list) -> np.ndarray:
-        m = self.m
-        feat = rearrange(torch.cat(recent, dim=1), "b t p d -> b d (t p)", p=m.patch_size)
-        audio = m.audio_vae.decode(feat.to(torch.float32))
-        return audio[..., -m.patch_size * m.chunk_size:].reshape(-1).float().cpu().numpy()
+    def _decode(self, rows: list[_Row]) -> list[np.ndarray]:
+        """The newest 160 ms of audio per row, like the package's streaming decode of its last patches.
 
-    def _lm_step(self, lm, cache: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """MiniCPMModel.forward_step with a position per row (the package's takes one for all)."""
+        Rows with the same number of recent patches (all of them, after the first two steps) are
+        decoded in one VAE call, and everything comes to the host in one copy.
+        """
+        m = self.m
+        n = m.patch_size * m.chunk_size
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(rows):
+            groups.setdefault(len(r.recent), []).append(j)
+        audio = torch.empty(len(rows), n, device=self.device, dtype=torch.float32)
+        for js in groups.values():
+            recent = torch.cat([torch.cat(rows[j].recent, dim=1) for j in js])  # [g, t, P, D]
+            feat = rearrange(recent, "b t p d -> b d (t p)", p=m.patch_size)
+            decoded = m.audio_vae.decode(feat.to(torch.float32))
+            audio[js] = decoded[..., -n:].reshape(len(js), n).float()
+        return list(audio.cpu().numpy())
+
+    def _lm_step(self, lm, cache: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, live: int) -> torch.Tensor:
+        """MiniCPMModel.forward_step with a position per row (the package's takes one for all).
+
+        Attention reads only the first `live` KV slots (the longest row's filled prefix), not the
+        whole cache: masked slots add nothing but memory traffic, which dominates at large batches.
+        """
         pos = self.pos[rows]
         cos = sin = None
         if lm.rope_emb is not None:
             cos, sin = lm.rope_emb(pos)
             cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-        mask = (torch.arange(self.max_length, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (torch.arange(live, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         h = x
         for i, layer in enumerate(lm.layers):
             residual = h
@@ -227,7 +250,7 @@ class BatchedGenerator:
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
             attn = torch.nn.functional.scaled_dot_product_attention(
-                q.contiguous(), kc[rows].contiguous(), vc[rows].contiguous(), attn_mask=mask, enable_gqa=True)
+                q.contiguous(), kc[rows, :, :live], vc[rows, :, :live], attn_mask=mask, enable_gqa=True)
             h = a.o_proj(attn.transpose(1, 2).reshape(b, a.num_heads * a.head_dim))
             h = residual + (h * (layer.scale_depth / math.sqrt(layer.num_hidden_layers)) if layer.use_mup else h)
             residual = h
