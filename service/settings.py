@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     gunicorn_threads: int = Field(16, ge=2)
     gunicorn_timeout: int = 0  # 0: no worker timeout; long streams are normal, deadlines are per request
     graceful_timeout: int = 30
+    # WebSocket keep-alive: the worker pings every N seconds, so idle connections survive proxies'
+    # read timeouts (nginx PROXY_READ_TIMEOUT) and a client that stops answering is closed. 0 = off.
+    ws_ping_interval_s: float = Field(25.0, ge=0)
     log_level: str = "info"
 
     @field_validator("tts_max_batch")

@@ -195,3 +195,36 @@ def test_long_text_streams_first_audio_long_before_the_end(ws):
     assert done["type"] == "done" and len(chunks) >= 4
     assert first < 0.5 * total, (first, total)
     assert done["ttfa"] < 0.5 * done["latency"]
+
+
+def test_keepalive_pings_keep_idle_connections_and_drop_silent_clients(tmp_path):
+    """WS_PING_INTERVAL_S: the worker pings; a client that answers stays connected while idle (and
+    can still synthesize); one that never reads, so never answers, is disconnected."""
+    with start_worker(tmp_path, {"WS_PING_INTERVAL_S": "0.5"}) as w:
+        alive = websocket.create_connection(w.ws_url, timeout=10)
+        silent = websocket.create_connection(w.ws_url, timeout=10)
+        pings = 0
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:  # reading answers every ping with a pong (websocket-client does it)
+            frame = alive.recv_data_frame(control_frame=True)[1]
+            pings += frame.opcode == websocket.ABNF.OPCODE_PING
+        assert pings >= 3
+        assert outcome(alive) == "served"
+        alive.close()
+
+        time.sleep(2)  # pings every 0.5 s went unanswered: the worker has closed it
+        assert outcome(silent) == "closed"
+
+
+def outcome(conn) -> str:
+    """Send a request on a connection: "served" if its audio arrives, "closed" if the peer is gone."""
+    try:
+        conn.send(json.dumps({"text": "Anyone there?"}))
+        while True:
+            opcode, frame = conn.recv_data_frame(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return "closed"
+            if opcode == websocket.ABNF.OPCODE_TEXT and json.loads(frame.data)["type"] == "done":
+                return "served"
+    except (websocket.WebSocketConnectionClosedException, OSError):
+        return "closed"

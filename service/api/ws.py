@@ -145,8 +145,12 @@ class _Connection:
 
 def register(app: Flask) -> None:
     # Requests are small JSON: a client cannot make the worker buffer a huge message (closed with 1009).
-    max_chars = app.extensions["voxbox"].settings.max_text_chars
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": max(1 << 20, 16 * max_chars)})
+    settings = app.extensions["voxbox"].settings
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {
+        "max_message_size": max(1 << 20, 16 * settings.max_text_chars),
+        # A ping not answered by the next one closes the socket: dead clients do not keep a thread.
+        "ping_interval": settings.ws_ping_interval_s or None,
+    })
     sock = Sock(app)
 
     @sock.route("/v1/stream")
