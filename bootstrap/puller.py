@@ -64,15 +64,48 @@ def pull(s: BootstrapSettings, status: Status, hold: bool = False) -> PullResult
     return result
 
 
+class _Timings:
+    """Seconds per pull phase, published in the status file as each phase ends (so /readyz shows
+    where a slow start spends its time while it is still under way, not only afterwards).
+
+    list_s: making the S3 client and reading the manifest; check_s: verifying files already on the
+    volume before deciding what to fetch; wait_s: waiting for another replica pulling the same
+    version; download_s: transfers (sha256 is mostly computed as the bytes arrive, so it is in here);
+    verify_s: hashing what was left, final size/sha256 checks and fsyncs; total_s: the whole pull,
+    `current` switch and pruning included.
+    """
+
+    PHASES = ("list_s", "check_s", "wait_s", "download_s", "verify_s")
+
+    def __init__(self, status: Status):
+        self.status = status
+        self.t0 = time.monotonic()
+        self.s = dict.fromkeys(self.PHASES, 0.0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.s[phase] += seconds
+        self.status.update(timings=self.rounded())
+
+    def rounded(self, total: bool = False) -> dict:
+        out = {k: round(v, 4) for k, v in self.s.items()}
+        if total:
+            out["total_s"] = round(time.monotonic() - self.t0, 4)
+        return out
+
+
 def _pull(s: BootstrapSettings, status: Status) -> PullResult:
-    t0 = time.monotonic()
+    timings = _Timings(status)
+    t0 = timings.t0
+    # Wall-clock start, so a reader can place the pull within the whole start-up (bench/cold_start.py).
+    started_at = time.time()
     where = parse_uri(s.model_uri, s.s3_endpoint_url)
     client = make_client(s)
-    status.update(phase="listing", error=None)
+    status.update(phase="listing", error=None, started_at=started_at)
     manifest = _fetch_manifest(client, where, s)
     digest = manifest.digest[:16]
     vdir = s.models_dir / "versions" / digest
     status.update(model=f"{manifest.name}:{manifest.version}", digest=digest, bytes_total=manifest.total_bytes)
+    timings.add("list_s", time.monotonic() - t0)
     log.info("pull: %s -> %s (%s %s, %d files, %.1f MB), listed in %.2fs", where, vdir, manifest.name,
              manifest.version, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - t0)
 
@@ -84,6 +117,7 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
         downloaded = 0
         t_check = time.monotonic()
         warm = _is_verified(vdir, manifest, s.verify)
+        timings.add("check_s", time.monotonic() - t_check)
         if warm:
             log.info("pull: all %d files verified earlier (%s check in %.2fs)", len(manifest.files),
                      "sha256" if s.verify == "full" else "size+mtime", time.monotonic() - t_check)
@@ -94,12 +128,16 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
                 waited.append(True)
                 log.info("pull: another replica is pulling %s; waiting for it", digest)
 
+            t_wait = time.monotonic()
             with volume_lock(locks / f"{digest}.lock", s.pull_lock_timeout_s, on_wait=on_wait):
+                timings.add("wait_s", time.monotonic() - t_wait)
                 # It may have finished while we waited; its files were hashed moments ago, so
                 # size+mtime suffices even with VERIFY=full.
+                t_check = time.monotonic()
                 warm = bool(waited) and _is_verified(vdir, manifest, "fast")
+                timings.add("check_s", time.monotonic() - t_check)
                 if not warm:
-                    downloaded = _download_version(client, where, manifest, vdir, s, status)
+                    downloaded = _download_version(client, where, manifest, vdir, s, status, timings)
         with volume_lock(locks / "current.lock", s.pull_lock_timeout_s):
             _switch_current(s.models_dir, vdir)
             _prune(s.models_dir, vdir, s.keep_versions, locks)
@@ -107,7 +145,8 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
         os.close(in_use)
         raise
     took = time.monotonic() - t0
-    status.update(phase="ready", bytes_done=manifest.total_bytes, error=None)
+    status.update(phase="ready", bytes_done=manifest.total_bytes, error=None, warm=warm,
+                  timings=timings.rounded(total=True))
     log.info("pull: %s ready in %.2fs total (%s)", digest, took,
              "warm start, nothing downloaded" if warm else f"{downloaded / 1e6:.1f} MB downloaded")
     return PullResult(vdir, digest, downloaded, warm, took, in_use)
@@ -218,7 +257,7 @@ class _Progress(BaseSubscriber):
 
 
 def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: Path, s: BootstrapSettings,
-                      status: Status) -> int:
+                      status: Status, timings: _Timings) -> int:
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / COMPLETE).unlink(missing_ok=True)
     for stray in vdir.rglob("*.part.*"):  # s3transfer's temp names for filename targets (older pullers)
@@ -235,6 +274,7 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
             _promote(part, final, entry, state, vdir)
             continue
         todo.append(entry)
+    timings.add("check_s", time.monotonic() - t_verify)
     need = sum(e.size for e in todo)
     _check_disk(s.models_dir, need)
     done_bytes = manifest.total_bytes - need
@@ -267,7 +307,10 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     secs = time.monotonic() - t_dl
     log.info("pull: downloaded %.1f MB in %.2fs (%.1f MB/s); sha256 verified as the bytes arrived, "
              "final checks and fsync %.2fs", need / 1e6, secs, need / 1e6 / max(secs, 1e-6), verify_s[0])
+    # The final checks ran inside the transfer loop; count them once, as verification.
+    timings.add("download_s", secs - verify_s[0])
     status.update(phase="verifying")
+    t_final = time.monotonic()
     # Every file verified: record the version as complete (fsync first, so a crash cannot fake it).
     fd = os.open(vdir, os.O_RDONLY)
     try:
@@ -276,6 +319,7 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
         os.close(fd)
     (vdir / mf.MANIFEST).write_bytes(manifest.raw)
     (vdir / COMPLETE).write_text(manifest.digest)
+    timings.add("verify_s", verify_s[0] + time.monotonic() - t_final)
     return need
 
 

@@ -1,4 +1,5 @@
-"""A small JSON status file (phase, bytes, error) that the worker's /readyz shows during the pull."""
+"""A small JSON status file (phase, bytes, error, per-phase timings; warm or not once done) that the
+worker's /readyz shows during and after the pull."""
 from __future__ import annotations
 
 import json

@@ -22,5 +22,8 @@ class Metrics:
         self.synthesis_seconds = Histogram("voxbox_synthesis_seconds", "Inference time per job",
                                            buckets=_LATENCY, registry=r)
         self.audio_seconds = Counter("voxbox_audio_seconds", "Seconds of audio produced", registry=r)
+        self.startup_seconds = Gauge("voxbox_startup_seconds", "Worker start-up steps: model load, warm-up "
+                                     "synthesis, batch allocation (the bootstrap pull is on /readyz)",
+                                     ["phase"], registry=r)
         self.rtf = Histogram("voxbox_real_time_factor", "Synthesis time / audio duration per job",
                              buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5, 10), registry=r)

@@ -109,6 +109,10 @@ class Scheduler:
         self.warmup = warmup
         self.phase = "starting"  # starting → loading → warming → ready | failed
         self.error: Optional[str] = None
+        # Start-up cost, filled in as each step ends (shown on /readyz and /info, and as metrics):
+        # started_at is the wall-clock time loading began, so it can be placed after the bootstrap pull.
+        # Replaced, never mutated: request threads serialise it while the inference thread adds steps.
+        self.startup: dict = {}
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running: Optional[Job] = None
@@ -162,9 +166,11 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self.phase = "loading"
+            self.startup = {"started_at": time.time()}
             t0 = time.monotonic()
             self.engine.load()
-            log.info("model loaded in %.1fs", time.monotonic() - t0)
+            self._took("load_s", t0)
+            log.info("model loaded in %.1fs", self.startup["load_s"])
             if self.warmup:
                 self.phase = "warming"
                 t0 = time.monotonic()
@@ -175,10 +181,13 @@ class Scheduler:
                     raise RuntimeError("warm-up synthesis produced no valid audio")
                 # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
                 resample(audio, self.engine.sample_rate, 48000)
-                log.info("warm-up synthesis passed in %.1fs", time.monotonic() - t0)
+                self._took("warmup_s", t0)
+                log.info("warm-up synthesis passed in %.1fs", self.startup["warmup_s"])
+            t0 = time.monotonic()
             self.batch_size = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
             # Allocated before "ready": a batch that does not fit must fail the load, visibly.
             batch = self.engine.make_batch(self.batch_size) if self.batch_size > 1 else None
+            self._took("batch_alloc_s", t0)
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
@@ -190,6 +199,11 @@ class Scheduler:
             BatchLoop(self, batch).run()
         else:
             self._serial_loop()
+
+    def _took(self, step: str, t0: float) -> None:
+        seconds = time.monotonic() - t0
+        self.startup = {**self.startup, step: round(seconds, 4)}
+        self.metrics.startup_seconds.labels(step.removesuffix("_s")).set(seconds)
 
     def _serial_loop(self) -> None:
         while True:

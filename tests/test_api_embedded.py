@@ -38,6 +38,14 @@ def test_healthz_readyz_info(worker):
     assert ready.status_code == 200 and ready.json()["phase"] == "ready"
     info = requests.get(f"{worker.url}/info").json()
     assert info["engine"]["name"] == "embedded" and info["limits"]["max_text_chars"] == 2000
+    # Where start-up time went: the same numbers on both, the warm-up really ran.
+    startup = ready.json()["startup"]
+    assert info["startup"] == startup and startup["started_at"] <= time.time()
+    assert all(startup[k] >= 0 for k in ("load_s", "warmup_s", "batch_alloc_s")) and startup["warmup_s"] > 0
+    gauges = {line.split()[0]: float(line.split()[1]) for line in requests.get(f"{worker.url}/metrics").text
+              .splitlines() if line.startswith("voxbox_startup_seconds{")}
+    assert gauges['voxbox_startup_seconds{phase="load"}'] == pytest.approx(startup["load_s"], abs=1e-3)
+    assert set(gauges) == {f'voxbox_startup_seconds{{phase="{p}"}}' for p in ("load", "warmup", "batch_alloc")}
 
 
 def test_tts_seed_contract(worker):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 pytest.register_assert_rewrite("tests.support.s3")  # before the import below
 
@@ -17,7 +18,7 @@ from bootstrap.puller import COMPLETE, VERIFIED, pull
 from bootstrap.status import Status
 
 from .support.faultproxy import FaultProxy
-from .support.procs import PYTHON, REPO_ROOT
+from .support.procs import PYTHON, REPO_ROOT, free_port, running
 from .support.s3 import bootstrap_env, files_of, make_model, run_bootstrap, settings_from
 
 pytest_plugins = ["tests.support.s3"]
@@ -39,6 +40,12 @@ def test_publish_then_pull_multi_file(s3_server, published, tmp_path):
     assert status["phase"] == "ready" and status["error"] is None and status["model"] == "voxcpm-1.5:v1"
     assert status["bytes_done"] == status["bytes_total"] == sum(f["size"] for f in manifest["files"])
     assert status["digest"] == current.resolve().name and status["updated_at"] > time.time() - 60
+    # Where the time went, per phase: a cold pull downloaded and verified, and the phases fit in the total.
+    t = status["timings"]
+    assert status["warm"] is False and set(t) == {"list_s", "check_s", "wait_s", "download_s", "verify_s", "total_s"}
+    assert all(v >= 0 for v in t.values()) and t["download_s"] > 0 and t["verify_s"] > 0
+    assert sum(v for k, v in t.items() if k != "total_s") <= t["total_s"] + 1e-3
+    assert status["started_at"] <= status["updated_at"]
     # Each phase is logged with its timing; credentials never are.
     assert "listed in" in r.stderr and "MB/s" in r.stderr and "ready in" in r.stderr
     assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout
@@ -57,6 +64,10 @@ def test_warm_start_downloads_nothing_and_is_fast(s3_server, published, tmp_path
         took = time.perf_counter() - t0
         assert proxy.body_gets() == first  # no object body was fetched the second time
     assert again.warm and again.downloaded_bytes == 0 and took < 1.0
+    status = json.loads((tmp_path / "st.json").read_text())  # the warm start's, not the cold one's
+    t = status["timings"]
+    assert status["phase"] == "ready" and status["warm"] is True
+    assert t["download_s"] == t["verify_s"] == t["wait_s"] == 0 and 0 <= t["check_s"] <= t["total_s"] <= took
 
 
 def test_full_verify_rehashes_and_repairs_a_changed_file(s3_server, published, tmp_path):
@@ -226,6 +237,29 @@ def test_four_pullers_at_once_fetch_each_object_once(s3_server, published, tmp_p
     assert sum("MB downloaded)" in o[1] for o in outs) == 1
     assert sum("warm start, nothing downloaded" in o[1] for o in outs) == 3
     assert len({o[0].strip() for o in outs}) == 1 and files_of(shared / "current") == files_of(local)
+
+
+def test_readyz_of_a_worker_started_by_the_entrypoint_shows_where_start_up_time_went(s3_server, published, tmp_path):
+    """The real entrypoint, pull then the real gunicorn worker (embedded engine, so it starts fast):
+    /readyz carries the pull's phases from the status file and the worker's own load and warm-up."""
+    uri, _ = published
+    port = free_port()
+    env = bootstrap_env(s3_server, tmp_path / "m", uri, TTS_ENGINE="embedded", BIND=f"127.0.0.1:{port}",
+                        VOICES_DIR=tmp_path / "voices", STATUS_FILE=tmp_path / "status.json",
+                        PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    url = f"http://127.0.0.1:{port}"
+    with running([PYTHON, "-m", "bootstrap", "run"], tmp_path / "entrypoint.log", env=env, timeout=180,
+                 ready=lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, what="entrypoint"):
+        ready = requests.get(f"{url}/readyz").json()
+        info = requests.get(f"{url}/info").json()
+        metrics = requests.get(f"{url}/metrics").text
+    boot, startup = ready["bootstrap"], ready["startup"]
+    assert boot["phase"] == "ready" and boot["warm"] is False and boot["timings"]["download_s"] > 0
+    assert set(startup) == {"started_at", "load_s", "warmup_s", "batch_alloc_s"} and info["startup"] == startup
+    assert all(startup[k] >= 0 for k in ("load_s", "warmup_s", "batch_alloc_s")) and startup["warmup_s"] > 0
+    # The worker began loading after the pull had finished (the entrypoint execs it then).
+    assert startup["started_at"] >= boot["started_at"] + boot["timings"]["total_s"]
+    assert 'voxbox_startup_seconds{phase="warmup"}' in metrics
 
 
 def test_entrypoint_pulls_then_execs_gunicorn_with_model_dir_and_the_version_lock(s3_server, published, tmp_path):

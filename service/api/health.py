@@ -38,7 +38,9 @@ def healthz():
 def readyz():
     ctx = _ctx()
     sched = ctx.scheduler
-    body = {"status": "ready" if sched.ready else "not_ready", "phase": sched.phase}
+    # startup: the worker's own steps so far (load_s, warmup_s, batch_alloc_s); the pull's are in
+    # bootstrap.timings, so one request shows where a slow start spent its time.
+    body = {"status": "ready" if sched.ready else "not_ready", "phase": sched.phase, "startup": sched.startup}
     if sched.error:
         body["error"] = sched.error
     boot = _bootstrap_status(ctx)
@@ -63,6 +65,7 @@ def info():
                    "sample_rate": engine.sample_rate, "languages": list(engine.languages),
                    "supports_cloning": engine.supports_cloning, **engine.details},
         "phase": ctx.scheduler.phase,
+        "startup": ctx.scheduler.startup,
         "limits": {"max_text_chars": s.max_text_chars, "queue_size": s.queue_size,
                    "batch_size": ctx.scheduler.batch_size,
                    "request_timeout_s": s.request_timeout_s, "sample_rates": list(s.sample_rates),
