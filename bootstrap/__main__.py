@@ -43,7 +43,7 @@ def _run(s: BootstrapSettings, status: Status) -> None:
         log.info("MODEL_URI is empty: no pull (TTS_ENGINE=%s, MODEL_DIR=%s)", env.get("TTS_ENGINE", "embedded"),
                  env.get("MODEL_DIR", "-"))
         status.update(phase="ready", model=env.get("MODEL_DIR") or None, error=None)
-    env.update(decide(detect_gpus(), env))
+    env.update(decide(detect_gpus(env), env))
     env["STATUS_FILE"] = str(status.path)
     log.info("handing off to gunicorn")
     os.execvpe(GUNICORN[0], GUNICORN, env)

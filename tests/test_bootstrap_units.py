@@ -41,17 +41,21 @@ def test_gpu_sizing_explicit_settings_win_and_auto_means_choose():
     assert decide([], {"TTS_DEVICE": "cuda"})["TTS_DEVICE"] == "cuda"  # the operator knows better
 
 
-def test_gpu_detection_falls_back_to_nvidia_smi(tmp_path, monkeypatch):
+def test_gpu_detection_asks_nvidia_smi_without_importing_torch(tmp_path, monkeypatch):
     import sys
 
     from bootstrap import gpu
 
+    # A stand-in nvidia-smi (this machine has no GPU) that records its arguments.
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'NVIDIA A10G, 23028'\n")
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/args\necho 'NVIDIA A10G, 23028'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    assert gpu.detect_gpus() == [Gpu("NVIDIA A10G", 23028 * MB)]
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would raise: it must not be needed
+    assert gpu.detect_gpus({}) == [Gpu("NVIDIA A10G", 23028 * MB)]
+    assert gpu.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == [Gpu("NVIDIA A10G", 23028 * MB)]
+    assert (tmp_path / "args").read_text().splitlines()[1].endswith("--id=2")  # the GPU torch calls cuda:0
+    assert gpu.detect_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []  # every GPU hidden from CUDA
 
 
 def test_uri_parsing():
