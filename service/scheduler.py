@@ -294,8 +294,7 @@ class BatchLoop:
                 if s._stopping:
                     return
                 admitted = self._admit()
-            for job in admitted:
-                self._start(job, 0)
+            self._start([(job, 0) for job in admitted])
             self._drop_cancelled()
             if not self.rows:
                 continue
@@ -306,15 +305,17 @@ class BatchLoop:
                 for row, (job, _) in list(self.rows.items()):
                     self._finish(row, job, e)
                 continue
+            next_sentences = []
             for row, audio, done in results:
                 job, sentence = self.rows[row]
                 self._audio(job, audio, done)
                 if done:
                     del self.rows[row]
                     if sentence + 1 < len(job.sentences):
-                        self._start(job, sentence + 1)
+                        next_sentences.append((job, sentence + 1))
                     else:
                         self._complete(job)
+            self._start(next_sentences)
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit: free rows, and the same DiT step count as the rows running now."""
@@ -335,17 +336,28 @@ class BatchLoop:
     def _key(self, job: Job):
         return self.s.engine.batch_key(job.params)
 
-    def _start(self, job: Job, sentence: int) -> None:
-        if job.started_at is None:
-            job.started_at = time.monotonic()
-            self.s.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
-        try:
-            row = self.s.engine.batch_add(self.batch, job.sentences[sentence], job.prompt, job.params)
-        except Exception as e:
-            log.exception("could not add a request to the batch")
-            self._end(job, ("error", e))
+    def _start(self, starts: list[tuple[Job, int]]) -> None:
+        """Join (job, sentence index) pairs to the batch, prefilled together."""
+        if not starts:
             return
-        self.rows[row] = (job, sentence)
+        now = time.monotonic()
+        for job, _ in starts:
+            if job.started_at is None:
+                job.started_at = now
+                self.s.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        try:
+            rows = self.s.engine.batch_add(self.batch, [(job.sentences[i], job.prompt, job.params)
+                                                        for job, i in starts])
+        except Exception as e:
+            if len(starts) > 1:  # find the request that cannot join; the others still go in
+                for one in starts:
+                    self._start([one])
+                return
+            log.exception("could not add a request to the batch")
+            self._end(starts[0][0], ("error", e))
+            return
+        for row, start in zip(rows, starts):
+            self.rows[row] = start
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()

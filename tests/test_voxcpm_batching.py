@@ -90,14 +90,19 @@ def test_a_freed_row_is_reused_correctly(model):
     assert_same(first[2], alone(model, *REQUESTS[0]))  # joined into the row the short request left
 
 
-def test_with_a_voice_prompt(model):
+def sine_prompt(model, seconds=2):
+    """A voice prompt cache (what the engine builds from an uploaded clip) from a 150 Hz tone."""
     rate = model.sample_rate
-    t = torch.arange(rate * 2) / rate
+    t = torch.arange(rate * seconds) / rate
     wav = (0.3 * torch.sin(2 * torch.pi * 150 * t)).unsqueeze(0)
     patch = model.patch_size * model.chunk_size
     wav = torch.nn.functional.pad(wav, (patch - wav.size(1) % patch, 0))
     feat = model.audio_vae.encode(wav, rate).view(model.audio_vae.latent_dim, -1, model.patch_size).permute(1, 2, 0)
-    prompt = {"prompt_text": "A reference clip.", "audio_feat": feat}
+    return {"prompt_text": "A reference clip.", "audio_feat": feat}
+
+
+def test_with_a_voice_prompt(model):
+    prompt = sine_prompt(model)
     reference = alone(model, "Cloned voice output.", 7, 8, prompt)
     gen = BatchedGenerator(model, max_batch=2, max_length=256)
     other = gen.add("Another request in the same batch.", None, max_len=12, inference_timesteps=4, seed=1)
@@ -144,7 +149,7 @@ def test_fixed_tokens_force_the_same_length_on_every_path(model, tmp_path_factor
     assert sum(c.size for c in engine.stream(text, "default", None, params)) == n * patch
     assert engine.synthesize(text, "default", None, params).size == n * patch
     batch = engine.make_batch(2)
-    row = engine.batch_add(batch, text, None, params)
+    [row] = engine.batch_add(batch, [(text, None, params)])
     steps = 0
     while batch.active():
         steps += sum(1 for r, _, _ in batch.step() if r == row)
@@ -154,3 +159,28 @@ def test_fixed_tokens_force_the_same_length_on_every_path(model, tmp_path_factor
     unfixed = VoxCPMEngine(ckpt, device="cpu", compile_mode="off", inference_timesteps=2)
     unfixed._model = engine._model  # same weights; only the setting differs
     assert sum(c.size for c in unfixed.stream(text, "default", None, SynthesisParams(seed=3))) < n * patch
+
+
+def test_requests_prefilled_together_equal_each_alone(model):
+    """add_many: one padded prefill for requests of different lengths (one with a voice prompt),
+    joining a batch that already has a row mid-generation."""
+    from service.engines.voxcpm_batch import Join
+
+    prompt = sine_prompt(model)
+    cases = [(REQUESTS[1][0], 22, 12, None), ("Short.", 33, 6, None), ("Cloned voice output.", 7, 8, prompt)]
+    reference = [alone(model, text, seed, n, p) for text, seed, n, p in cases]
+    gen = BatchedGenerator(model, max_batch=4, max_length=256)
+    first = gen.add(REQUESTS[0][0], None, max_len=10, min_len=2, inference_timesteps=4, seed=11)
+    gen.step()
+    rows = gen.add_many([Join(text, p, max_len=n, min_len=2, inference_timesteps=4, cfg_value=2.0, seed=seed)
+                         for text, seed, n, p in cases])
+    assert first not in rows and len(set(rows)) == 3
+    got = {row: [] for row in rows}
+    while gen.active():
+        for row, audio, _ in gen.step():
+            if row in got:
+                got[row].append((gen.last_patch[row].float().numpy(), audio))
+    for row, ref in zip(rows, reference):
+        assert_same(got[row], ref)
+    with pytest.raises(RuntimeError, match="no free batch slot"):
+        BatchedGenerator(model, max_batch=1, max_length=64).add_many([Join("a"), Join("b")])

@@ -125,6 +125,38 @@ def test_voice_cloning_with_uploaded_voice(worker):
     assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_voice"
 
 
+def test_a_request_that_cannot_start_fails_alone(worker):
+    """A stored voice whose audio was damaged on the volume: its request fails with a JSON error; the
+    requests arriving with it (prefilled together when batched) and the one running are served."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(np.arange(22050 * 3) / 22050 * 2 * np.pi * 180)).astype(np.float32), 22050,
+             format="WAV")
+    voice_id = requests.post(f"{worker.url}/v1/voices", files={"file": ("ref.wav", buf.getvalue(), "audio/wav")},
+                             data={"name": "Damaged", "text": "A reference."}).json()["id"]
+    (Path(worker.env["VOICES_DIR"]) / voice_id / "audio.wav").write_bytes(b"not audio any more" * 100)
+
+    def one(body):
+        r = requests.post(f"{worker.url}/v1/audio/speech", json={"response_format": "pcm", **body})
+        return r.status_code, r.headers.get("Content-Type", "")
+
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(one, {"input": "Keep the batch busy for a while. " * 4, "seed": 1})
+        time.sleep(0.3)
+        together = list(pool.map(one, [{"input": "Broken voice.", "voice": voice_id, "seed": 2},
+                                       {"input": "A fine request.", "seed": 3},
+                                       {"input": "Another fine one.", "seed": 4}]))
+    assert running.result()[0] == 200
+    (bad, bad_type), *fine = together
+    assert bad >= 500 and bad_type.startswith("application/json"), together
+    assert [code for code, _ in fine] == [200, 200]
+    assert requests.get(f"{worker.url}/healthz").status_code == 200
+    assert ("could not add a request to the batch" in worker.log_text()) == worker.batched
+    requests.delete(f"{worker.url}/v1/voices/{voice_id}")
+
+
 def test_broken_model_dir_fails_loudly_and_never_falls_back(tmp_path):
     (tmp_path / "empty-model").mkdir()
     env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(tmp_path / "empty-model")}

@@ -39,6 +39,21 @@ class _Row:
     recent: list = field(default_factory=list)  # last patches [1, 1, P, D] for the streaming decode
 
 
+@dataclass
+class Join:
+    """A request joining the batch (the arguments of the package's generate)."""
+    text: str
+    prompt_cache: Optional[dict] = None
+    max_len: int = 2000
+    min_len: int = 2
+    inference_timesteps: int = 10
+    cfg_value: float = 2.0
+    seed: Optional[int] = None
+    # Like the package, generation is capped at length_ratio tokens per text token (+10) against
+    # runaway audio; None lifts that cap (fixed-length benchmarks).
+    length_ratio: Optional[float] = 6.0
+
+
 class BatchedGenerator:
     def __init__(self, model, max_batch: int, max_length: Optional[int] = None):
         self.m = model
@@ -79,47 +94,69 @@ class BatchedGenerator:
         self.rows.pop(row, None)
 
     # -- joining ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def add(self, text: str, prompt_cache: Optional[dict] = None, max_len: int = 2000, min_len: int = 2,
             inference_timesteps: int = 10, cfg_value: float = 2.0, seed: Optional[int] = None,
             length_ratio: Optional[float] = 6.0) -> int:
-        """Prefill a new row. Like the package, generation is capped at length_ratio tokens per text
-        token (+10) against runaway audio; None lifts that cap (fixed-length benchmarks)."""
-        if not self.free_slots():
-            raise RuntimeError("no free batch slot; wait for a row to finish")
-        if self.rows and inference_timesteps != self._timesteps():
+        """Prefill one new row; see add_many."""
+        return self.add_many([Join(text, prompt_cache, max_len, min_len, inference_timesteps, cfg_value, seed,
+                                   length_ratio)])[0]
+
+    @torch.inference_mode()
+    def add_many(self, joins: list[Join]) -> list[int]:
+        """Prefill new rows, all in one forward pass per LM; returns their row numbers.
+
+        Requests arriving together (a burst of users, or the next sentences of several) would
+        otherwise be prefilled one after another, each a full pass over both LMs, and the last one's
+        first audio would wait for all of them. Inputs are right-padded to the longest: attention is
+        causal, so a real token never sees the padding, and each row's KV cache takes only its own
+        positions (padding slots are overwritten by generated tokens before they are ever attended).
+        """
+        if len(joins) > self.free_slots():
+            raise RuntimeError(f"no free batch slot for {len(joins)} request(s) ({self.free_slots()} free); "
+                               "wait for rows to finish")
+        steps = {j.inference_timesteps for j in joins} | ({self._timesteps()} if self.rows else set())
+        if len(steps) > 1:
             raise ValueError("every row of a batch must use the same inference_timesteps")
-        row = min(set(range(self.max_batch)) - set(self.rows))  # lowest free row keeps the batch compact
+        inputs = [self._inputs(j.text, j.prompt_cache) for j in joins]
+        lengths = [x[0].shape[1] for x in inputs]
+        if max(lengths) >= self.max_length:
+            raise ValueError(f"text and prompt take {max(lengths)} tokens; the cache holds {self.max_length}")
         m = self.m
-        text_token, text_mask, feat, feat_mask, target_len = self._inputs(text, prompt_cache)
-        if text_token.shape[1] >= self.max_length:
-            raise ValueError(f"text and prompt take {text_token.shape[1]} tokens; the cache holds {self.max_length}")
-        # Prefill with the package's own (non-step) forward, exactly as its _inference does.
+        text_token, text_mask, feat, feat_mask = (torch.cat([_pad(x[k], max(lengths)) for x in inputs])
+                                                  for k in range(4))
+        # The package's own (non-step) forward, exactly as its _inference does, on all of them.
         feat_embed = m.enc_to_lm_proj(self.feat_encoder(feat))
         scale = m.config.lm_config.scale_emb if m.config.lm_config.use_mup else 1.0
         text_embed = m.base_lm.embed_tokens(text_token) * scale
         combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
         enc_out, kv = m.base_lm(inputs_embeds=combined, is_causal=True)
-        self._fill(self.base_kv, row, kv)
         enc_out = m.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
         res_out, res_kv = m.residual_lm(inputs_embeds=enc_out + feat_mask.unsqueeze(-1) * feat_embed, is_causal=True)
-        self._fill(self.res_kv, row, res_kv)
-        self.lm_hidden[row] = enc_out[0, -1]
-        self.res_hidden[row] = res_out[0, -1]
-        self.cond[row] = feat[0, -1]
-        self.pos[row] = self._pos[row] = text_token.shape[1]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        recent = []
-        n_prompt = int(feat_mask.sum().item())
-        if n_prompt:
-            context = min(_STREAMING_PREFIX - 1, n_prompt)
-            recent = list(feat[:, -context:].split(1, dim=1))
-        room = self.max_length - text_token.shape[1]  # KV slots left for generated tokens in this row
-        cap = max_len if length_ratio is None else int(target_len * length_ratio + 10)
-        self.rows[row] = _Row(max_len=min(cap, max_len, room), min_len=min_len,
-                              timesteps=inference_timesteps, cfg=float(cfg_value), generator=gen, recent=recent)
-        return row
+
+        free = sorted(set(range(self.max_batch)) - set(self.rows))  # lowest free rows keep the batch compact
+        added = []
+        for i, (join, n, row) in enumerate(zip(joins, lengths, free)):
+            self._fill(self.base_kv, row, kv, i, n)
+            self._fill(self.res_kv, row, res_kv, i, n)
+            self.lm_hidden[row] = enc_out[i, n - 1]
+            self.res_hidden[row] = res_out[i, n - 1]
+            self.cond[row] = feat[i, n - 1]
+            self.pos[row] = self._pos[row] = n
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(join.seed if join.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
+            recent = []
+            n_prompt = int(feat_mask[i].sum().item())
+            if n_prompt:
+                context = min(_STREAMING_PREFIX - 1, n_prompt)
+                recent = list(feat[i:i + 1, n - context:n].split(1, dim=1))
+            target_len = inputs[i][4]
+            cap = join.max_len if join.length_ratio is None else int(target_len * join.length_ratio + 10)
+            room = self.max_length - n  # KV slots left for generated tokens in this row
+            self.rows[row] = _Row(max_len=min(cap, join.max_len, room), min_len=join.min_len,
+                                  timesteps=join.inference_timesteps, cfg=float(join.cfg_value), generator=gen,
+                                  recent=recent)
+            added.append(row)
+        return added
 
     def _timesteps(self) -> int:
         return next(iter(self.rows.values())).timesteps
@@ -144,12 +181,12 @@ class BatchedGenerator:
                 feat.unsqueeze(0).to(dev).to(self.dtype), feat_mask.unsqueeze(0).to(dev),
                 len(m.text_tokenizer(target_text)))
 
-    def _fill(self, cache: torch.Tensor, row: int, kv: list) -> None:
+    def _fill(self, cache: torch.Tensor, row: int, kv: list, i: int, n: int) -> None:
+        """Row `row` of the cache takes the first n positions of prefill item i."""
         cache[:, :, row].zero_()
         for layer, (k, v) in enumerate(kv):
-            n = k.size(2)
-            cache[0, layer, row, :, :n] = k[0]
-            cache[1, layer, row, :, :n] = v[0]
+            cache[0, layer, row, :, :n] = k[i, :, :n]
+            cache[1, layer, row, :, :n] = v[i, :, :n]
 
     # -- one step for every active row -------------------------------------------------------------
     @torch.inference_mode()
@@ -257,6 +294,14 @@ class BatchedGenerator:
             h = layer.mlp(layer.post_attention_layernorm(h))
             h = residual + (h * (layer.scale_depth / math.sqrt(layer.num_hidden_layers)) if layer.use_mup else h)
         return lm.norm(h)
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad dim 1 of a batch-1 input with zeros to `length`."""
+    if t.shape[1] == length:
+        return t
+    pad = torch.zeros((t.shape[0], length - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
 
 
 def _eager(module):

@@ -192,12 +192,18 @@ class VoxCPMEngine(Engine):
 
         return BatchedGenerator(self._model, max_batch)
 
-    def batch_add(self, batch, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> int:
-        args = self._generation_args(text, prompt, params)
-        fixed = {"min_len": args["min_len"], "length_ratio": None} if self.fixed_tokens else {}
-        return batch.add(args["target_text"], args["prompt_cache"], max_len=args["max_len"],
-                         inference_timesteps=args["inference_timesteps"], cfg_value=args["cfg_value"],
-                         seed=params.seed, **fixed)
+    def batch_add(self, batch, requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
+        """Join (text, voice, params) requests to the batch, prefilled together; returns their rows."""
+        from .voxcpm_batch import Join
+
+        joins = []
+        for text, prompt, params in requests:
+            args = self._generation_args(text, prompt, params)
+            fixed = {"min_len": args["min_len"], "length_ratio": None} if self.fixed_tokens else {}
+            joins.append(Join(args["target_text"], args["prompt_cache"], max_len=args["max_len"],
+                              inference_timesteps=args["inference_timesteps"], cfg_value=args["cfg_value"],
+                              seed=params.seed, **fixed))
+        return batch.add_many(joins)
 
     def batch_key(self, params: SynthesisParams) -> int:
         """Requests with the same key can share a batch (the DiT solver's step count must match)."""
