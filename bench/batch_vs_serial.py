@@ -1,5 +1,7 @@
 """VoxCPM throughput: N requests one after another (the package's own generation) vs continuous batching.
 
+Also the prefill of N requests arriving at once: joined one after another vs in one padded pass.
+
 Both sides run in one process on the same model, with a fixed generated length (min_len = max_len,
 so each request does the same work as real speech of that length). Prints seconds, audio-seconds
 per wall-second and the speed-up.
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engines.voxcpm_batch import BatchedGenerator  # noqa: E402
+from service.engines.voxcpm_batch import BatchedGenerator, Join  # noqa: E402
 from service.engines.voxcpm_engine import pick_device  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -76,6 +78,30 @@ def main() -> None:
     for name, t in times.items():
         print(f"| {name} | {t:.2f} | {audio_s / t:.2f} |")
     print(f"speed-up (serial / batched): {times['serial'] / times['batched']:.2f}x")
+
+    def prefill_one_by_one():
+        gen = BatchedGenerator(model, max_batch=args.n, max_length=512)
+        for i, text in enumerate(texts):
+            gen.add(text, None, seed=i, inference_timesteps=args.timesteps)
+
+    def prefill_together():
+        gen = BatchedGenerator(model, max_batch=args.n, max_length=512)
+        gen.add_many([Join(text, None, seed=i, inference_timesteps=args.timesteps) for i, text in enumerate(texts)])
+
+    prefill = {}
+    for name, fn in (("one by one", prefill_one_by_one), ("together", prefill_together)):
+        fn()  # warm-up
+        runs = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+        prefill[name] = min(runs)
+    print(f"\nprefill of {args.n} requests arriving at once (min of 3): "
+          + ", ".join(f"{k} {v:.3f}s" for k, v in prefill.items())
+          + f"; speed-up {prefill['one by one'] / prefill['together']:.2f}x")
 
 
 if __name__ == "__main__":
