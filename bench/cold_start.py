@@ -40,7 +40,7 @@ from tests.support.procs import PYTHON, REPO_ROOT, free_port, running, wait_unti
 from tests.support.s3 import S3Server, seaweedfs  # noqa: E402
 
 PULL_PHASES = ("list_s", "check_s", "wait_s", "download_s", "verify_s")
-WORKER_STEPS = ("load_s", "warmup_s", "batch_alloc_s")
+WORKER_STEPS = ("load_s", "warmup_s", "batch_alloc_s", "batch_warmup_s")
 
 
 def _run(cmd: list[str], env: dict | None = None, what: str = "") -> str:
@@ -122,6 +122,7 @@ ROWS = [
     ("load_s", "model load"),
     ("warmup_s", "warm-up synthesis"),
     ("batch_alloc_s", "batch allocation"),
+    ("batch_warmup_s", "batched warm-up (continuous batching only)"),
 ]
 
 

@@ -188,6 +188,11 @@ class Scheduler:
             # Allocated before "ready": a batch that does not fit must fail the load, visibly.
             batch = self.engine.make_batch(self.batch_size) if self.batch_size > 1 else None
             self._took("batch_alloc_s", t0)
+            if batch is not None and self.warmup:
+                t0 = time.monotonic()
+                self._warm_batch(batch)
+                self._took("batch_warmup_s", t0)
+                log.info("batched warm-up passed in %.1fs", self.startup["batch_warmup_s"])
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
@@ -199,6 +204,16 @@ class Scheduler:
             BatchLoop(self, batch).run()
         else:
             self._serial_loop()
+
+    def _warm_batch(self, batch) -> None:
+        """Two short rows through the batched path: its kernels and allocations are set up (and a
+        broken batched path fails the load visibly) before the first user waits on them."""
+        rows = self.engine.batch_add(batch, [("Warm-up.", None, SynthesisParams(max_len=2, seed=i))
+                                             for i in range(min(2, batch.max_batch))])
+        while batch.active():
+            for row, audio, _ in batch.step():
+                if audio.size == 0 or not np.isfinite(audio).all():
+                    raise RuntimeError(f"batched warm-up produced no valid audio (row {row} of {rows})")
 
     def _took(self, step: str, t0: float) -> None:
         seconds = time.monotonic() - t0

@@ -42,6 +42,9 @@ def test_info_reports_voxcpm_on_cpu_and_why(worker):
     assert info["name"] == "voxcpm" and info["device"] == "cpu" and info["sample_rate"] == 44100
     assert "auto: no CUDA device visible to torch" in worker.log_text()
     assert ("continuous batching: up to 3 requests" in worker.log_text()) == worker.batched
+    # The batched path ran once before "ready", so a broken one would have failed the start.
+    startup = requests.get(f"{worker.url}/readyz").json()["startup"]
+    assert ("batch_warmup_s" in startup) == worker.batched == ("batched warm-up passed" in worker.log_text())
 
 
 def test_concurrent_requests_are_all_served(worker):

@@ -38,7 +38,7 @@ def healthz():
 def readyz():
     ctx = _ctx()
     sched = ctx.scheduler
-    # startup: the worker's own steps so far (load_s, warmup_s, batch_alloc_s); the pull's are in
+    # startup: the worker's own steps so far (load_s, warmup_s, batch_alloc_s, batch_warmup_s); the pull's are in
     # bootstrap.timings, so one request shows where a slow start spent its time.
     body = {"status": "ready" if sched.ready else "not_ready", "phase": sched.phase, "startup": sched.startup}
     if sched.error:
