@@ -30,6 +30,7 @@ from .s3client import explain, make_client, transfer_config
 from .settings import BootstrapSettings
 from .status import Status
 from .uri import ObjectPrefix, parse_uri
+from .writeback import start_writeback
 
 log = logging.getLogger("bootstrap")
 
@@ -323,7 +324,7 @@ def _download_version(client, where: ObjectPrefix, manifest: mf.Manifest, vdir: 
     return need
 
 
-_WRITEBACK_BYTES = 16 * 1024 * 1024
+_WRITEBACK_BYTES = 8 * 1024 * 1024  # start disk write-out after every this many bytes received
 _READ_CHUNK = 1024 * 1024
 
 
@@ -346,7 +347,7 @@ class _HashingSink:
         self._frontier = 0  # bytes [0, frontier) are hashed
         self._ahead: dict[int, int] = {}  # start -> end of parts written beyond the frontier
         self.size = 0  # highest offset written
-        self._written_back = 0
+        self._unflushed = 0  # bytes written since write-out was last started
 
     def seekable(self) -> bool:
         return True
@@ -370,12 +371,10 @@ class _HashingSink:
                 self._hash_from_file(self._ahead.pop(self._frontier))
         elif start > self._frontier:
             self._ahead[start] = max(end, self._ahead.get(start, end))
-        if self._frontier - self._written_back >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            # Start writing the finished stretch to disk now, in the background, so the fsync before
-            # the rename finds little left to do instead of waiting for the whole file at the end.
-            os.posix_fadvise(self._f.fileno(), self._written_back, self._frontier - self._written_back,
-                             os.POSIX_FADV_DONTNEED)
-            self._written_back = self._frontier
+        self._unflushed += len(data)
+        if self._unflushed >= _WRITEBACK_BYTES:
+            start_writeback(self._f.fileno())
+            self._unflushed = 0
         return len(data)
 
     def _hash_from_file(self, end: int) -> None:

@@ -147,3 +147,23 @@ def test_hashing_sink_follows_out_of_order_and_repeated_writes(tmp_path):
         sink.write(data)
     assert sink.finish() == hashlib.sha256(body).hexdigest() and sink.size == len(body)
     assert (tmp_path / "x.part").read_bytes() == body
+
+
+def test_write_out_starts_while_the_download_goes_on(tmp_path, monkeypatch):
+    """Dirty pages are handed to the disk every few MB, so the fsync before the rename is short."""
+    from bootstrap import puller, writeback
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * MB)
+        assert writeback.start_writeback(f.fileno())  # Linux: sync_file_range is there and accepts it
+    assert not writeback.start_writeback(10_000)  # a bad fd is reported, not raised
+
+    started = []
+    monkeypatch.setattr(puller, "start_writeback", lambda fd: started.append(fd) or True)
+    sink = puller._HashingSink(tmp_path / "y.part")
+    chunk = b"y" * (puller._WRITEBACK_BYTES // 4)
+    for i in range(9):
+        sink.seek(i * len(chunk))
+        sink.write(chunk)
+    sink.finish()
+    assert len(started) == 2  # after 8 and after 16 of the 9 quarter-steps

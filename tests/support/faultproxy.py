@@ -70,7 +70,10 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but must carry the object's length: clients size their
+                # ranged GETs by it (boto3 fetches a "0-byte" object with one plain GET).
+                head_length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", head_length or str(len(data)))
                 self.end_headers()
                 if fault in ("reset", "truncate") and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])
