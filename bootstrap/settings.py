@@ -16,7 +16,7 @@ class BootstrapSettings(BaseSettings):
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     s3_region: Optional[str] = None
     models_dir: Path = Path("/models")
-    pull_concurrency: int = Field(16, ge=1, le=128)
+    pull_concurrency: int = Field(32, ge=1, le=128)
     pull_chunk_mb: int = Field(16, ge=5)
     pull_multipart_threshold_mb: int = Field(32, ge=5)
     pull_retries: int = Field(5, ge=1)
