@@ -110,6 +110,8 @@ class StreamEncoder:
             raise ValueError(f"{fmt_name} cannot be streamed; use one of {', '.join(STREAMABLE)}")
         self.fmt = FORMATS[fmt_name]
         self.rate = codec_rate(self.fmt, out_rate)
+        self.in_rate = in_rate
+        self.seconds = 0.0  # audio pushed so far
         rate = in_rate
         # A stateful resampler: resampling each chunk on its own would click at every chunk edge.
         self._resampler = soxr.ResampleStream(rate, self.rate, 1, dtype="float32") if self.rate != rate else None
@@ -125,6 +127,7 @@ class StreamEncoder:
 
     def push(self, audio: np.ndarray, last: bool = False) -> bytes:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        self.seconds += audio.size / self.in_rate
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio, last=last)
         if self._file is None:

@@ -121,6 +121,29 @@ def test_wav_stream_is_playable(worker):
     assert pcm.size / 44100 > 0.8
 
 
+def test_openai_speech_server_sent_events(worker):
+    """stream_format=sse: OpenAI's speech.audio.delta events carry one audio stream, then done + usage."""
+    text = " ".join(f"This is sentence number {i} of an event stream." for i in range(6))
+    with requests.post(f"{worker.url}/v1/audio/speech", stream=True,
+                       json={"input": text, "response_format": "pcm", "stream_format": "sse"}) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        events, arrivals = [], []
+        for line in r.iter_lines():
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+                arrivals.append(time.monotonic())
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "speech.audio.done" and set(kinds[:-1]) == {"speech.audio.delta"} and len(kinds) >= 3
+    assert arrivals[-1] - arrivals[0] > 0.05  # sent as generated, not all at the end
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767
+    assert_speech(audio, 44100, 4.0)
+    usage = events[-1]["usage"]
+    seconds = audio.size / 44100
+    assert usage["input_tokens"] == len(text) and abs(usage["output_tokens"] - seconds * 6.25) <= 2
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
 def test_openapi_document(worker):
     doc = requests.get(f"{worker.url}/openapi.json").json()
     assert doc["openapi"].startswith("3.")
@@ -181,6 +204,8 @@ def test_speech_bad_inputs(worker):
     cases = [({"input": "hi", "response_format": "aac"}, "invalid_request"),
              ({"input": "hi", "speed": 10}, "invalid_request"),
              ({"input": "hi", "response_format": "flac", "stream": True}, "format_not_streamable"),
+             ({"input": "hi", "response_format": "mp3", "stream_format": "sse"}, "format_not_streamable"),
+             ({"input": "hi", "stream_format": "json"}, "invalid_request"),
              ({"text": "hi"}, "invalid_request")]
     for body, code in cases:
         r = requests.post(f"{worker.url}/v1/audio/speech", json=body)

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -94,3 +95,20 @@ def test_stitcher_without_crossfade_is_plain_concatenation():
     parts = [st.push(np.arange(5, dtype=np.float32), True), st.push(np.arange(3, dtype=np.float32), True),
              st.flush()]
     assert np.concatenate(parts).tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_speech_events_end_with_an_error_event_when_synthesis_fails_mid_stream():
+    """After the first event the status is sent; a later failure must still reach the client."""
+    from service.api.errors import ApiError
+    from service.api.tts import _events
+
+    encoder = StreamEncoder("pcm", 44100, 44100)
+
+    def chunks():
+        yield encoder.push(np.zeros(4410, np.float32))
+        raise ApiError(504, "deadline_exceeded", "the request took longer than 30 s")
+
+    events = [json.loads(e.removeprefix("data: ")) for e in _events(chunks(), encoder, 5)]
+    assert [e["type"] for e in events] == ["speech.audio.delta", "error"]
+    assert events[1]["error"] == {"code": "deadline_exceeded", "message": "the request took longer than 30 s"}
+    assert encoder.seconds == 0.1

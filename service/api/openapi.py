@@ -39,9 +39,12 @@ def build_openapi(version: str) -> dict:
             "type": "object", "required": ["code", "message"],
             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
     }
-    audio = {"description": "Audio in the requested format (chunked transfer when stream=true)",
-             "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in (
-                 "audio/wav", "audio/flac", "audio/mpeg", "audio/ogg", "audio/L16")}}
+    audio = {"description": "Audio in the requested format (chunked transfer when stream=true); with "
+                            "stream_format=sse, server-sent events: speech.audio.delta {audio: base64}, then "
+                            "speech.audio.done {usage}, or error {error: {code, message}}",
+             "content": {**{t: {"schema": {"type": "string", "format": "binary"}} for t in (
+                 "audio/wav", "audio/flac", "audio/mpeg", "audio/ogg", "audio/L16")},
+                 "text/event-stream": {"schema": {"type": "string"}}}}
     simple = {"200": {"description": "OK"}, "503": _error("Not ready")}
     return {
         "openapi": "3.1.0",

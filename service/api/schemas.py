@@ -36,6 +36,9 @@ class SpeechRequest(VoxCPMKnobs):
     voice: StrictStr = Field("default", description="Preset name, uploaded voice id, or an OpenAI voice name")
     response_format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "mp3"
     speed: StrictFloat | StrictInt = Field(1.0, ge=0.25, le=4.0)
-    stream: StrictBool = False
+    stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav or opus)")
+    stream_format: Literal["audio", "sse"] = Field(
+        "audio", description="audio: the body is the audio file; sse: server-sent events "
+                             "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
     lang: Literal["auto", "en", "zh"] = "auto"

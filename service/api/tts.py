@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
+import logging
+import math
+from typing import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
@@ -13,6 +17,10 @@ from .errors import ApiError
 from .schemas import SpeechRequest, TTSRequest
 
 bp = Blueprint("tts", __name__)
+log = logging.getLogger(__name__)
+
+# VoxCPM-1.5 makes 6.25 audio tokens per second; SSE usage counts output in those for every engine.
+AUDIO_TOKENS_PER_SECOND = 6.25
 
 
 def _service():
@@ -45,13 +53,16 @@ def speech():
     req = parse_json(SpeechRequest)
     svc = _service()
     rate = svc.check_rate(req.sample_rate)
-    if req.stream and req.response_format not in STREAMABLE:
-        raise ApiError(400, "format_not_streamable", f"response_format '{req.response_format}' cannot be "
-                       f"streamed; use one of {', '.join(STREAMABLE)} or stream=false")
+    sse = req.stream_format == "sse"
+    if (req.stream or sse) and req.response_format not in STREAMABLE:
+        how = "sent as server-sent events" if sse else "streamed"
+        raise ApiError(400, "format_not_streamable", f"response_format '{req.response_format}' cannot be {how}; "
+                       f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
     sentences = svc.prepare_text(req.input, req.lang)
-    prep = svc.submit(sentences, req.voice, _params(req, req.speed), rate, stream=req.stream, endpoint="speech")
+    stream = req.stream or sse
+    prep = svc.submit(sentences, req.voice, _params(req, req.speed), rate, stream=stream, endpoint="speech")
     fmt = FORMATS[req.response_format]
-    if req.stream:
+    if stream:
         encoder = StreamEncoder(req.response_format, svc.engine.sample_rate, rate)
         headers = {"X-Sample-Rate": str(encoder.rate), "X-Audio-Channels": "1", "Cache-Control": "no-store",
                    "X-Accel-Buffering": "no"}
@@ -59,8 +70,11 @@ def speech():
             headers["X-Audio-Format"] = "s16le"
         chunks = svc.stream(prep, encoder, client_gone_probe())
         first = next(chunks)  # errors before the first audio become JSON errors, not a broken 200
-        return Response(stream_with_context(itertools.chain([first], chunks)), status=200,
-                        content_type=fmt.content_type, headers=headers)
+        chunks = itertools.chain([first], chunks)
+        if sse:
+            return Response(stream_with_context(_events(chunks, encoder, len(req.input))), status=200,
+                            content_type="text/event-stream", headers=headers)
+        return Response(stream_with_context(chunks), status=200, content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())
     body = encode(result.audio, result.sample_rate, req.response_format)
     headers = {"X-Sample-Rate": str(result.sample_rate), "X-Audio-Channels": "1",
@@ -69,3 +83,26 @@ def speech():
     if req.response_format == "pcm":
         headers["X-Audio-Format"] = "s16le"
     return Response(body, status=200, content_type=fmt.content_type, headers=headers)
+
+
+def _events(chunks: Iterator[bytes], encoder: StreamEncoder, input_chars: int) -> Iterator[str]:
+    """OpenAI's speech SSE: speech.audio.delta events with base64 pieces of one audio stream, then
+    speech.audio.done with usage (input in characters, output in audio tokens at 6.25 per second).
+
+    A failure after the first event cannot change the status any more, so it becomes an `error`
+    event the client can show, instead of a stream that just stops.
+    """
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+    try:
+        for data in chunks:
+            if data:
+                yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+    except ApiError as e:
+        log.warning("speech SSE stopped: %s", e.message)
+        yield event({"type": "error", "error": {"code": e.code, "message": e.message}})
+        return
+    output = math.ceil(encoder.seconds * AUDIO_TOKENS_PER_SECOND)
+    yield event({"type": "speech.audio.done", "usage": {"input_tokens": input_chars, "output_tokens": output,
+                                                         "total_tokens": input_chars + output}})
