@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .audio import resample, time_stretch
-from .engines import Engine, SynthesisParams, VoicePrompt
+from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class Scheduler:
             job.events.put(("done", None))
         except Cancelled:
             log.info("job cancelled after %.2fs", time.monotonic() - job.started_at)
-        except DeadlineExceeded as e:
+        except (DeadlineExceeded, NothingToSay) as e:  # the request's own limits or text: no traceback
             job.events.put(("error", e))
         except Exception as e:
             log.exception("synthesis failed")
@@ -368,7 +368,8 @@ class BatchLoop:
                 for one in starts:
                     self._start([one])
                 return
-            log.exception("could not add a request to the batch")
+            if not isinstance(e, NothingToSay):
+                log.exception("could not add a request to the batch")
             self._end(starts[0][0], ("error", e))
             return
         for row, start in zip(rows, starts):

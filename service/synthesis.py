@@ -12,7 +12,7 @@ from . import text as textmod
 from .api.errors import ApiError
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
-from .engines import Engine, SynthesisParams, VoicePrompt
+from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
 from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler
 from .settings import Settings
 from .voices import VoiceStore
@@ -62,7 +62,7 @@ class SynthesisService:
                        f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'")
 
     def check_rate(self, rate: Optional[int]) -> int:
-        rate = rate or self.settings.default_sample_rate
+        rate = self.settings.default_sample_rate if rate is None else rate
         if rate not in self.settings.sample_rates:
             raise ApiError(400, "unsupported_sample_rate", f"sample_rate {rate} is not supported; use one of "
                            f"{', '.join(map(str, self.settings.sample_rates))}")
@@ -76,6 +76,8 @@ class SynthesisService:
             text = textmod.normalize(raw)
         except textmod.TextError as e:
             raise ApiError(400, "invalid_text", str(e)) from None
+        if not textmod.has_speakable(text):
+            raise _nothing_to_say()
         langs = self.engine.info().languages
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
         if wanted not in langs:
@@ -105,8 +107,7 @@ class SynthesisService:
             parts.append(stitcher.push(event.audio, event.sentence_ends))
         parts.append(stitcher.flush())
         if sum(p.size for p in parts) == 0:
-            raise ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols); "
-                           "send words")
+            raise _nothing_to_say()
         audio = resample(np.concatenate(parts), self.engine.sample_rate, prep.sample_rate)
         return Result(audio, prep.sample_rate, time.monotonic() - prep.received_at)
 
@@ -125,7 +126,10 @@ class SynthesisService:
                     data, first = encoder.header() + data, False
                 if data:
                     yield data
-            yield (encoder.header() if first else b"") + encoder.push(stitcher.flush()) + encoder.close()
+            tail = stitcher.flush()
+            if first and tail.size == 0:  # the engine made no audio at all: say so, not a 200 with none
+                raise _nothing_to_say()
+            yield (encoder.header() if first else b"") + encoder.push(tail) + encoder.close()
         except ApiError as e:
             if first or e.code != "client_closed_request":
                 raise
@@ -142,5 +146,12 @@ class SynthesisService:
             raise ApiError(499, "client_closed_request", "the client disconnected") from None
         except NotReady as e:
             raise ApiError(503, "not_ready", str(e), retry_after=self.settings.retry_after_s) from None
+        except NothingToSay as e:
+            raise ApiError(400, "nothing_to_say", str(e)) from None
         except Exception as e:
             raise ApiError(500, "synthesis_failed", f"synthesis failed: {e}") from e
+
+
+def _nothing_to_say() -> ApiError:
+    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols); "
+                    "send words")

@@ -32,6 +32,18 @@ def normalize(text: str) -> str:
     return text
 
 
+# Symbols a voice reads out ("$5", "50%", "#1", "a & b", "x + y"); other punctuation is only prosody.
+_SPOKEN_SYMBOLS = frozenset("#%&@")
+
+
+def has_speakable(text: str) -> bool:
+    """Whether the text has anything to say: a letter, a digit, or a symbol that is read out.
+
+    Punctuation alone ("...", "?!") would otherwise make an engine produce a breath of noise.
+    """
+    return any(ch.isalnum() or ch in _SPOKEN_SYMBOLS or unicodedata.category(ch) in ("Sc", "Sm") for ch in text)
+
+
 def split_sentences(text: str, max_chars: int) -> list[str]:
     """Split into sentence-sized chunks of at most `max_chars`, merging short neighbours."""
     pieces: list[str] = []

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import ApiError, describe_validation_error
 
 M = TypeVar("M", bound=BaseModel)
+NESTED_TOO_DEEPLY = "the JSON is nested too deeply to parse; send a flat object, e.g. {\"text\": \"hello\"}"
 
 
 def parse_json(model: type[M]) -> M:
@@ -20,6 +21,8 @@ def parse_json(model: type[M]) -> M:
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", NESTED_TOO_DEEPLY) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object, e.g. {\"text\": \"hello\"}")
     try:

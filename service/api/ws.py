@@ -7,6 +7,7 @@ stays open for the next request.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..encode import StreamEncoder
 from ..engines import SynthesisParams
+from .common import NESTED_TOO_DEEPLY
 from .errors import ApiError, describe_validation_error
 from .schemas import VoxCPMKnobs
 
@@ -48,6 +50,8 @@ def _parse(raw) -> dict:
         msg = json.loads(raw)
     except ValueError as e:
         raise ApiError(400, "invalid_json", f"the message is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", NESTED_TOO_DEEPLY) from None
     if not isinstance(msg, dict):
         raise ApiError(400, "invalid_json", 'the message must be a JSON object, e.g. {"text": "hello"}')
     return msg
@@ -115,12 +119,16 @@ class _Connection:
         prep = svc.submit(sentences, req.voice, params, rate, stream=True, endpoint="websocket")
         encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
         self.cancelled = False
-        self.ws.send(json.dumps({"type": "header", "sample_rate": encoder.rate, "channels": 1,
-                                 "format": req.format, "sample_format": "s16le"}))
         chunks = svc.stream(prep, encoder, self.cancel_requested)
         sent = 0
         try:
-            for data in chunks:
+            # The header waits for the first audio, so a request that fails before any (nothing to
+            # say, deadline, engine error) is answered by an error alone, as over HTTP.
+            first = next(chunks, None)
+            if not self.cancelled:
+                self.ws.send(json.dumps({"type": "header", "sample_rate": encoder.rate, "channels": 1,
+                                         "format": req.format, "sample_format": "s16le"}))
+            for data in itertools.chain([first] if first is not None else [], chunks):
                 if self.cancel_requested():
                     break
                 self.ws.send(data)

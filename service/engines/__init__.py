@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import Engine, EngineError, EngineInfo, Preset, SynthesisParams, VoicePrompt
+from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
 
-__all__ = ["Engine", "EngineError", "EngineInfo", "Preset", "SynthesisParams", "VoicePrompt", "build_engine"]
+__all__ = ["Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams", "VoicePrompt", "build_engine"]
 
 
 def build_engine(settings: Settings) -> Engine:

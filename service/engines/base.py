@@ -13,6 +13,10 @@ class EngineError(RuntimeError):
     """The engine failed on a request it accepted (a server-side fault, not bad input)."""
 
 
+class NothingToSay(ValueError):
+    """The engine found nothing speakable in the text it was given (bad input, not a fault)."""
+
+
 @dataclass(frozen=True)
 class VoicePrompt:
     """A cloned voice: reference audio and its transcript (VoxCPM continues from it)."""

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..audio import time_stretch
-from .base import Engine, EngineError, EngineInfo, Preset, SynthesisParams, VoicePrompt
+from ..text import has_speakable
+from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,18 @@ class VoxCPMEngine(Engine):
             self._normalizer = TextNormalizer()
         return self._normalizer
 
+    def _normalize(self, text: str) -> str:
+        # wetext asserts on input it reduces to nothing ("...", emoji) and the generator then divides
+        # by the empty text's length: both are the client's text, not a fault of ours.
+        try:
+            out = self._normalizer_or_raise().normalize(text)
+        except AssertionError:
+            out = ""
+        if not has_speakable(out):
+            raise NothingToSay(f"VoxCPM's text normalisation left nothing to say in {text[:40]!r}; "
+                               "send words, or normalize=false")
+        return out
+
     def _prompt_cache(self, prompt: Optional[VoicePrompt]) -> Optional[dict]:
         if prompt is None:
             return None
@@ -138,7 +151,7 @@ class VoxCPMEngine(Engine):
             torch.manual_seed(params.seed)
         normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
         if normalize:
-            text = self._normalizer_or_raise().normalize(text)
+            text = self._normalize(text)
         args = dict(
             target_text=text,
             prompt_cache=self._prompt_cache(prompt),
