@@ -64,6 +64,31 @@ class VoiceStore:
         except OSError as e:
             raise VoiceError(500, "voices_dir_unwritable", f"cannot create VOICES_DIR {self.root}: {e}") from e
 
+    def _decode(self, data: bytes) -> tuple[np.ndarray, int]:
+        """Mono float32 audio and its rate, decoding no more than VOICE_MAX_SECONDS (plus one frame).
+
+        A few hundred kB of FLAC can hold hours of silence: decoding it whole before checking its
+        length would take gigabytes, so the length is checked from the header first, and the read
+        is bounded in case the header does not say (or lies).
+        """
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                rate = f.samplerate
+                limit = int(self.max_seconds * rate) + 1
+                if f.frames > limit and f.frames < 2 ** 62:  # some formats report "unknown" as huge
+                    raise VoiceError(400, "bad_duration", f"the clip is {f.frames / rate:.1f}s long; it must be "
+                                     f"between {self.min_seconds:g}s and {self.max_seconds:g}s")
+                audio = f.read(frames=limit, dtype="float32", always_2d=True)
+                if len(audio) >= limit:
+                    raise VoiceError(400, "bad_duration", f"the clip is longer than {self.max_seconds:g}s; it "
+                                     f"must be between {self.min_seconds:g}s and {self.max_seconds:g}s")
+        except VoiceError:
+            raise
+        except Exception:
+            raise VoiceError(415, "unsupported_audio", "the file is not audio this server can decode; "
+                             "upload WAV, FLAC, OGG or MP3") from None
+        return audio.mean(axis=1), rate
+
     def create(self, name: str, transcript: str, data: bytes) -> Voice:
         name = (name or "").strip()
         if not 1 <= len(name) <= 64 or not name.isprintable():
@@ -79,18 +104,19 @@ class VoiceStore:
                              f"{self.max_bytes} (VOICE_MAX_BYTES)")
         if not data:
             raise VoiceError(400, "empty_file", "the audio file is empty")
-        try:
-            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception:
-            raise VoiceError(415, "unsupported_audio", "the file is not audio this server can decode; "
-                             "upload WAV, FLAC, OGG or MP3") from None
-        audio = audio.mean(axis=1)
+        audio, rate = self._decode(data)
         duration = audio.size / rate
         if not self.min_seconds <= duration <= self.max_seconds:
             raise VoiceError(400, "bad_duration", f"the clip is {duration:.1f}s long; it must be between "
                              f"{self.min_seconds:g}s and {self.max_seconds:g}s")
-        if not np.isfinite(audio).all() or float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
+        if not np.isfinite(audio).all():
             raise VoiceError(400, "silent_audio", "the clip is silent or invalid; record someone speaking")
+        audio = audio - audio.mean()  # a DC offset is not sound
+        if float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
+            raise VoiceError(400, "silent_audio", "the clip is silent or invalid; record someone speaking")
+        peak = float(np.abs(audio).max())
+        if peak > 1.0:  # float files may hold any scale; the model expects [-1, 1]
+            audio = audio * (0.99 / peak)
         audio = resample(audio, rate, STORE_RATE)
         voice_id = "v_" + secrets.token_hex(8)
         self._ensure_root()

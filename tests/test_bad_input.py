@@ -385,6 +385,21 @@ def test_nan_float_wav_is_refused_as_invalid_audio(worker):
     assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")
 
 
+def test_dc_offset_alone_is_silence_and_huge_float_samples_are_scaled(worker):
+    buf = io.BytesIO()
+    sf.write(buf, np.full(22050 * 3, 0.5, dtype=np.float32), 22050, format="WAV", subtype="FLOAT")
+    assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")  # a constant is no sound
+
+    t = np.arange(22050 * 3) / 22050
+    buf = io.BytesIO()
+    sf.write(buf, (1e30 * np.sin(2 * np.pi * 160 * t)).astype(np.float32), 22050, format="WAV", subtype="FLOAT")
+    r = upload(worker, buf.getvalue())
+    assert r.status_code == 201, r.text
+    stored, _ = sf.read(f"{worker.env['VOICES_DIR']}/{r.json()['id']}/audio.wav", dtype="float32")
+    assert 0.9 < np.abs(stored).max() <= 1.0  # scaled into [-1, 1], the shape kept
+    requests.delete(f"{worker.url}/v1/voices/{r.json()['id']}")
+
+
 @pytest.mark.parametrize("rate,channels", [(8000, 2), (96000, 1), (16000, 6)])
 def test_odd_rates_and_channel_counts_are_normalised(worker, rate, channels):
     r = upload(worker, clip(rate=rate, channels=channels))
