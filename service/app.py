@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flask import Flask, g, request
+from werkzeug.exceptions import ClientDisconnected
 
 from .api import errors, health, tts, ui, voices as voices_api, ws
+from .api.errors import ApiError
 from .engines import Engine, build_engine
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -53,17 +55,42 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     for bp in (health.bp, tts.bp, voices_api.bp, ui.bp):
         app.register_blueprint(bp)
     ws.register(app)
-    _install_request_hooks(app, metrics)
+    # JSON bodies: text is capped at MAX_TEXT_CHARS characters (up to 12 bytes each as \\uXXXX pairs);
+    # the 1 MiB margin lets a moderately oversized text still get text_too_long, which names the limit.
+    _install_request_hooks(app, metrics, json_limit=1024 * 1024 + 12 * settings.max_text_chars,
+                           body_timeout_s=settings.body_read_timeout_s)
     scheduler.start()
     log.info("VoxBox worker: engine=%s queue=%d", settings.tts_engine, settings.queue_size)
     return app
 
 
-def _install_request_hooks(app: Flask, metrics: Metrics) -> None:
+def _read_body(timeout_s: float) -> None:
+    """Read the request body now, with a deadline between reads, so a client that stalls mid-body
+    (slowloris, a dead uplink) gets 408 and its thread back instead of holding it forever; gunicorn
+    has no body timeout of its own. The body is cached for the views (werkzeug parses forms from it)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or request.path == "/v1/stream" or not (request.content_length or request.headers.get(
+            "Transfer-Encoding")):
+        return
+    sock.settimeout(timeout_s)
+    try:
+        request.get_data(cache=True, parse_form_data=False)
+    except (TimeoutError, ConnectionError, ClientDisconnected):  # werkzeug reports a timeout as the latter
+        raise ApiError(408, "request_timeout", f"the request body stopped arriving for {timeout_s:g}s "
+                       "(BODY_READ_TIMEOUT_S) before it was complete; send the whole body without pauses",
+                       headers={"Connection": "close"}) from None
+    sock.settimeout(None)  # streamed responses and WebSockets must not time out while idle
+
+
+def _install_request_hooks(app: Flask, metrics: Metrics, json_limit: int, body_timeout_s: float) -> None:
     @app.before_request
     def _start():
         g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
         g.started = time.monotonic()
+        if not request.path.startswith("/v1/voices"):
+            # Only voice uploads carry files; everything else is a small JSON body.
+            request.max_content_length = json_limit
+        _read_body(body_timeout_s)
 
     @app.after_request
     def _finish(resp):

@@ -13,6 +13,7 @@ class Metrics:
                                 registry=r)
         self.queue_depth = Gauge("voxbox_queue_depth", "Jobs waiting for the inference thread", registry=r)
         self.in_flight = Gauge("voxbox_in_flight", "Jobs queued or being synthesised", registry=r)
+        self.websockets = Gauge("voxbox_websockets_open", "WebSocket connections open on /v1/stream", registry=r)
         self.rejected = Counter("voxbox_rejected", "Jobs refused because the queue was full", registry=r)
         self.dropped = Counter("voxbox_dropped", "Queued jobs dropped because the client went away", registry=r)
         self.queue_wait = Histogram("voxbox_queue_wait_seconds", "Time a job waited in the queue",

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     # WebSocket keep-alive: the worker pings every N seconds, so idle connections survive proxies'
     # read timeouts (nginx PROXY_READ_TIMEOUT) and a client that stops answering is closed. 0 = off.
     ws_ping_interval_s: float = Field(25.0, ge=0)
+    # Open WebSockets each hold a request thread for their whole life; beyond this many, new ones get
+    # 503 so health checks and plain requests always find a thread. 0 = auto: GUNICORN_THREADS - 4.
+    ws_max_connections: int = Field(0, ge=0)
+    # A client that goes silent this long while sending its request body gets 408 and is dropped,
+    # so stalled uploads cannot hold every thread (the gateway buffers bodies; a bare worker does not).
+    body_read_timeout_s: float = Field(15.0, gt=0)
     log_level: str = "info"
 
     @field_validator("tts_max_batch")
@@ -79,6 +85,10 @@ class Settings(BaseSettings):
         if not rates or any(r < 8000 or r > 192000 for r in rates):
             raise ValueError("ALLOWED_SAMPLE_RATES must be comma-separated rates between 8000 and 192000")
         return v
+
+    @property
+    def ws_connection_limit(self) -> int:
+        return self.ws_max_connections or max(1, self.gunicorn_threads - 4)
 
     @cached_property
     def sample_rates(self) -> tuple[int, ...]:

@@ -18,11 +18,13 @@ from .support.worker import start_worker
 
 VOICE_MAX_BYTES = 1_500_000
 THREADS = 8  # GUNICORN_THREADS the worker gets from start_worker
+BODY_READ_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    env = {"MAX_TEXT_CHARS": "2000", "VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "GUNICORN_THREADS": str(THREADS)}
+    env = {"MAX_TEXT_CHARS": "2000", "VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "GUNICORN_THREADS": str(THREADS),
+           "BODY_READ_TIMEOUT_S": str(BODY_READ_TIMEOUT_S)}
     with start_worker(tmp_path_factory.mktemp("bad-input"), env) as w:
         yield w
 
@@ -43,7 +45,7 @@ def upload(worker, data, name="Probe", text="This is what the clip says."):
 
 
 def assert_client_error(r, status, code=None):
-    """A 4xx JSON error with a code and a message long enough to say what to fix."""
+    """A JSON error (4xx, or 503 for capacity) with a code and a message long enough to say what to fix."""
     assert r.status_code == status, (r.status_code, r.headers.get("Content-Type"), r.text[:300])
     assert r.headers["Content-Type"].startswith("application/json"), r.text[:300]
     err = r.json()["error"]
@@ -299,9 +301,29 @@ def test_idle_websockets_do_not_starve_plain_http(worker):
     healthy(worker)
 
 
+def test_websockets_beyond_the_cap_get_503_json_and_the_count_is_exported(worker):
+    limit = THREADS - 4  # WS_MAX_CONNECTIONS=0: GUNICORN_THREADS - 4
+    with ExitStack() as stack:
+        for _ in range(limit):
+            stack.callback(websocket.create_connection(worker.ws_url, timeout=5).close)
+        r = requests.get(f"{worker.url}/v1/stream", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}, timeout=5)
+        err = assert_client_error(r, 503, "too_many_streams")
+        assert r.headers["Retry-After"] and "WS_MAX_CONNECTIONS" in err["message"]
+        metrics = requests.get(f"{worker.url}/metrics").text
+        assert f"voxbox_websockets_open {float(limit)}" in metrics
+    time.sleep(0.5)  # the closed sockets' threads give their slots back
+    ws = ws_connect(worker)
+    ws.send(json.dumps({"text": "A slot again."}))
+    assert ws_collect(ws)[2]["type"] == "done"
+    ws.close()
+
+
 def test_clients_that_never_finish_their_body_do_not_hang_the_worker(worker):
     """Headers with Content-Length, then silence (slowloris). The gateway buffers bodies, but the worker alone
-    (make run-worker, or a published port) waits forever in every thread and stops answering."""
+    (make run-worker, or a published port) would wait forever in every thread and stop answering: after
+    BODY_READ_TIMEOUT_S of silence each stalled client gets a 408 JSON and its thread is free again."""
     socks = []
     try:
         for _ in range(THREADS):
@@ -310,11 +332,17 @@ def test_clients_that_never_finish_their_body_do_not_hang_the_worker(worker):
                       b"Content-Length: 100\r\n\r\n{\"text\":")
             socks.append(s)
         time.sleep(0.5)
+        t0 = time.monotonic()
         try:
-            r = requests.get(f"{worker.url}/healthz", timeout=5)
+            r = requests.get(f"{worker.url}/healthz", timeout=BODY_READ_TIMEOUT_S + 5)
         except requests.exceptions.Timeout:
             pytest.fail(f"/healthz hung behind {THREADS} clients that never finished their request body")
-        assert r.status_code == 200
+        assert r.status_code == 200 and time.monotonic() - t0 < BODY_READ_TIMEOUT_S + 3
+        s = socks[0]
+        s.settimeout(10)
+        answer = s.recv(65536).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 408"), answer[:200]
+        assert '"request_timeout"' in answer and "BODY_READ_TIMEOUT_S" in answer
     finally:
         for s in socks:
             s.close()

@@ -4,17 +4,19 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: Optional[int] = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: Optional[int] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, retry_after: Optional[int] = None):
@@ -39,13 +41,30 @@ def describe_validation_error(err: ValidationError) -> str:
 def install(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
-        return error_response(e.status, e.code, e.message, e.retry_after)
+        resp = error_response(e.status, e.code, e.message, e.retry_after)
+        resp.headers.update(e.headers)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
+        status = e.code or 500
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                415: "unsupported_media_type"}.get(e.code or 500, "http_error")
-        return error_response(e.code or 500, code, e.description or e.name)
+                415: "unsupported_media_type"}.get(status, "http_error")
+        message = e.description or e.name
+        if isinstance(e, MethodNotAllowed) and e.valid_methods:
+            allowed = sorted(set(e.valid_methods) - {"HEAD", "OPTIONS"}) or sorted(e.valid_methods)
+            message = f"{request.method} is not allowed on {request.path}; use {' or '.join(allowed)}"
+        elif isinstance(e, RequestEntityTooLarge):
+            limit = request.max_content_length
+            message = (f"the request body has {request.content_length or 'more than ' + str(limit)} bytes; "
+                       f"{request.path} takes at most {limit}" + (
+                           " (VOICE_MAX_BYTES plus form overhead)" if request.path.startswith("/v1/voices")
+                           else " (JSON requests; text is limited by MAX_TEXT_CHARS)"))
+        resp = error_response(status, code, message)
+        for name, value in e.get_headers():  # e.g. a 405's Allow
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

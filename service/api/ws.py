@@ -10,10 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from typing import Literal, Optional
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -151,6 +152,44 @@ class _Connection:
         }))
 
 
+class _Slots:
+    """Counts open WebSockets against WS_MAX_CONNECTIONS: each one holds a request thread for its
+    whole life, so without a cap idle sockets could take every thread and /healthz would hang."""
+
+    def __init__(self, limit: int, gauge):
+        self.limit, self.gauge = limit, gauge
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                return False
+            self.open += 1
+            self.gauge.set(self.open)
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open -= 1
+            self.gauge.set(self.open)
+
+
+def _check_handshake() -> None:
+    """Refuse what is not a WebSocket handshake with a JSON answer that says what is wrong (the
+    WebSocket library would answer a bare 400, or fail with a 500 on a missing header)."""
+    if "websocket" not in request.headers.get("Upgrade", "").lower():
+        raise ApiError(426, "websocket_required", f"{request.path} is a WebSocket endpoint; connect with a "
+                       "WebSocket client (Upgrade: websocket), or use POST /v1/audio/speech for HTTP",
+                       headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    if not request.headers.get("Sec-WebSocket-Key"):
+        raise ApiError(400, "bad_handshake", "the WebSocket handshake has no Sec-WebSocket-Key header; use a "
+                       "WebSocket client library")
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        raise ApiError(426, "bad_handshake", "the WebSocket handshake must carry Sec-WebSocket-Version: 13",
+                       headers={"Sec-WebSocket-Version": "13"})
+
+
 def register(app: Flask) -> None:
     # Requests are small JSON: a client cannot make the worker buffer a huge message (closed with 1009).
     settings = app.extensions["voxbox"].settings
@@ -160,6 +199,23 @@ def register(app: Flask) -> None:
         "ping_interval": settings.ws_ping_interval_s or None,
     })
     sock = Sock(app)
+    slots = _Slots(settings.ws_connection_limit, app.extensions["voxbox"].metrics.websockets)
+
+    @app.before_request
+    def _admit_websocket():
+        if request.path != "/v1/stream":
+            return
+        _check_handshake()
+        if not slots.take():
+            raise ApiError(503, "too_many_streams", f"this worker already has {slots.limit} WebSockets open "
+                           "(WS_MAX_CONNECTIONS); retry shortly or close idle connections",
+                           retry_after=settings.retry_after_s)
+        g.ws_slot = True
+
+    @app.teardown_request
+    def _release_websocket(exc):
+        if g.pop("ws_slot", False):
+            slots.give_back()
 
     @sock.route("/v1/stream")
     def stream(ws):
