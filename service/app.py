@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .synthesis import SynthesisService
 from .voices import VoiceStore
 
 log = logging.getLogger("voxbox")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass
@@ -85,7 +87,9 @@ def _read_body(timeout_s: float) -> None:
 def _install_request_hooks(app: Flask, metrics: Metrics, json_limit: int, body_timeout_s: float) -> None:
     @app.before_request
     def _start():
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        rid = request.headers.get("X-Request-ID", "")
+        # A client's id is kept only when it is a sane token: it is echoed and written to every log line.
+        g.request_id = rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
         g.started = time.monotonic()
         if not request.path.startswith("/v1/voices"):
             # Only voice uploads carry files; everything else is a small JSON body.

@@ -22,7 +22,10 @@ def normalize(text: str) -> str:
         if ch in "\n\t\r":
             continue
         cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cs", "Co") or (cat == "Cf" and ch not in "\u200b\u200c\u200d\u2060\ufeff"):
+        if cat == "Cs":
+            raise TextError(f"text contains a lone surrogate U+{ord(ch):04X} at position {i} (half of a UTF-16 "
+                            "pair, not a character); send valid Unicode")
+        if cat in ("Cc", "Co") or (cat == "Cf" and ch not in "\u200b\u200c\u200d\u2060\ufeff"):
             raise TextError(f"text contains a control character U+{ord(ch):04X} at position {i}; remove it")
     text = text.replace("\ufeff", "").replace("\u200b", "")
     lines = [_WHITESPACE.sub(" ", line).strip() for line in text.replace("\r\n", "\n").split("\n")]

@@ -377,6 +377,18 @@ def test_speech_endpoint_rejects_malformed_bodies(worker, raw, code):
     assert_client_error(r, 400, code)
 
 
+@pytest.mark.parametrize("raw,says,not_says", [
+    (b'{"input": "hi", "speed": "1.0"}', "speed: Input should be a number", "speed.float"),
+    (b'{"input": "hi", "speed": NaN}', "finite number", "greater than"),
+    (b'{"input": "hi", "seed": ' + b"9" * 5000 + b"}", "more than 4300 digits", "sys."),
+    (b'{"input": "\\ud800"}', "lone surrogate U+D800", "control character"),
+])
+def test_error_messages_speak_json_not_python(worker, raw, says, not_says):
+    err = assert_client_error(requests.post(f"{worker.url}/v1/audio/speech", data=raw,
+                                            headers={"Content-Type": "application/json"}), 400)
+    assert says in err["message"] and not_says not in err["message"], err
+
+
 @pytest.mark.parametrize("voice", ["../../etc/passwd", "/etc/passwd", "v_../../x", "v_0000000000000000\u0000",
                                    "%2e%2e%2f", "v_0000000000000000"])
 def test_path_like_voice_names_are_unknown_voices(worker, voice):

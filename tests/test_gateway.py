@@ -95,6 +95,19 @@ def test_request_id_reaches_worker_and_access_log_is_json(gateway, worker):
     assert mine and mine[0]["user"] == USER and mine[0]["status"] == 200 and mine[0]["upstream_time"]
     generated = requests.get(f"{gateway.url}/info", auth=BASIC).headers["X-Request-ID"]
     assert len(generated) == 32  # nginx's own id when the client sends none
+    for junk in ("x" * 300, "a b\tc", "id\u00e9".encode().decode("latin-1")):  # too long, spaces, raw bytes
+        got = requests.get(f"{gateway.url}/info", auth=BASIC, headers={"X-Request-ID": junk}).headers["X-Request-ID"]
+        assert got != junk and len(got) == 32, got  # replaced, not echoed into logs
+
+
+def test_oversized_headers_get_json_and_malformed_requests_never_a_500(gateway):
+    r = requests.get(f"{gateway.url}/info", auth=BASIC, headers={"X-Big": "b" * 20000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", (r.text, gateway.log_text()[-1500:])
+    for raw in (b"NONSENSE\r\n\r\n", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+            s.sendall(raw)
+            status_line = s.recv(4096).split(b"\r\n", 1)[0]
+        assert status_line.split()[1] in (b"400", b"414"), status_line  # refused as such, never a 500
 
 
 def test_body_over_limit_is_413_json(gateway):

@@ -20,7 +20,8 @@ def parse_json(model: type[M]) -> M:
     try:
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e}); send a JSON object") from None
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({json_problem(e)}); send a JSON object") \
+            from None
     except RecursionError:
         raise ApiError(400, "invalid_json", NESTED_TOO_DEEPLY) from None
     if not isinstance(body, dict):
@@ -29,6 +30,13 @@ def parse_json(model: type[M]) -> M:
         return model.model_validate(body)
     except ValidationError as e:
         raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
+
+
+def json_problem(e: ValueError) -> str:
+    """What json.loads objected to, in terms of the JSON (not of Python's settings)."""
+    if "int_max_str_digits" in str(e):
+        return "a number has more than 4300 digits"
+    return str(e)
 
 
 def client_gone_probe() -> Callable[[], bool]:

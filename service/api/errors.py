@@ -27,14 +27,24 @@ def error_response(status: int, code: str, message: str, retry_after: Optional[i
     return resp
 
 
+# pydantic names each member of a union in the error location ("speed.float", "speed.int").
+_UNION_MEMBERS = {"float", "int", "str", "bool"}
+
+
 def describe_validation_error(err: ValidationError) -> str:
-    parts = []
+    by_field: dict[str, list[dict]] = {}
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "body"
-        if e["type"] == "extra_forbidden":
+        where = ".".join(str(p) for p in e["loc"] if p not in _UNION_MEMBERS) or "body"
+        by_field.setdefault(where, []).append(e)
+    parts = []
+    for where, errs in by_field.items():
+        kinds = {e["type"] for e in errs}
+        if "extra_forbidden" in kinds:
             parts.append(f"unknown field '{where}'")
+        elif kinds <= {"float_type", "int_type", "float_parsing", "int_parsing"} and len(errs) > 1:
+            parts.append(f"{where}: Input should be a number, e.g. 1.0 (not a string)")
         else:
-            parts.append(f"{where}: {e['msg']}")
+            parts.append(f"{where}: {errs[0]['msg']}")
     return "; ".join(parts)
 
 

@@ -20,7 +20,7 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..encode import StreamEncoder
 from ..engines import SynthesisParams
-from .common import NESTED_TOO_DEEPLY
+from .common import NESTED_TOO_DEEPLY, json_problem
 from .errors import ApiError, describe_validation_error
 from .schemas import VoxCPMKnobs
 
@@ -50,7 +50,7 @@ def _parse(raw) -> dict:
     try:
         msg = json.loads(raw)
     except ValueError as e:
-        raise ApiError(400, "invalid_json", f"the message is not valid JSON ({e})") from None
+        raise ApiError(400, "invalid_json", f"the message is not valid JSON ({json_problem(e)})") from None
     except RecursionError:
         raise ApiError(400, "invalid_json", NESTED_TOO_DEEPLY) from None
     if not isinstance(msg, dict):
