@@ -3,6 +3,10 @@
 One worker process per model (each loads its own copy onto the device); concurrency comes from
 threads, which only wait on the scheduler's queue while the inference thread works.
 """
+import json
+
+from gunicorn import util as gunicorn_util
+
 from service.settings import Settings
 
 _s = Settings()
@@ -26,3 +30,21 @@ def when_ready(server):
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     server.log.info("VoxBox worker listening: http://%s:%s/  (engine %s; /readyz turns 200 once the model "
                     "is warm)", shown, port, _s.tts_engine)
+
+
+_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",
+                431: "headers_too_large", 500: "internal_error"}
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own refusals (request line or headers too large, malformed HTTP), which happen
+    before Flask sees the request, in the same JSON shape as every other error instead of HTML."""
+    body = json.dumps({"error": {"code": _ERROR_CODES.get(status_int, "bad_request"),
+                                 "message": f"{reason}: {mesg}" if mesg else reason}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    gunicorn_util.write_nonblock(sock, head + body)
+
+
+# gunicorn has no hook for these; its workers call util.write_error, so that is what is replaced.
+gunicorn_util.write_error = _write_json_error

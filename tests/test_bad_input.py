@@ -173,6 +173,19 @@ def test_malformed_websocket_handshake_is_4xx_json(worker, headers):
     assert_no_traceback_since(worker, mark)
 
 
+@pytest.mark.parametrize("request_bytes,status,code", [
+    (b"GET /v1/voices/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+    (b"GET /info HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+     431, "headers_too_large"),
+    (b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
+], ids=["long-uri", "many-headers", "bad-content-length"])
+def test_requests_gunicorn_refuses_get_json_too(worker, request_bytes, status, code):
+    got, headers, body = raw_http(worker, request_bytes)
+    assert got == status and headers["content-type"] == "application/json", (got, body[:200])
+    err = json.loads(body)["error"]
+    assert err["code"] == code and len(err["message"]) > 10, err
+
+
 def test_plain_get_on_the_websocket_endpoint_says_to_use_a_websocket(worker):
     r = requests.get(f"{worker.url}/v1/stream")
     assert r.status_code in (400, 426), r.text
