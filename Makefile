@@ -22,7 +22,8 @@ run: deps-runtime system-run
 
 # Only the worker, no gateway and no auth (development).
 run-worker: deps-runtime
-	TTS_ENGINE=$${TTS_ENGINE:-embedded} BIND=$(HOST):$${WORKER_PORT:-8000} $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
+	TTS_ENGINE=$${TTS_ENGINE:-embedded} VOICES_DIR=$${VOICES_DIR:-$(CURDIR)/.run/voices} \
+		BIND=$(HOST):$${WORKER_PORT:-8000} $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
 
 test: deps-test system-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -35,6 +36,9 @@ deps-test: deps-runtime $(VENV)/.test-ok
 
 $(VENV)/.runtime-ok:
 	@mkdir -p $(VOXBOX_CACHE)
+	@# Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -r requirements/runtime.txt -r requirements/embedded.txt
@@ -46,13 +50,15 @@ $(VENV)/.test-ok: $(VENV)/.runtime-ok
 	touch $@
 
 system-run:
-	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light openssl curl >/dev/null; }
+	@{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } && command -v envsubst >/dev/null && \
+		command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq nginx-light gettext-base openssl curl >/dev/null; }
 
 # Real nginx and Chromium for the gateway and browser tests (Debian packages).
 system-test:
-	@if ! command -v nginx >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light chromium chromium-driver apache2-utils >/dev/null; \
+	@if ! command -v nginx >/dev/null || ! command -v envsubst >/dev/null || ! command -v chromium >/dev/null || \
+		! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light gettext-base chromium chromium-driver apache2-utils >/dev/null; \
 	fi
 
 bench-overhead: deps-test

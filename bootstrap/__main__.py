@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("uri")
     pub.add_argument("--name")
     pub.add_argument("--version")
+    pub.add_argument("--create-bucket", action="store_true",
+                     help="create the bucket first if it does not exist (a fresh MinIO, say)")
     args = ap.parse_args(argv)
 
     try:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "publish":
             from .publish import publish
 
-            m = publish(args.local_dir, args.uri, s, args.name, args.version)
+            m = publish(args.local_dir, args.uri, s, args.name, args.version, create_bucket=args.create_bucket)
             print(f"published {m.name} {m.version} (digest {m.digest[:16]}) to {args.uri}")
         elif args.cmd == "pull":
             result = _pull(s, status)

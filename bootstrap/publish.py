@@ -18,7 +18,7 @@ log = logging.getLogger("bootstrap")
 
 
 def publish(local_dir: Path, uri: str, s: BootstrapSettings, name: str | None = None,
-            version: str | None = None) -> mf.Manifest:
+            version: str | None = None, create_bucket: bool = False) -> mf.Manifest:
     if not local_dir.is_dir():
         raise FatalError(f"{local_dir} is not a directory")
     where = parse_uri(uri, s.s3_endpoint_url)
@@ -29,6 +29,8 @@ def publish(local_dir: Path, uri: str, s: BootstrapSettings, name: str | None = 
     client = make_client(s)
     transfer = S3Transfer(client, transfer_config(s))
     try:
+        if create_bucket:
+            _ensure_bucket(client, where.bucket)
         for entry in manifest.files:
             transfer.upload_file(str(local_dir / entry.path), where.bucket, where.key(entry.path))
         # The manifest goes last: pullers never see a manifest whose files are not all there.
@@ -39,3 +41,15 @@ def publish(local_dir: Path, uri: str, s: BootstrapSettings, name: str | None = 
     log.info("publish: %s version %s (digest %s) at %s in %.1fs", manifest.name, manifest.version,
              manifest.digest[:16], where, time.monotonic() - t0)
     return manifest
+
+
+def _ensure_bucket(client, bucket: str) -> None:
+    """For a fresh store (a local MinIO, a new R2 account): create the bucket unless it exists."""
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+    client.create_bucket(Bucket=bucket)
+    log.info("publish: created bucket %s", bucket)

@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class BootstrapSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # Empty means "the default": .env.example leaves some variables empty, and compose passes them on.
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     model_uri: str = ""  # s3://bucket/prefix/ or oss://bucket/prefix/; empty: no pull
     s3_endpoint_url: Optional[str] = None

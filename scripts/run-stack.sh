@@ -16,9 +16,9 @@ creds="$RUN_DIR/credentials"
 if [ ! -f "$creds" ]; then
     umask 077
     cat > "$creds" <<EOC
-VOXBOX_USER=voxbox
-VOXBOX_PASSWORD=$(openssl rand -base64 18 | tr -d '/+=' | cut -c1-20)
-VOXBOX_API_KEY=vbx_$(openssl rand -hex 24)
+export VOXBOX_USER=voxbox
+export VOXBOX_PASSWORD=$(openssl rand -base64 18 | tr -d '/+=' | cut -c1-20)
+export VOXBOX_API_KEY=vbx_$(openssl rand -hex 24)
 EOC
     umask 022
 fi

@@ -84,6 +84,7 @@ def test_openai_speech_formats(worker, fmt, ctype):
     assert r.headers["Content-Type"] == ctype
     audio, rate = decode_wav(r.content)
     assert rate == (48000 if fmt == "opus" else 44100)
+    assert r.headers["X-Sample-Rate"] == str(rate)  # the rate actually encoded (Opus goes up to 48 kHz)
     assert_speech(audio, rate)
 
 

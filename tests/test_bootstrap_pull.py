@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from botocore.exceptions import ClientError
 
 pytest.register_assert_rewrite("tests.support.s3")  # before the import below
 
@@ -293,3 +294,22 @@ print(json.dumps({{"argv": sys.argv[1:], "model_dir": str(model_dir), "lock_held
     assert out["lock_held"] and out["batch"] == "3" and out["device"] in ("cpu", "cuda")
     assert json.loads(Path(out["status_file"]).read_text())["phase"] == "ready"
     assert "handing off to gunicorn" in r.stderr
+
+
+def test_publish_can_create_the_bucket_of_a_fresh_store(s3_server, tmp_path):
+    """README's local-s3 recipe: a fresh MinIO has no bucket; publish --create-bucket makes it."""
+    import uuid
+
+    local = tmp_path / "m"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    bucket = f"fresh-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    with pytest.raises(ClientError):
+        client.head_bucket(Bucket=bucket)
+    r = run_bootstrap(s3_server.env(), "publish", str(local), f"s3://{bucket}/m/", "--create-bucket")
+    assert r.returncode == 0, r.stderr
+    client.head_bucket(Bucket=bucket)  # exists now
+    assert "created bucket" in r.stderr
+    r = run_bootstrap(s3_server.env(), "publish", str(local), f"s3://{bucket}/m/", "--create-bucket")
+    assert r.returncode == 0 and "created bucket" not in r.stderr, r.stderr  # existing: left alone

@@ -71,6 +71,36 @@ def test_compose_config_is_valid_with_the_example_env(env_file):
     assert tts["image"].endswith(":latest") and "voxbox-worker" in tts["image"]
 
 
+def test_every_setting_in_dot_env_reaches_the_worker(tmp_path):
+    """`cp .env.example .env` and edit: each worker/bootstrap setting must reach the container, the
+    engine stays voxcpm, and the sizes bootstrap picks from the GPU are left empty (its to choose)."""
+    import json
+    import shutil
+
+    shutil.copy(REPO_ROOT / "compose.yaml", tmp_path / "compose.yaml")
+    env = (REPO_ROOT / ".env.example").read_text() + "\nKEEP_VERSIONS=5\nTTS_MAX_BATCH=8\nVERIFY=full\n"
+    (tmp_path / ".env").write_text(env)
+    r = run([compose_binary(), "--project-directory", str(tmp_path), "-f", str(tmp_path / "compose.yaml"),
+             "config", "--format", "json"])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["services"]["tts"]["environment"]
+    assert got["KEEP_VERSIONS"] == "5" and got["TTS_MAX_BATCH"] == "8" and got["VERIFY"] == "full"
+    assert got["TTS_ENGINE"] == "voxcpm" and got["MODELS_DIR"] == "/models"
+    assert not got.get("QUEUE_SIZE") and not got.get("GUNICORN_THREADS")
+    assert got["PULL_CONCURRENCY"] == "32" and got["WS_PING_INTERVAL_S"] == "25"
+
+
+def test_empty_settings_mean_the_default(monkeypatch):
+    from bootstrap.gpu import decide
+    from service.settings import Settings
+
+    for name, value in (("QUEUE_SIZE", ""), ("GUNICORN_THREADS", ""), ("MODEL_DIR", ""), ("TTS_MAX_BATCH", "")):
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert s.queue_size == 32 and s.gunicorn_threads == 16 and s.model_dir is None and s.tts_max_batch == "auto"
+    assert decide([], {"QUEUE_SIZE": "", "GUNICORN_THREADS": ""})["QUEUE_SIZE"] == "16"  # CPU sizing chose it
+
+
 def test_compose_cpu_override_drops_the_gpu(env_file):
     import json
 

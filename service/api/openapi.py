@@ -57,6 +57,11 @@ def build_openapi(version: str) -> dict:
                                   "schema": {"$ref": "#/components/schemas/TTSResponse"}}}}, **_ERRORS}}},
             "/v1/audio/speech": {"post": {"summary": "OpenAI-compatible speech", "requestBody":
                                           _json_body("SpeechRequest"), "responses": {"200": audio, **_ERRORS}}},
+            "/v1/stream": {"get": {"summary": "WebSocket streaming: JSON request, header, binary audio chunks, "
+                                              "done (protocol in the README)",
+                                   "responses": {"101": {"description": "Switching Protocols (WebSocket)"},
+                                                 "426": _error("Not a WebSocket handshake"),
+                                                 "503": _error("Too many WebSockets open; see Retry-After")}}},
             "/v1/voices": {
                 "get": {"summary": "Presets and uploaded voices", "responses": {"200": {"description": "Voices"}}},
                 "post": {"summary": "Upload a reference clip for cloning", "requestBody": {"required": True, "content": {

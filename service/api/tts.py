@@ -10,7 +10,7 @@ from typing import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
-from ..encode import FORMATS, STREAMABLE, StreamEncoder, encode
+from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
 from ..engines import SynthesisParams
 from .common import client_gone_probe, parse_json
 from .errors import ApiError
@@ -77,7 +77,7 @@ def speech():
         return Response(stream_with_context(chunks), status=200, content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())
     body = encode(result.audio, result.sample_rate, req.response_format)
-    headers = {"X-Sample-Rate": str(result.sample_rate), "X-Audio-Channels": "1",
+    headers = {"X-Sample-Rate": str(codec_rate(fmt, result.sample_rate)), "X-Audio-Channels": "1",
                "X-Audio-Duration": f"{result.audio.size / result.sample_rate:.3f}",
                "X-Latency": f"{result.latency:.3f}"}
     if req.response_format == "pcm":
