@@ -7,9 +7,9 @@ import json
 
 from gunicorn import util as gunicorn_util
 
-from service.settings import Settings
+from service.settings import load_settings
 
-_s = Settings()
+_s = load_settings()
 
 bind = _s.bind
 workers = 1

@@ -102,3 +102,20 @@ class Settings(BaseSettings):
                              "set MODEL_URI so bootstrap pulls one, or set TTS_ENGINE=embedded")
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, checked; a bad value is one readable line per variable
+    (SystemExit), not a pydantic traceback at the top of the worker's log."""
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+        settings.check()
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
+                        for err in e.errors())
+        raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment (see .env.example)") from None
+    except ValueError as e:
+        raise SystemExit(f"voxbox: invalid settings: {e}") from None
+    return settings

@@ -526,3 +526,27 @@ def test_voxcpm_normalize_that_leaves_nothing_is_400_not_500(voxcpm_worker, text
                       json={"input": text, "normalize": True, "response_format": "wav"}, timeout=60)
     assert_client_error(r, 400, "nothing_to_say")
     assert_no_traceback_since(voxcpm_worker, mark)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad settings: the operator's input.
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env,says", [
+    ({"TTS_ENGINE": "foo", "QUEUE_SIZE": "abc"}, ["TTS_ENGINE='foo'", "QUEUE_SIZE='abc'", ".env.example"]),
+    ({"TTS_ENGINE": "voxcpm"}, ["needs MODEL_DIR"]),
+])
+def test_bad_settings_stop_the_worker_with_one_readable_line(tmp_path, env, says):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from .support.procs import PYTHON, REPO_ROOT, free_port
+
+    gunicorn = str(Path(PYTHON).with_name("gunicorn"))
+    full = {**os.environ, "BIND": f"127.0.0.1:{free_port()}", "VOICES_DIR": str(tmp_path), **env}
+    full.pop("MODEL_DIR", None)
+    r = subprocess.run([gunicorn, "-c", str(REPO_ROOT / "service/gunicorn.conf.py"), "service.app:create_app()"],
+                       env=full, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and all(s in r.stderr for s in says), r.stderr[-2000:]
