@@ -100,9 +100,15 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
     # Wall-clock start, so a reader can place the pull within the whole start-up (bench/cold_start.py).
     started_at = time.time()
     where = parse_uri(s.model_uri, s.s3_endpoint_url)
-    client = make_client(s)
+    _check_models_dir(s.models_dir)
     status.update(phase="listing", error=None, started_at=started_at)
-    manifest = _fetch_manifest(client, where, s)
+    try:
+        client = make_client(s)
+        manifest = _fetch_manifest(client, where, s)
+    except (BotoCoreError, ValueError) as e:  # no credentials, unreachable or invalid endpoint, bad region
+        fatal = explain(e, where) if isinstance(e, BotoCoreError) else None
+        raise (fatal or FatalError(f"cannot read {where}{mf.MANIFEST}: {' '.join(str(e).split())}; check "
+                                   "S3_ENDPOINT_URL, S3_REGION and the network")) from None
     digest = manifest.digest[:16]
     vdir = s.models_dir / "versions" / digest
     status.update(model=f"{manifest.name}:{manifest.version}", digest=digest, bytes_total=manifest.total_bytes)
@@ -151,6 +157,20 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
     log.info("pull: %s ready in %.2fs total (%s)", digest, took,
              "warm start, nothing downloaded" if warm else f"{downloaded / 1e6:.1f} MB downloaded")
     return PullResult(vdir, digest, downloaded, warm, took, in_use)
+
+
+def _check_models_dir(models_dir: Path) -> None:
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FatalError(f"MODELS_DIR {models_dir} exists but is not a directory; point MODELS_DIR at the "
+                         "models volume") from None
+    except OSError as e:
+        raise FatalError(f"MODELS_DIR {models_dir} cannot be created ({e.strerror}); mount the models volume "
+                         "there or fix MODELS_DIR") from None
+    if not os.access(models_dir, os.W_OK):
+        raise FatalError(f"MODELS_DIR {models_dir} is not writable by this user (uid {os.getuid()}); fix the "
+                         "volume's ownership")
 
 
 # -- manifest -----------------------------------------------------------------------------------

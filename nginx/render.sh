@@ -32,6 +32,21 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${ACCESS_LOG:=/dev/stdout}"
 : "${BASIC_AUTH_USERS:=}" "${BASIC_AUTH_FILE:=}" "${API_KEYS:=}" "${API_KEYS_FILE:=}"
 : "${ALLOW_CIDRS:=}" "${TLS_CERT:=}" "${TLS_KEY:=}"
+# Settings substituted into the config are checked first: a bad one is named here, not in an nginx
+# error about a generated file (and a ';' cannot inject directives).
+check() {  # VARIABLE VALUE EXTENDED-REGEX WHAT
+    printf '%s' "$2" | grep -Eqx "$3" && [ "$(printf '%s' "$2" | wc -l)" -eq 0 ] \
+        || die "$1='$2' must be $4"
+}
+check RATE_LIMIT_RPS "$RATE_LIMIT_RPS" '[1-9][0-9]{0,5}' "a whole number of requests per second, 1 or more"
+check RATE_LIMIT_BURST "$RATE_LIMIT_BURST" '[0-9]{1,6}' "a whole number of requests (0 or more)"
+check MAX_STREAMS_PER_CLIENT "$MAX_STREAMS_PER_CLIENT" '[1-9][0-9]{0,5}' "a whole number, 1 or more"
+check MAX_JSON_BODY "$MAX_JSON_BODY" '[1-9][0-9]*[kKmMgG]?' "a size above 0 like 256k or 12m"
+check MAX_UPLOAD_BODY "$MAX_UPLOAD_BODY" '[1-9][0-9]*[kKmMgG]?' "a size above 0 like 256k or 12m"
+check PROXY_READ_TIMEOUT "$PROXY_READ_TIMEOUT" '[1-9][0-9]*(ms|s|m|h|d)?' "a duration like 600s or 10m"
+check UPSTREAM "$UPSTREAM" '[A-Za-z0-9._-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}|unix:/[^ ;{}]+' "host:port"
+check GATEWAY_LISTEN "$GATEWAY_LISTEN" '[0-9]{1,5}|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}' \
+    "a port or address:port"
 export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPES UPSTREAM RATE_LIMIT_RPS \
     RATE_LIMIT_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
 
@@ -51,7 +66,12 @@ for pair in $BASIC_AUTH_USERS; do
     [ -n "$pair" ] || continue
     user=${pair%%:*}; pass=${pair#*:}
     [ "$user" != "$pair" ] && [ -n "$user" ] && [ -n "$pass" ] || die "BASIC_AUTH_USERS entry '$user' must be user:password"
-    printf '%s:%s\n' "$user" "$(openssl passwd -apr1 "$pass")" >> "$htpasswd.tmp"
+    case "$user" in *[!A-Za-z0-9._@-]*) die "BASIC_AUTH_USERS user '$user' may hold only letters, digits and . _ @ - (no spaces)" ;; esac
+    [ "${#pass}" -le 255 ] || die "BASIC_AUTH_USERS password of '$user' is longer than 255 characters (openssl would cut it)"
+    # From stdin, so a password that starts with '-' is not read as an option.
+    hash=$(printf '%s\n' "$pass" | openssl passwd -apr1 -stdin) && case "$hash" in '$apr1$'*) ;; *) false ;; esac \
+        || die "BASIC_AUTH_USERS: could not hash the password of '$user' with openssl"
+    printf '%s:%s\n' "$user" "$hash" >> "$htpasswd.tmp"
     users=$((users + 1))
 done
 IFS=$old_ifs
@@ -67,14 +87,23 @@ chmod 644 "$htpasswd"
 keys_map="$gen/api_keys.map"; ids_map="$gen/api_key_ids.map"
 : > "$keys_map.tmp"; : > "$ids_map.tmp"
 keys=0
+seen_ids=" "
 add_key() {
     key=$1
-    printf '%s' "$key" | grep -Eq '^[A-Za-z0-9._~+/=-]{16,256}$' \
-        || die "API key '$(printf %s "$key" | cut -c1-4)…' must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
+    case "$key" in
+        *[!A-Za-z0-9._~+/=-]*) bad=1 ;;  # anything else, a newline included
+        *) bad=$(( ${#key} < 16 || ${#key} > 256 )) ;;
+    esac
+    [ "$bad" = 0 ] || die "API key '$(printf %s "$key" | head -n1 | cut -c1-4)…' must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
     # Logs name a key by a short hash, never by its value.
     id=$(printf '%s' "$key" | sha256sum | cut -c1-8)
-    printf '"Bearer %s" 1;\n' "$key" >> "$keys_map.tmp"
-    printf '"Bearer %s" "%s";\n' "$key" "$id" >> "$ids_map.tmp"
+    case "$seen_ids" in *" $id "*) echo "gateway: API key $id is listed twice; using it once" >&2; return ;; esac
+    seen_ids="$seen_ids$id "
+    # A regex entry ("~"), because nginx compares plain map strings without regard to case: a key
+    # must match exactly. '.' and '+' are the only key characters special in a regex.
+    pattern="^Bearer $(printf '%s' "$key" | sed 's/[.+]/[&]/g')\$"
+    printf '"~%s" 1;\n' "$pattern" >> "$keys_map.tmp"
+    printf '"~%s" "%s";\n' "$pattern" "$id" >> "$ids_map.tmp"
     keys=$((keys + 1))
 }
 old_ifs=$IFS; IFS=','
@@ -96,15 +125,30 @@ chmod 644 "$keys_map" "$ids_map"
 [ $((users + keys)) -gt 0 ] || die "no credentials: set BASIC_AUTH_USERS (user:password) and/or API_KEYS; the gateway never runs open"
 
 # --- IP allowlist -------------------------------------------------------------------------
+valid_cidr() {
+    addr=${1%/*}; bits=${1#"$addr"}; bits=${bits#/}
+    case "$1" in */) return 1 ;; esac
+    if printf '%s' "$addr" | grep -Eqx '([0-9]{1,3}\.){3}[0-9]{1,3}'; then
+        max=32
+        for octet in $(echo "$addr" | tr '.' ' '); do [ "$octet" -le 255 ] || return 1; done
+    elif printf '%s' "$addr" | grep -Eqx '[0-9a-fA-F:.]*:[0-9a-fA-F:.]*'; then
+        max=128
+    else
+        return 1
+    fi
+    [ -z "$bits" ] || { printf '%s' "$bits" | grep -Eqx '[0-9]{1,3}' && [ "$bits" -le "$max" ]; }
+}
 geo="$gen/allowlist.geo"
 if [ -z "$ALLOW_CIDRS" ]; then
     echo "default 1;" > "$geo"
 else
     echo "default 0;" > "$geo"
+    set -f  # an entry like '*' must not expand to file names
     for cidr in $(echo "$ALLOW_CIDRS" | tr ',' ' '); do
-        printf '%s' "$cidr" | grep -Eq '^[0-9a-fA-F:.]+(/[0-9]{1,3})?$' || die "ALLOW_CIDRS entry '$cidr' is not an address or CIDR"
+        valid_cidr "$cidr" || die "ALLOW_CIDRS entry '$cidr' is not an IPv4/IPv6 address or CIDR (e.g. 10.0.0.0/8)"
         echo "$cidr 1;" >> "$geo"
     done
+    set +f
 fi
 
 # --- listen (optionally TLS) and security headers -------------------------------------------
@@ -118,10 +162,11 @@ add_header X-Request-ID $voxbox_request_id always;
 HDR
 if [ -n "$TLS_CERT" ] || [ -n "$TLS_KEY" ]; then
     [ -r "$TLS_CERT" ] && [ -r "$TLS_KEY" ] || die "TLS_CERT and TLS_KEY must both name readable files"
+    case "$TLS_CERT$TLS_KEY" in *[\"\;\$\\]*) die "TLS_CERT/TLS_KEY paths must not contain quotes, ';', '$' or '\\'" ;; esac
     cat > "$gen/listen.conf" <<LST
 listen $GATEWAY_LISTEN ssl;
-ssl_certificate $TLS_CERT;
-ssl_certificate_key $TLS_KEY;
+ssl_certificate "$TLS_CERT";
+ssl_certificate_key "$TLS_KEY";
 ssl_protocols TLSv1.2 TLSv1.3;
 LST
     echo 'add_header Strict-Transport-Security "max-age=31536000" always;' >> "$headers"

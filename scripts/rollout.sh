@@ -33,20 +33,30 @@ run() {
     [ "$DRY" = 1 ] || eval "$@"
 }
 
+# The VOXBOX_TAG line in any form compose accepts: `export ` prefix, spaces around =, quotes, CRLF,
+# an inline comment.
+TAG_LINE='^[[:space:]]*(export[[:space:]]+)?VOXBOX_TAG[[:space:]]*='
+
 current_tag() {
     local tag
-    tag=$(grep -E '^VOXBOX_TAG=' "$ENV_FILE" 2>/dev/null | tail -n1 | cut -d= -f2-)
+    tag=$(grep -E "$TAG_LINE" "$ENV_FILE" 2>/dev/null | tail -n1 | sed -E "s/$TAG_LINE//" | tr -d '\r' \
+        | sed -E 's/[[:space:]]+#.*$//; s/^[[:space:]]+//; s/[[:space:]]+$//; s/^"(.*)"$/\1/'"; s/^'(.*)'\$/\\1/")
     echo "${tag:-latest}"
+}
+
+valid_tag() {
+    [[ $1 =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]]  # the whole string: a newline cannot slip through
 }
 
 target=${ARGS[0]}
 if [ "$target" = rollback ]; then
     [ -s "$STATE_FILE" ] || { echo "rollout: nothing to roll back to ($STATE_FILE is missing)" >&2; exit 1; }
-    target=$(cat "$STATE_FILE")
+    [ "$(wc -l < "$STATE_FILE")" -le 1 ] && valid_tag "$(tr -d '\n' < "$STATE_FILE")" \
+        || { echo "rollout: $STATE_FILE should hold one image tag; fix or delete it" >&2; exit 1; }
+    target=$(tr -d '\n' < "$STATE_FILE")
     echo "rollout: rolling back to $target"
 fi
-printf '%s' "$target" | grep -Eq '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$' \
-    || { echo "rollout: '$target' is not a valid image tag" >&2; exit 2; }
+valid_tag "$target" || { echo "rollout: '$target' is not a valid image tag" >&2; exit 2; }
 previous=$(current_tag)
 [ "$previous" != "$target" ] || { echo "rollout: $target is already running"; exit 0; }
 
@@ -90,9 +100,11 @@ run "$COMPOSE up -d --no-deps gateway"
 
 if [ "$DRY" = 0 ]; then
     echo "$previous" > "$STATE_FILE"
-    if grep -qE '^VOXBOX_TAG=' "$ENV_FILE" 2>/dev/null; then
-        sed -i.bak -E "s/^VOXBOX_TAG=.*/VOXBOX_TAG=$target/" "$ENV_FILE" && rm -f "$ENV_FILE.bak"
+    if grep -qE "$TAG_LINE" "$ENV_FILE" 2>/dev/null; then
+        sed -i.bak -E "s/$TAG_LINE.*/VOXBOX_TAG=$target/" "$ENV_FILE" && rm -f "$ENV_FILE.bak"
     else
+        # A file that does not end in a newline would glue the tag onto its last setting.
+        [ ! -s "$ENV_FILE" ] || [ -z "$(tail -c1 "$ENV_FILE")" ] || echo >> "$ENV_FILE"
         echo "VOXBOX_TAG=$target" >> "$ENV_FILE"
     fi
 else
