@@ -68,6 +68,8 @@ def _check_files(files: tuple[FileEntry, ...]) -> None:
         raise FatalError("manifest.json lists no files; a pull would serve an empty model. Republish the model")
     paths = set()
     for f in files:
+        if f.path == MANIFEST or f.path.endswith(".part"):  # names the puller keeps for itself
+            raise FatalError(f"manifest.json lists {f.path}, a name the puller reserves; rename it and republish")
         if f.size < 0:
             raise FatalError(f"manifest.json gives {f.path} a negative size ({f.size}); republish the model")
         if f.path in paths:

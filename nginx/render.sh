@@ -71,12 +71,13 @@ for pair in $BASIC_AUTH_USERS; do
     # From stdin, so a password that starts with '-' is not read as an option.
     hash=$(printf '%s\n' "$pass" | openssl passwd -apr1 -stdin) && case "$hash" in '$apr1$'*) ;; *) false ;; esac \
         || die "BASIC_AUTH_USERS: could not hash the password of '$user' with openssl"
+    ! cut -d: -f1 "$htpasswd.tmp" | grep -qxF "$user" || die "BASIC_AUTH_USERS lists '$user' twice; keep one password per user"
     printf '%s:%s\n' "$user" "$hash" >> "$htpasswd.tmp"
     users=$((users + 1))
 done
 IFS=$old_ifs
 if [ -n "$BASIC_AUTH_FILE" ]; then
-    [ -r "$BASIC_AUTH_FILE" ] || die "BASIC_AUTH_FILE $BASIC_AUTH_FILE is not readable"
+    [ -f "$BASIC_AUTH_FILE" ] && [ -r "$BASIC_AUTH_FILE" ] || die "BASIC_AUTH_FILE $BASIC_AUTH_FILE is not a readable file"
     grep -E '^[^#[:space:]][^:]*:.+' "$BASIC_AUTH_FILE" >> "$htpasswd.tmp" || true
     users=$((users + $(grep -cE '^[^#[:space:]][^:]*:.+' "$BASIC_AUTH_FILE" || true)))
 fi
@@ -113,7 +114,7 @@ for key in $API_KEYS; do
 done
 IFS=$old_ifs
 if [ -n "$API_KEYS_FILE" ]; then
-    [ -r "$API_KEYS_FILE" ] || die "API_KEYS_FILE $API_KEYS_FILE is not readable"
+    [ -f "$API_KEYS_FILE" ] && [ -r "$API_KEYS_FILE" ] || die "API_KEYS_FILE $API_KEYS_FILE is not a readable file"
     while IFS= read -r key || [ -n "$key" ]; do
         key=$(printf '%s' "$key" | tr -d '[:space:]')
         case "$key" in ""|\#*) continue ;; esac

@@ -48,6 +48,8 @@ valid_tag() {
     [[ $1 =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]]  # the whole string: a newline cannot slip through
 }
 
+[ -f "$ENV_FILE" ] || { echo "rollout: $ENV_FILE not found; cp .env.example .env and fill it in first" >&2; exit 1; }
+
 target=${ARGS[0]}
 if [ "$target" = rollback ]; then
     [ -s "$STATE_FILE" ] || { echo "rollout: nothing to roll back to ($STATE_FILE is missing)" >&2; exit 1; }

@@ -322,3 +322,24 @@ def test_tag_with_a_newline_is_refused(tmp_path):
 def test_rollback_with_a_corrupt_state_file_is_refused(tmp_path):
     r = _rollout(tmp_path, "rollback", "--dry-run", env_text="VOXBOX_TAG=1.1.0\n", state="1.0.0\n0.9.0\n")
     assert r.returncode != 0 and "rollout:" in r.stderr, r.stdout + r.stderr
+
+
+def test_duplicate_users_and_a_directory_as_auth_file_are_refused(tmp_path):
+    r = render(tmp_path / "a", "127.0.0.1:9", free_port(), {"BASIC_AUTH_USERS": "u:a,u:b"})
+    _gateway_refused(r, "BASIC_AUTH_USERS")
+    r = render(tmp_path / "b", "127.0.0.1:9", free_port(), {"BASIC_AUTH_USERS": "u:a, bob:b"})  # " bob"
+    _gateway_refused(r, "BASIC_AUTH_USERS")
+    r = render(tmp_path / "c", "127.0.0.1:9", free_port(), {"API_KEYS": KEY, "BASIC_AUTH_FILE": str(tmp_path)})
+    _gateway_refused(r, "BASIC_AUTH_FILE")
+
+
+@pytest.mark.parametrize("path", ["manifest.json", "model.bin.part"])
+def test_manifest_paths_the_puller_reserves_are_refused(s3_server, tmp_path, path):
+    uri = _bucket_with(s3_server, {"name": "x", "version": "1", "files": [_entry(path)]}, {path: b"weights\n"})
+    assert "reserves" in _fatal(run_bootstrap(bootstrap_env(s3_server, tmp_path / "m", uri, PULL_RETRIES=1), "pull"))
+
+
+def test_rollout_without_an_env_file_is_refused(tmp_path):
+    r = _rollout(tmp_path, "1.1.0", "--dry-run")
+    assert r.returncode == 1 and "cp .env.example .env" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / ".env").exists()
