@@ -21,7 +21,7 @@ def publish(local_dir: Path, uri: str, s: BootstrapSettings, name: str | None = 
             version: str | None = None, create_bucket: bool = False) -> mf.Manifest:
     if not local_dir.is_dir():
         raise FatalError(f"{local_dir} is not a directory")
-    where = parse_uri(uri, s.s3_endpoint_url)
+    where = parse_uri(uri, s.s3_endpoint_url, what="the publish URI")
     t0 = time.monotonic()
     manifest = mf.build(local_dir, name or local_dir.name, version or time.strftime("%Y%m%d-%H%M%S"))
     log.info("publish: %d files, %.1f MB hashed in %.1fs", len(manifest.files), manifest.total_bytes / 1e6,

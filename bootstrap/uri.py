@@ -20,12 +20,15 @@ class ObjectPrefix:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def parse_uri(uri: str, endpoint: Optional[str]) -> ObjectPrefix:
+def parse_uri(uri: str, endpoint: Optional[str], what: str = "MODEL_URI") -> ObjectPrefix:
+    """`what` names where the URI came from (a setting or a command-line argument) in errors."""
     parsed = urlparse(uri.strip())
     if parsed.scheme not in ("s3", "oss") or not parsed.netloc:
-        raise FatalError(f"MODEL_URI={uri!r} is not s3://bucket/prefix/ (or oss://bucket/prefix/)")
+        raise FatalError(f"{what} {uri!r} is not s3://bucket/prefix/ (or oss://bucket/prefix/)")
+    if parsed.query or parsed.fragment:  # urlparse would silently drop them from the key
+        raise FatalError(f"{what} {uri!r} has a '?' or '#' part; use a prefix without them")
     if parsed.scheme == "oss" and not endpoint:
-        raise FatalError("MODEL_URI uses oss:// but S3_ENDPOINT_URL is not set; set it to your OSS region "
+        raise FatalError(f"{what} uses oss:// but S3_ENDPOINT_URL is not set; set it to your OSS region "
                          "endpoint, e.g. https://oss-cn-hangzhou.aliyuncs.com")
     prefix = parsed.path.lstrip("/")
     if prefix and not prefix.endswith("/"):

@@ -67,6 +67,11 @@ def test_uri_parsing():
             parse_uri(bad, None)
     with pytest.raises(FatalError, match="S3_ENDPOINT_URL"):
         parse_uri("oss://b/m/", None)
+    for bad in ("s3://b/m/?versionId=1", "s3://b/m/#v2"):  # would be dropped from the key silently
+        with pytest.raises(FatalError, match="'\\?' or '#'"):
+            parse_uri(bad, None)
+    with pytest.raises(FatalError, match="the publish URI 'http://x/'"):
+        parse_uri("http://x/", None, what="the publish URI")
 
 
 def test_manifest_build_parse_and_canonical_digest(tmp_path):
