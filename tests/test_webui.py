@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -35,7 +35,9 @@ def browser():
 
 def wait(browser, cond, timeout=60):
     try:
-        return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda b: cond(b))
+        # The page re-renders lists as data arrives: an element read mid-render is stale, so look again.
+        return WebDriverWait(browser, timeout, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda b: cond(b))
     except TimeoutException:
         state = browser.execute_script(
             "return {voxbox: window.voxbox, error: document.getElementById('error').textContent, "
