@@ -486,7 +486,6 @@ def _promote(part: Path, final: Path, entry: mf.FileEntry, state: dict, vdir: Pa
 
 
 def _check_disk(models_dir: Path, need: int) -> None:
-    models_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(models_dir).free
     if need > free:
         raise FatalError(f"disk full: the model needs {need / 1e9:.2f} GB more but {models_dir} has "

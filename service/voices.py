@@ -76,18 +76,20 @@ class VoiceStore:
                 rate = f.samplerate
                 limit = int(self.max_seconds * rate) + 1
                 if f.frames > limit and f.frames < 2 ** 62:  # some formats report "unknown" as huge
-                    raise VoiceError(400, "bad_duration", f"the clip is {f.frames / rate:.1f}s long; it must be "
-                                     f"between {self.min_seconds:g}s and {self.max_seconds:g}s")
+                    raise self._bad_duration(f"{f.frames / rate:.1f}s long")
                 audio = f.read(frames=limit, dtype="float32", always_2d=True)
                 if len(audio) >= limit:
-                    raise VoiceError(400, "bad_duration", f"the clip is longer than {self.max_seconds:g}s; it "
-                                     f"must be between {self.min_seconds:g}s and {self.max_seconds:g}s")
+                    raise self._bad_duration(f"longer than {self.max_seconds:g}s")
         except VoiceError:
             raise
         except Exception:
             raise VoiceError(415, "unsupported_audio", "the file is not audio this server can decode; "
                              "upload WAV, FLAC, OGG or MP3") from None
         return audio.mean(axis=1), rate
+
+    def _bad_duration(self, length: str) -> VoiceError:
+        return VoiceError(400, "bad_duration", f"the clip is {length}; it must be between {self.min_seconds:g}s "
+                          f"and {self.max_seconds:g}s")
 
     def create(self, name: str, transcript: str, data: bytes) -> Voice:
         name = (name or "").strip()
@@ -107,12 +109,11 @@ class VoiceStore:
         audio, rate = self._decode(data)
         duration = audio.size / rate
         if not self.min_seconds <= duration <= self.max_seconds:
-            raise VoiceError(400, "bad_duration", f"the clip is {duration:.1f}s long; it must be between "
-                             f"{self.min_seconds:g}s and {self.max_seconds:g}s")
-        if not np.isfinite(audio).all():
-            raise VoiceError(400, "silent_audio", "the clip is silent or invalid; record someone speaking")
-        audio = audio - audio.mean()  # a DC offset is not sound
-        if float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
+            raise self._bad_duration(f"{duration:.1f}s long")
+        finite = bool(np.isfinite(audio).all())
+        if finite:
+            audio = audio - audio.mean()  # a DC offset is not sound
+        if not finite or float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
             raise VoiceError(400, "silent_audio", "the clip is silent or invalid; record someone speaking")
         peak = float(np.abs(audio).max())
         if peak > 1.0:  # float files may hold any scale; the model expects [-1, 1]

@@ -14,7 +14,7 @@ import soundfile as sf
 import websocket
 
 from .support.voxcpm_checkpoint import build_checkpoint
-from .support.worker import start_worker
+from .support.worker import start_worker, ws_collect
 
 VOICE_MAX_BYTES = 1_500_000
 THREADS = 8  # GUNICORN_THREADS the worker gets from start_worker
@@ -73,21 +73,6 @@ def ws_connect(worker, timeout=30):
     return websocket.create_connection(worker.ws_url, timeout=timeout)
 
 
-def ws_collect(ws):
-    """(header or None, binary chunks, final message) of one request."""
-    header, chunks = None, []
-    while True:
-        msg = ws.recv()
-        if isinstance(msg, bytes):
-            chunks.append(msg)
-            continue
-        body = json.loads(msg)
-        if body["type"] == "header":
-            header = body
-        else:
-            return header, chunks, body
-
-
 def raw_http(worker, request: bytes, wait: float = 10) -> tuple[int, dict, bytes]:
     """Send bytes on a fresh socket, read one response: (status, headers lower-cased, body)."""
     with socket.create_connection(("127.0.0.1", worker.port), timeout=wait) as s:
@@ -125,39 +110,6 @@ def test_deeply_nested_json_is_400_not_500(worker, path, body):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] in ("invalid_json", "invalid_request")
     assert_no_traceback_since(worker, mark)
-
-
-def test_ws_deeply_nested_message_is_a_client_error(worker):
-    ws = ws_connect(worker)
-    try:
-        ws.send(DEEP)
-        err = json.loads(ws.recv())
-        assert err["type"] == "error" and err["code"] in ("invalid_json", "invalid_request"), err
-        ws.send(json.dumps({"text": "Still fine."}))
-        assert ws_collect(ws)[2]["type"] == "done"
-    finally:
-        ws.close()
-
-
-def test_ws_deeply_nested_message_mid_stream_does_not_kill_the_stream(worker):
-    text = " ".join(f"This is sentence {i}, spoken at an easy pace." for i in range(30))
-    ws = ws_connect(worker)
-    try:
-        ws.send(json.dumps({"text": text}))
-        assert json.loads(ws.recv())["type"] == "header"
-        ws.send(DEEP)
-        while isinstance(msg := ws.recv(), bytes):
-            pass
-        err = json.loads(msg)
-        # Like any other bad message mid-stream: a client error, and the audio keeps coming.
-        assert err["type"] == "error" and err["code"] in ("invalid_json", "invalid_request"), err
-        assert isinstance(ws.recv(), bytes)
-        ws.send(json.dumps({"type": "cancel"}))
-        while isinstance(msg := ws.recv(), bytes):
-            pass
-        assert json.loads(msg)["type"] == "cancelled"
-    finally:
-        ws.close()
 
 
 @pytest.mark.parametrize("headers", [
@@ -465,7 +417,9 @@ def test_odd_rates_and_channel_counts_are_normalised(worker, rate, channels):
                                       ('{"text": "\\ud800"}', "invalid_text"),
                                       ('{"text": "hi", "speed": NaN}', "invalid_request"),
                                       ('{"type": null, "text": "hi"}', "invalid_request"),
-                                      ('{"text": "hi", "voice": "../../etc/passwd"}', "unknown_voice")])
+                                      ('{"text": "hi", "voice": "../../etc/passwd"}', "unknown_voice"),
+                                      (DEEP, "invalid_json")],  # json.loads raises RecursionError
+                         ids=["null", "string", "surrogate", "nan", "null-type", "path-voice", "deeply-nested"])
 def test_ws_more_bad_messages_keep_the_connection(worker, raw, code):
     ws = ws_connect(worker)
     try:
@@ -478,13 +432,14 @@ def test_ws_more_bad_messages_keep_the_connection(worker, raw, code):
         ws.close()
 
 
-def test_ws_bad_message_mid_stream_is_answered_and_the_stream_goes_on(worker):
+@pytest.mark.parametrize("bad", ["{not json", DEEP], ids=["not-json", "deeply-nested"])
+def test_ws_bad_message_mid_stream_is_answered_and_the_stream_goes_on(worker, bad):
     text = " ".join(f"This is sentence {i}, spoken at an easy pace." for i in range(30))
     ws = ws_connect(worker)
     try:
         ws.send(json.dumps({"text": text}))
         assert json.loads(ws.recv())["type"] == "header"
-        ws.send("{not json")
+        ws.send(bad)
         while isinstance(msg := ws.recv(), bytes):
             pass
         assert json.loads(msg)["code"] == "invalid_json"

@@ -9,7 +9,7 @@ import requests
 import soundfile as sf
 import websocket
 
-from .support.worker import start_worker
+from .support.worker import start_worker, ws_collect
 
 PARAGRAPHS = " ".join(
     f"Paragraph {p}. " + " ".join(f"This is sentence {s} of paragraph {p}, spoken at an easy pace." for s in range(4))
@@ -33,25 +33,10 @@ def ws(worker):
     conn.close()
 
 
-def collect(ws):
-    """Read one request's messages: returns (header, [binary chunks with arrival times], final message)."""
-    header, chunks = None, []
-    while True:
-        msg = ws.recv()
-        if isinstance(msg, bytes):
-            chunks.append((time.monotonic(), msg))
-            continue
-        body = json.loads(msg)
-        if body["type"] == "header":
-            header = body
-        else:
-            return header, chunks, body
-
-
 def test_header_chunks_done(ws):
     ws.send(json.dumps({"text": "Hello there. Streaming over a WebSocket works.", "format": "pcm16",
                         "sample_rate": 24000}))
-    header, chunks, done = collect(ws)
+    header, chunks, done = ws_collect(ws)
     assert header == {"type": "header", "sample_rate": 24000, "channels": 1, "format": "pcm16",
                       "sample_format": "s16le"}
     assert done["type"] == "done" and done["chunks"] == len(chunks) >= 1
@@ -62,14 +47,14 @@ def test_header_chunks_done(ws):
 
 def test_wav_format_starts_with_a_header(ws):
     ws.send(json.dumps({"text": "Wave format.", "format": "wav"}))
-    _, chunks, done = collect(ws)
+    _, chunks, done = ws_collect(ws)
     assert chunks[0][1][:4] == b"RIFF" and done["type"] == "done"
 
 
 def test_several_requests_per_connection(ws):
     for text in ("First request.", "Second request.", "Third request."):
         ws.send(json.dumps({"text": text}))
-        assert collect(ws)[2]["type"] == "done"
+        assert ws_collect(ws)[2]["type"] == "done"
 
 
 def test_cancel_mid_stream_then_connection_still_usable(ws):
@@ -86,7 +71,7 @@ def test_cancel_mid_stream_then_connection_still_usable(ws):
     assert time.monotonic() - t0 < 3  # stopped, not run to the end of 16 sentences
     # The server really stopped: the next request is not queued behind the rest of the long text.
     ws.send(json.dumps({"text": "After the cancel."}))
-    _, chunks, done = collect(ws)
+    _, chunks, done = ws_collect(ws)
     assert done["type"] == "done" and chunks and done["latency"] < 5
 
 
@@ -100,7 +85,7 @@ def test_closing_the_connection_mid_stream_stops_the_synthesis(worker):
     try:
         t0 = time.monotonic()
         with_new.send(json.dumps({"text": "A new connection is served at once."}))
-        assert collect(with_new)[2]["type"] == "done"
+        assert ws_collect(with_new)[2]["type"] == "done"
         assert time.monotonic() - t0 < 5  # not behind the abandoned long text (~20 s of synthesis)
     finally:
         with_new.close()
@@ -129,7 +114,7 @@ def test_a_second_request_while_streaming_is_refused_and_the_stream_goes_on(ws):
 def test_explicit_synthesize_type_and_knobs(ws):
     ws.send(json.dumps({"type": "synthesize", "text": "Knobs.", "voice": "joe-calm", "speed": 1.5,
                         "sample_rate": 16000, "lang": "en"}))
-    header, chunks, done = collect(ws)
+    header, chunks, done = ws_collect(ws)
     assert header["sample_rate"] == 16000 and done["type"] == "done"
     assert abs(sum(len(c) for _, c in chunks) / 2 / 16000 - done["duration"]) < 0.1
 
@@ -144,7 +129,7 @@ def test_uploaded_voice_on_the_embedded_engine_is_an_error(worker, ws):
     err = json.loads(ws.recv())
     assert err["type"] == "error" and err["code"] == "voice_not_supported" and "cannot clone" in err["message"]
     ws.send(json.dumps({"text": "Still fine."}))
-    assert collect(ws)[2]["type"] == "done"
+    assert ws_collect(ws)[2]["type"] == "done"
 
 
 @pytest.mark.parametrize("raw,code", [
@@ -170,7 +155,7 @@ def test_bad_message_gets_error_and_connection_stays_usable(ws, raw, code):
     err = json.loads(ws.recv())
     assert err["type"] == "error" and err["code"] == code and err["message"]
     ws.send(json.dumps({"text": "Still fine."}))
-    assert collect(ws)[2]["type"] == "done"
+    assert ws_collect(ws)[2]["type"] == "done"
 
 
 def test_an_oversized_message_closes_the_connection_with_1009(worker):
@@ -190,7 +175,7 @@ def test_binary_message_is_refused(ws):
 def test_long_text_streams_first_audio_long_before_the_end(ws):
     t0 = time.monotonic()
     ws.send(json.dumps({"text": PARAGRAPHS}))
-    _, chunks, done = collect(ws)
+    _, chunks, done = ws_collect(ws)
     total = time.monotonic() - t0
     first = chunks[0][0] - t0
     assert done["type"] == "done" and len(chunks) >= 4

@@ -1,7 +1,9 @@
 """A real gunicorn worker (service.app:create_app) on a free loopback port, for the tests."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,3 +58,18 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
     check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2) is not None)
     with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}"):
         yield Worker(url=url, port=port, log=log, env=env)
+
+
+def ws_collect(ws):
+    """Read one /v1/stream request's messages: (header or None, [(arrival time, binary chunk)], final message)."""
+    header, chunks = None, []
+    while True:
+        msg = ws.recv()
+        if isinstance(msg, bytes):
+            chunks.append((time.monotonic(), msg))
+            continue
+        body = json.loads(msg)
+        if body["type"] == "header":
+            header = body
+        else:
+            return header, chunks, body
