@@ -72,7 +72,7 @@ def assert_same(batched, reference):
 def test_batched_equals_alone_with_joins_and_leaves(model):
     reference = {i: alone(model, t, s, n) for i, (t, s, n) in enumerate(REQUESTS)}
     assert len({len(v) for v in reference.values()}) > 1  # the rows really finish at different steps
-    gen = BatchedGenerator(model, max_batch=3, max_length=256)
+    gen = BatchedGenerator(model, record_latents=True, max_batch=3, max_length=256)
     # Two start together; the third joins while they are mid-generation.
     schedule = {0: [(0, *REQUESTS[0]), (1, *REQUESTS[1])], 3: [(2, *REQUESTS[2])]}
     batched = run_batched(gen, schedule)
@@ -85,7 +85,7 @@ def test_batched_equals_alone_with_joins_and_leaves(model):
 
 
 def test_a_freed_row_is_reused_correctly(model):
-    gen = BatchedGenerator(model, max_batch=2, max_length=256)
+    gen = BatchedGenerator(model, record_latents=True, max_batch=2, max_length=256)
     first = run_batched(gen, {0: [(0, *REQUESTS[2]), (1, *REQUESTS[1])], 6: [(2, *REQUESTS[0])]})
     assert_same(first[2], alone(model, *REQUESTS[0]))  # joined into the row the short request left
 
@@ -104,7 +104,7 @@ def sine_prompt(model, seconds=2):
 def test_with_a_voice_prompt(model):
     prompt = sine_prompt(model)
     reference = alone(model, "Cloned voice output.", 7, 8, prompt)
-    gen = BatchedGenerator(model, max_batch=2, max_length=256)
+    gen = BatchedGenerator(model, record_latents=True, max_batch=2, max_length=256)
     other = gen.add("Another request in the same batch.", None, max_len=12, inference_timesteps=4, seed=1)
     row = gen.add("Cloned voice output.", prompt, max_len=8, min_len=2, inference_timesteps=4, cfg_value=2.0, seed=7)
     got = []
@@ -115,7 +115,7 @@ def test_with_a_voice_prompt(model):
 
 
 def test_cancel_full_and_empty(model):
-    gen = BatchedGenerator(model, max_batch=2, max_length=128)
+    gen = BatchedGenerator(model, record_latents=True, max_batch=2, max_length=128)
     assert gen.step() == []
     a = gen.add("one", max_len=50, inference_timesteps=4, seed=1)
     gen.add("two", max_len=50, inference_timesteps=4, seed=2)
@@ -124,8 +124,8 @@ def test_cancel_full_and_empty(model):
     gen.cancel(a)
     assert gen.free_slots() == 1
     assert [r for r, _, _ in gen.step()] == [1]
-    with pytest.raises(ValueError, match="same inference_timesteps"):
-        gen.add("four", inference_timesteps=9)
+    with pytest.raises(ValueError, match="inference_timesteps must be between 1 and 100"):
+        gen.add("four", inference_timesteps=101)
 
 
 def test_pick_max_batch_scales_with_memory(model):
@@ -169,7 +169,7 @@ def test_requests_prefilled_together_equal_each_alone(model):
     prompt = sine_prompt(model)
     cases = [(REQUESTS[1][0], 22, 12, None), ("Short.", 33, 6, None), ("Cloned voice output.", 7, 8, prompt)]
     reference = [alone(model, text, seed, n, p) for text, seed, n, p in cases]
-    gen = BatchedGenerator(model, max_batch=4, max_length=256)
+    gen = BatchedGenerator(model, record_latents=True, max_batch=4, max_length=256)
     first = gen.add(REQUESTS[0][0], None, max_len=10, min_len=2, inference_timesteps=4, seed=11)
     gen.step()
     rows = gen.add_many([Join(text, p, max_len=n, min_len=2, inference_timesteps=4, cfg_value=2.0, seed=seed)
@@ -183,4 +183,94 @@ def test_requests_prefilled_together_equal_each_alone(model):
     for row, ref in zip(rows, reference):
         assert_same(got[row], ref)
     with pytest.raises(RuntimeError, match="no free batch slot"):
-        BatchedGenerator(model, max_batch=1, max_length=64).add_many([Join("a"), Join("b")])
+        BatchedGenerator(model, record_latents=True, max_batch=1, max_length=64).add_many([Join("a"), Join("b")])
+
+
+def test_rows_with_different_step_counts_share_a_step(model):
+    """Per-row time grids: a 2-step, a 4-step and a 7-step request in one batch each equal the
+    package generating it alone with its own inference_timesteps."""
+    cases = [(REQUESTS[0][0], 11, 6, 2), (REQUESTS[1][0], 22, 8, 7), ("Short.", 33, 5, 4)]
+
+    def alone_steps(text, seed, max_len, steps):
+        torch.manual_seed(seed)
+        return [(f[-1][0, 0].float().numpy(), w.squeeze(0).numpy()) for w, _, f in
+                model.generate_with_prompt_cache_streaming(target_text=text, prompt_cache=None, max_len=max_len,
+                                                           min_len=2, inference_timesteps=steps, cfg_value=2.0)]
+
+    gen = BatchedGenerator(model, record_latents=True, max_batch=4, max_length=256)
+    handles = [gen.add(t, None, max_len=n, min_len=2, inference_timesteps=k, cfg_value=2.0, seed=s)
+               for t, s, n, k in cases]
+    got = {h: [] for h in handles}
+    while gen.active():
+        for row, audio, _ in gen.step():
+            got[row].append((gen.last_patch[row].float().numpy(), audio))
+    for h, case in zip(handles, cases):
+        assert_same(got[h], alone_steps(*case))
+
+
+def test_padding_rows_change_nothing(model):
+    """Three live rows run in the bucket of four; the idle row is filled with NaN and huge values,
+    and the live rows still equal the package's own generation."""
+    gen = BatchedGenerator(model, record_latents=True, max_batch=8, max_length=256)
+    assert gen.buckets == (1, 2, 4, 8)
+    rows = [gen.add(t, None, max_len=n, min_len=2, inference_timesteps=4, cfg_value=2.0, seed=s)
+            for t, s, n in REQUESTS]
+    for t in (gen.lm_hidden, gen.res_hidden, gen.cond):
+        t[3:] = float("nan")
+    gen.base_kv[:, :, 3:] = 1e30
+    assert gen.shapes()[0] == 4
+    got = {r: [] for r in rows}
+    while gen.active():
+        for row, audio, _ in gen.step():
+            got[row].append((gen.last_patch[row].float().numpy(), audio))
+    for row, (text, seed, n) in zip(rows, REQUESTS):
+        assert_same(got[row], alone(model, text, seed, n))
+
+
+def test_the_step_has_no_host_sync_and_no_data_dependent_python(model):
+    """Each part of the step traces as one graph (fullgraph: any .item(), .tolist(), or Python
+    branch on a tensor value would break it), so it can be captured in a CUDA graph."""
+    gen = BatchedGenerator(model, max_batch=4, max_length=512)
+    gen.add(REQUESTS[0][0], None, max_len=8, inference_timesteps=4, seed=1)
+    b, length, iters = gen.shapes()
+    assert (b, length, iters) == (1, 256, 4)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for fn, args in ((gen.dit_step, (b, iters)), (gen.lm_step, (b, length)), (gen.vae_step, (b,))):
+            torch.compile(fn, fullgraph=True, backend="eager")(*args)
+
+
+def test_streaming_decode_equals_decoding_the_whole_sequence(model):
+    """The carried-state VAE decode, one patch per step, gives the samples of one decode of the whole
+    latent sequence; priming with a prompt's patches equals decoding them ahead and cutting them off."""
+    from einops import rearrange
+
+    from service.engines.voxcpm_vae_stream import StreamingDecoder
+
+    vae = model.audio_vae
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 10, model.patch_size, vae.latent_dim, generator=gen)  # [b, t, P, D]
+    with torch.inference_mode():
+        whole = vae.decode(rearrange(latents, "b t p d -> b d (t p)"))
+        dec = StreamingDecoder(vae, max_rows=3, device="cpu")
+        dec.prime(1, rearrange(latents[1, :2], "t p d -> d (t p)"))
+        dec.prime(0, rearrange(latents[0, :2], "t p d -> d (t p)"))
+        pieces = [dec.decode(latents[:, t].transpose(1, 2)) for t in range(2, 10)]
+    streamed = torch.cat(pieces, dim=-1)
+    hop = model.patch_size * model.chunk_size
+    assert streamed.shape == whole[..., 2 * hop:].shape
+    assert (streamed - whole[..., 2 * hop:]).abs().max() < 1e-6
+    assert whole[..., 2 * hop:].abs().max() > 1e-4  # the audio is not silence
+
+
+def test_buckets():
+    from service.engines.voxcpm_batch import batch_buckets, bucket_for, length_buckets
+
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert length_buckets(4096) == (256, 512, 1024, 2048, 4096)
+    assert length_buckets(200) == (200,)
+    assert bucket_for(1, (1, 2, 4)) == 1 and bucket_for(3, (1, 2, 4)) == 4
+    with pytest.raises(ValueError):
+        bucket_for(5, (1, 2, 4))

@@ -1,42 +1,50 @@
 """Continuous batching for VoxCPM: many requests share each generation step of one model.
 
 The package generates one request at a time (a batch-1 KV cache held by the model, one position for
-the whole batch). This generator keeps its own batched KV caches for the text-semantic LM and the
-residual LM, with a position per row, and runs the package's own modules (weights, RoPE, local
-DiT solver, local encoder, stop head, VAE) on all active rows at once. Requests join between steps
-(prefilled alone with the package's own forward, then copied into a free row) and leave when they
+the whole batch). This generator keeps its own batched state and runs the package's own modules
+(weights, RoPE, local DiT, local encoder, stop head) on all rows at once. Requests join between steps
+(prefilled together with the package's own forward, then copied into free rows) and leave when they
 stop, so a long request never holds short ones back.
 
-Numerically each row follows the package's generation loop step for step: the same stop rule and
-length clamp, the same streaming VAE decode, and diffusion noise from a per-request generator
-seeded like the package's global RNG (tests/test_voxcpm_batching.py checks equality with the
-package generating each request alone).
+The step is built to be captured in CUDA graphs (one replay instead of thousands of kernel launches):
+- every per-row value lives in preallocated device tensors: KV caches, hidden states, positions,
+  step counters, CFG values, each row's diffusion time grid, and each row's noise for every step it
+  may take (drawn once when it joins, from its own seeded generator);
+- rows are kept packed at the front of the buffers and the step runs on a bucket of b rows (1, 2, 4,
+  ... max_batch), the rows past the live ones being idle padding whose results are ignored; attention
+  reads a bucketed prefix of the KV cache, and the DiT solver runs as many iterations as the row with
+  the most steps (rows with fewer hold still: their time step is zero), so requests with different
+  `inference_timesteps` share one step;
+- nothing in the step reads a value back to the host or branches on one: the host mirrors positions
+  and step counts (they advance by one per step), and the stop flags come back once per step with the
+  audio, in one copy.
+The VAE decode is streamed with carried convolution state (voxcpm_vae_stream.py): each step decodes
+only its own patch, and the audio equals decoding the whole sequence at once.
 
-Not thread-safe: the scheduler's inference thread is the only caller.
+Numerically each row follows the package's generation loop step for step: the same stop rule and
+length clamp, the same solver arithmetic, and noise from a generator seeded like the package's global
+RNG (tests/test_voxcpm_batching.py checks equality with the package generating each request alone).
+
+Not thread-safe: the scheduler's inference thread is the only caller (CUDA graphs are thread-local).
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-from einops import rearrange
 
-_STREAMING_PREFIX = 3  # patches decoded together for one streamed chunk, as the package does
-_SWAY = 1.0
+from .voxcpm_vae_stream import StreamingDecoder
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class _Row:
-    max_len: int
-    min_len: int
-    timesteps: int
-    cfg: float
-    generator: torch.Generator
-    step: int = 0
-    recent: list = field(default_factory=list)  # last patches [1, 1, P, D] for the streaming decode
+_STREAMING_PREFIX = 3  # the package's streaming_prefix_len: a prompt's last 2 patches prime the decoder
+_SWAY = 1.0  # the package's sway_sampling_coef
+_MIN_LENGTH_BUCKET = 256  # KV positions attention reads at least (the smallest length bucket)
 
 
 @dataclass
@@ -54,28 +62,136 @@ class Join:
     length_ratio: Optional[float] = 6.0
 
 
+class StepOutput(NamedTuple):
+    """One row's result of a step: its handle, 160 ms of audio, whether the row has finished."""
+    row: int
+    audio: np.ndarray
+    done: bool
+
+
+@dataclass
+class _Slot:
+    """Host-side facts of a live row (mirrors of what the device holds, so the step never asks it)."""
+    handle: int
+    max_len: int
+    min_len: int
+    timesteps: int
+    pos: int  # next KV position
+    step: int = 0
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes the step runs at: powers of two below max_batch, and max_batch itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return tuple(sizes + [max_batch])
+
+
+def length_buckets(max_length: int) -> tuple[int, ...]:
+    sizes = [1 << i for i in range(max_length.bit_length()) if _MIN_LENGTH_BUCKET <= (1 << i) < max_length]
+    return tuple(sizes + [max_length])
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding n (buckets ascending); n beyond the largest is a caller's bug."""
+    for size in buckets:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class GraphCache:
+    """Runs a step function through a CUDA graph per static shape key; plain eager calls elsewhere.
+
+    A new key's first call runs eagerly (that step's real work; it also initialises kernels and
+    workspaces) and is then captured, so every later call with that key is one graph replay. Functions
+    read and write only preallocated tensors, so a replay needs no inputs or outputs of its own; all
+    graphs share one memory pool (they never run concurrently). A capture that fails turns graphs off
+    for this generator, logged, and the step goes on eagerly.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs: dict = {}
+        self._pool = None
+
+    def run(self, key, fn: Callable[[], None]) -> None:
+        graph = self.graphs.get(key) if self.enabled else None
+        if graph is not None:
+            graph.replay()
+            return
+        fn()
+        if self.enabled:
+            self._capture(key, fn)
+
+    def _capture(self, key, fn) -> None:
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                fn()
+            self.graphs[key] = graph
+        except Exception:  # an op that cannot be captured: correct but slower, and visible in the log
+            log.exception("voxcpm: CUDA graph capture failed for %s; the batched step runs eagerly", key)
+            self.enabled = False
+            self.graphs.clear()
+
+
 class BatchedGenerator:
-    def __init__(self, model, max_batch: int, max_length: Optional[int] = None):
+    def __init__(self, model, max_batch: int, max_length: Optional[int] = None, max_steps: Optional[int] = None,
+                 max_timesteps: int = 100, cuda_graphs: bool = True, record_latents: bool = False):
+        """max_length: KV positions per row (prompt + text + generated); max_steps: tokens a row may
+        generate (noise is drawn for that many); max_timesteps: the largest inference_timesteps."""
         self.m = model
         # Eager modules: the package's torch.compile'd ones (reduce-overhead, CUDA graphs) are built
         # for batch 1 and would recompile for every batch size.
         self.feat_encoder = _eager(model.feat_encoder)
         self.estimator = _eager(model.feat_decoder.estimator)
         self.max_batch = max_batch
-        self.device = model.device
+        self.device = torch.device(model.device)
         self.dtype = next(model.base_lm.parameters()).dtype
         self.max_length = max_length or model.config.max_length
-        self.base_kv = self._alloc(model.base_lm)
-        self.res_kv = self._alloc(model.residual_lm)
+        self.max_steps = min(max_steps or self.max_length, self.max_length)
+        self.max_timesteps = max_timesteps
+        self.buckets = batch_buckets(max_batch)
+        self.lengths = length_buckets(self.max_length)
+        self.record_latents = record_latents
+        self.last_patch: dict[int, torch.Tensor] = {}  # handle -> this step's latent patch [P, D] (record_latents)
+        self.graphs = GraphCache(cuda_graphs and self.device.type == "cuda")
+
+        b, dev, dt = max_batch, self.device, self.dtype
         h = model.config.lm_config.hidden_size
         p, d = model.patch_size, model.audio_vae.latent_dim
-        self.lm_hidden = torch.zeros(max_batch, h, device=self.device, dtype=self.dtype)
-        self.res_hidden = torch.zeros(max_batch, h, device=self.device, dtype=self.dtype)
-        self.cond = torch.zeros(max_batch, p, d, device=self.device, dtype=self.dtype)
-        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next KV slot per row
-        self._pos = [0] * max_batch  # the same on the host, so sizing attention needs no device sync
-        self.rows: dict[int, _Row] = {}
-        self.last_patch: dict[int, torch.Tensor] = {}  # row -> latent patch [P, D] of the latest step
+        c = model.feat_decoder.in_channels
+        self.base_kv = self._alloc(model.base_lm)
+        self.res_kv = self._alloc(model.residual_lm)
+        self.lm_hidden = torch.zeros(b, h, device=dev, dtype=dt)
+        self.res_hidden = torch.zeros(b, h, device=dev, dtype=dt)
+        self.cond = torch.zeros(b, p, d, device=dev, dtype=dt)  # each row's previous patch (DiT prefix)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.step_idx = torch.zeros(b, dtype=torch.long, device=dev)
+        self.live = torch.zeros(b, dtype=torch.long, device=dev)  # 1 for live rows, 0 for padding
+        self.cfg = torch.zeros(b, device=dev, dtype=dt)
+        self.timesteps = torch.zeros(b, dtype=torch.long, device=dev)
+        self.zero_init = torch.zeros(b, dtype=torch.long, device=dev)
+        self.t_grid = torch.zeros(b, max_timesteps + 2, device=dev, dtype=dt)
+        self.noise = torch.zeros(b, self.max_steps, c, p, device=dev, dtype=dt)
+        self.rows_idx = torch.arange(b, device=dev)
+        # Step outputs
+        self.pred = torch.zeros(b, p, d, device=dev, dtype=dt)
+        self.curr = torch.zeros(b, h, device=dev, dtype=dt)
+        self.stop = torch.zeros(b, dtype=torch.long, device=dev)
+        self.audio = torch.zeros(b, p * model.chunk_size, device=dev, dtype=torch.float32)
+        self.decoder = StreamingDecoder(model.audio_vae, b, dev)
+        # Per-row tensors moved together when rows are repacked (KV caches move separately).
+        self._row_tensors = [self.lm_hidden, self.res_hidden, self.cond, self.pos, self.step_idx, self.live,
+                             self.cfg, self.timesteps, self.zero_init, self.t_grid, self.noise]
+        self.slots: list[_Slot] = []  # live rows, packed: slot i is row i of every buffer
+        self._handles = itertools.count()
+        pinned = dev.type == "cuda"
+        self._stop_host = torch.zeros(b, dtype=torch.long, pin_memory=pinned)
+        self._audio_host = torch.zeros(b, p * model.chunk_size, dtype=torch.float32, pin_memory=pinned)
 
     def _alloc(self, lm) -> torch.Tensor:
         cfg = lm.config
@@ -85,13 +201,39 @@ class BatchedGenerator:
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def active(self) -> int:
-        return len(self.rows)
+        return len(self.slots)
 
     def free_slots(self) -> int:
-        return self.max_batch - len(self.rows)
+        return self.max_batch - len(self.slots)
 
     def cancel(self, row: int) -> None:
-        self.rows.pop(row, None)
+        """Drop a row (its handle) between steps; unknown or finished handles are ignored."""
+        gone = [i for i, s in enumerate(self.slots) if s.handle == row]
+        if gone:
+            self._release(gone)
+
+    def _release(self, leaving: list[int]) -> None:
+        """Remove slots and keep the live rows packed: the last rows move into the holes."""
+        n, leaving_set = len(self.slots), set(leaving)
+        keep = n - len(leaving_set)
+        holes = [i for i in sorted(leaving_set) if i < keep]
+        movers = [i for i in range(keep, n) if i not in leaving_set]
+        if holes:
+            span = max(self.slots[i].pos for i in movers) + 1  # KV positions worth copying
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for t in self._row_tensors:
+                t.index_copy_(0, dst, t.index_select(0, src))
+            for kv in (self.base_kv, self.res_kv):
+                kv[:, :, dst, :, :span] = kv[:, :, src, :, :span]
+            self.decoder.move(src, dst)
+            for h, m in zip(holes, movers):
+                self.slots[h] = self.slots[m]
+        del self.slots[keep:]
+        freed = torch.arange(keep, n, device=self.device)
+        # Idle rows stay at position 0: padding never writes past the cache, whatever it computes.
+        for t in (self.live, self.pos, self.step_idx):
+            t.index_fill_(0, freed, 0)
 
     # -- joining ---------------------------------------------------------------------------------
     def add(self, text: str, prompt_cache: Optional[dict] = None, max_len: int = 2000, min_len: int = 2,
@@ -103,7 +245,7 @@ class BatchedGenerator:
 
     @torch.inference_mode()
     def add_many(self, joins: list[Join]) -> list[int]:
-        """Prefill new rows, all in one forward pass per LM; returns their row numbers.
+        """Prefill new rows, all in one forward pass per LM; returns their handles.
 
         Requests arriving together (a burst of users, or the next sentences of several) would
         otherwise be prefilled one after another, each a full pass over both LMs, and the last one's
@@ -114,9 +256,9 @@ class BatchedGenerator:
         if len(joins) > self.free_slots():
             raise RuntimeError(f"no free batch slot for {len(joins)} request(s) ({self.free_slots()} free); "
                                "wait for rows to finish")
-        steps = {j.inference_timesteps for j in joins} | ({self._timesteps()} if self.rows else set())
-        if len(steps) > 1:
-            raise ValueError("every row of a batch must use the same inference_timesteps")
+        for j in joins:
+            if not 1 <= j.inference_timesteps <= self.max_timesteps:
+                raise ValueError(f"inference_timesteps must be between 1 and {self.max_timesteps}")
         inputs = [self._inputs(j.text, j.prompt_cache) for j in joins]
         lengths = [x[0].shape[1] for x in inputs]
         if max(lengths) >= self.max_length:
@@ -133,33 +275,44 @@ class BatchedGenerator:
         enc_out = m.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
         res_out, res_kv = m.residual_lm(inputs_embeds=enc_out + feat_mask.unsqueeze(-1) * feat_embed, is_causal=True)
 
-        free = sorted(set(range(self.max_batch)) - set(self.rows))  # lowest free rows keep the batch compact
-        added = []
-        for i, (join, n, row) in enumerate(zip(joins, lengths, free)):
+        handles = []
+        for i, (join, n) in enumerate(zip(joins, lengths)):
+            row = len(self.slots)
             self._fill(self.base_kv, row, kv, i, n)
             self._fill(self.res_kv, row, res_kv, i, n)
             self.lm_hidden[row] = enc_out[i, n - 1]
             self.res_hidden[row] = res_out[i, n - 1]
             self.cond[row] = feat[i, n - 1]
-            self.pos[row] = self._pos[row] = n
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(join.seed if join.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
-            recent = []
-            n_prompt = int(feat_mask[i].sum().item())
-            if n_prompt:
-                context = min(_STREAMING_PREFIX - 1, n_prompt)
-                recent = list(feat[i:i + 1, n - context:n].split(1, dim=1))
             target_len = inputs[i][4]
             cap = join.max_len if join.length_ratio is None else int(target_len * join.length_ratio + 10)
-            room = self.max_length - n  # KV slots left for generated tokens in this row
-            self.rows[row] = _Row(max_len=min(cap, join.max_len, room), min_len=join.min_len,
-                                  timesteps=join.inference_timesteps, cfg=float(join.cfg_value), generator=gen,
-                                  recent=recent)
-            added.append(row)
-        return added
+            max_len = min(cap, join.max_len, self.max_length - n, self.max_steps)
+            self._set_row(row, n, join, max_len)
+            self.decoder.reset(self.rows_idx[row:row + 1])
+            n_prompt = int(feat_mask[i].sum().item())
+            if n_prompt:  # the package decodes a prompt's last patches ahead of the first generated one
+                context = feat[i, n - min(_STREAMING_PREFIX - 1, n_prompt):n]  # [t, P, D]
+                self.decoder.prime(row, context.reshape(-1, context.shape[-1]).T.float())
+            handle = next(self._handles)
+            self.slots.append(_Slot(handle, max_len=max_len, min_len=join.min_len,
+                                    timesteps=join.inference_timesteps, pos=n))
+            handles.append(handle)
+        return handles
 
-    def _timesteps(self) -> int:
-        return next(iter(self.rows.values())).timesteps
+    def _set_row(self, row: int, n: int, join: Join, max_len: int) -> None:
+        """The row's per-step values, as the package's generate would use them."""
+        steps = join.inference_timesteps
+        self.pos[row], self.step_idx[row], self.live[row] = n, 0, 1
+        self.cfg[row] = float(join.cfg_value)
+        self.timesteps[row] = steps
+        self.zero_init[row] = max(1, int((steps + 1) * 0.04))  # UnifiedCFM.solve_euler's CFG-zero* steps
+        t_span = torch.linspace(1, 0, steps + 1, device=self.device, dtype=self.dtype)
+        self.t_grid[row].zero_()
+        self.t_grid[row, :steps + 1] = t_span + _SWAY * (torch.cos(torch.pi / 2 * t_span) - 1 + t_span)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(join.seed if join.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        # Drawn in one call: on the CPU the same numbers as the package's one draw per step.
+        self.noise[row, :max_len] = torch.randn(self.noise.shape[1:], generator=gen, device=self.device,
+                                                dtype=self.dtype)[:max_len]
 
     def _inputs(self, target_text: str, prompt_cache: Optional[dict]):
         """Token and feature inputs, built like the package's _generate_with_prompt_cache."""
@@ -188,96 +341,108 @@ class BatchedGenerator:
             cache[0, layer, row, :, :n] = k[i, :, :n]
             cache[1, layer, row, :, :n] = v[i, :, :n]
 
-    # -- one step for every active row -------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self) -> list[tuple[int, np.ndarray, bool]]:
-        if not self.rows:
-            return []
-        m = self.m
-        idx = torch.tensor(sorted(self.rows), device=self.device)
-        rows = [self.rows[int(r)] for r in idx.tolist()]
-        b = len(rows)
-        dit_hidden = m.lm_to_dit_proj(self.lm_hidden[idx]) + m.res_to_dit_proj(self.res_hidden[idx])
-        cfm = m.feat_decoder
-        z = torch.cat([torch.randn((1, cfm.in_channels, m.patch_size), generator=r.generator, device=self.device,
-                                   dtype=dit_hidden.dtype) for r in rows])
-        n = rows[0].timesteps
-        t_span = torch.linspace(1, 0, n + 1, device=self.device, dtype=dit_hidden.dtype)
-        t_span = t_span + _SWAY * (torch.cos(torch.pi / 2 * t_span) - 1 + t_span)
-        cfg = torch.tensor([r.cfg for r in rows], device=self.device, dtype=dit_hidden.dtype).view(b, 1, 1)
-        compiled, cfm.estimator = cfm.estimator, self.estimator
-        try:
-            pred = cfm.solve_euler(x=z, t_span=t_span, mu=dit_hidden, cond=self.cond[idx].transpose(1, 2).contiguous(),
-                                   cfg_value=cfg, use_cfg_zero_star=True).transpose(1, 2)  # [b, P, D]
-        finally:
-            cfm.estimator = compiled
-        curr = m.enc_to_lm_proj(self.feat_encoder(pred.unsqueeze(1)))[:, 0]  # [b, H]
-        self.cond[idx] = pred
-        stop = m.stop_head(m.stop_actn(m.stop_proj(self.lm_hidden[idx]))).argmax(dim=-1).tolist()
+    # -- one step for every live row -------------------------------------------------------------
+    def shapes(self) -> tuple[int, int, int]:
+        """(batch bucket, attention length bucket, solver iterations) of the next step: host facts only."""
+        n = len(self.slots)
+        return (bucket_for(n, self.buckets), bucket_for(max(s.pos for s in self.slots) + 1, self.lengths),
+                max(s.timesteps for s in self.slots))
 
-        row_ids = idx.tolist()
-        done = []
-        for j, (row_id, r) in enumerate(zip(row_ids, rows)):
-            r.recent = (r.recent + [pred[j:j + 1].unsqueeze(1)])[-_STREAMING_PREFIX:]
-            self.last_patch[row_id] = pred[j]
-            done.append((r.step > r.min_len and stop[j] == 1) or r.step + 1 >= r.max_len)
-            r.step += 1
-        audio = self._decode(rows)
-        out = list(zip(row_ids, audio, done))
-        keep = [j for j, d in enumerate(done) if not d]
-        for row_id, d in zip(row_ids, done):
-            if d:
-                del self.rows[row_id]
-        if keep:
-            k = torch.tensor(keep, device=self.device)
-            kidx = idx[k]
-            live = max(self._pos[row_ids[j]] for j in keep) + 1  # attend over the filled prefix only
-            lm = self._lm_step(m.base_lm, self.base_kv, curr[k], kidx, live)
-            lm = m.fsq_layer(lm)
-            self.lm_hidden[kidx] = lm
-            self.res_hidden[kidx] = self._lm_step(m.residual_lm, self.res_kv, lm + curr[k], kidx, live)
-            self.pos[kidx] += 1
-            for j in keep:
-                self._pos[row_ids[j]] += 1
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        if not self.slots:
+            return []
+        b, length, iters = self.shapes()
+        self.graphs.run(("dit", b, iters), lambda: self.dit_step(b, iters))
+        self.graphs.run(("lm", b, length), lambda: self.lm_step(b, length))
+        self.graphs.run(("vae", b), lambda: self.vae_step(b))
+        n = len(self.slots)
+        # The one device-to-host transfer of the step: stop flags and audio, then one wait.
+        self._stop_host[:n].copy_(self.stop[:n], non_blocking=True)
+        self._audio_host[:n].copy_(self.audio[:n], non_blocking=True)
+        if self.record_latents:
+            patches = self.pred[:n].float().cpu().clone()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        stop, audio = self._stop_host[:n].tolist(), self._audio_host[:n].numpy().copy()
+        self.last_patch = {}
+        out, finished = [], []
+        for i, s in enumerate(self.slots):
+            done = (s.step > s.min_len and stop[i] == 1) or s.step + 1 >= s.max_len
+            s.step += 1
+            s.pos += 1
+            if self.record_latents:
+                self.last_patch[s.handle] = patches[i]
+            out.append(StepOutput(s.handle, audio[i], done))
+            if done:
+                finished.append(i)
+        if finished:
+            self._release(finished)
         return out
 
-    def _decode(self, rows: list[_Row]) -> list[np.ndarray]:
-        """The newest 160 ms of audio per row, like the package's streaming decode of its last patches.
+    # The three parts of a step, each one fixed-shape function of the buffers (one CUDA graph each).
+    def dit_step(self, b: int, iters: int) -> None:
+        """Local DiT: every row's next latent patch (Euler solver with CFG-zero*, the row's own time grid
+        and noise), its encoding for the LMs, and the stop flag of its current hidden state."""
+        m, cfm = self.m, self.m.feat_decoder
+        mu = m.lm_to_dit_proj(self.lm_hidden[:b]) + m.res_to_dit_proj(self.res_hidden[:b])
+        x = self.noise[self.rows_idx[:b], self.step_idx[:b]]  # [b, C, P]
+        cond = self.cond[:b].transpose(1, 2).contiguous()
+        steps, zero_init, cfg = self.timesteps[:b], self.zero_init[:b], self.cfg[:b].view(b, 1, 1)
+        grid = self.t_grid[:b]
+        t = grid[:, 0]
+        dt = t - grid[:, 1]
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])
+        cond_in = torch.cat([cond, cond])
+        for k in range(iters):
+            t_in = torch.cat([t, t])
+            dt_in = torch.cat([dt, dt]) if cfm.mean_mode else torch.zeros_like(t_in)
+            v = self.estimator(torch.cat([x, x]), mu_in, t_in, cond_in, dt_in)
+            v_cond, v_uncond = v[:b], v[b:]
+            st_star = cfm.optimized_scale(v_cond.reshape(b, -1), v_uncond.reshape(b, -1)).view(b, 1, 1)
+            dphi = v_uncond * st_star + cfg * (v_cond - v_uncond * st_star)
+            dphi = torch.where((zero_init >= k + 1).view(b, 1, 1), torch.zeros_like(dphi), dphi)
+            moving = steps > k  # rows with fewer steps have finished their solve and hold still
+            x = torch.where(moving.view(b, 1, 1), x - dt.view(b, 1, 1) * dphi, x)
+            t_next = t - dt
+            dt = torch.where(moving & (steps > k + 1), t_next - grid[:, min(k + 2, grid.shape[1] - 1)], dt)
+            t = torch.where(moving, t_next, t)
+        pred = x.transpose(1, 2)  # [b, P, D]
+        self.stop[:b] = m.stop_head(m.stop_actn(m.stop_proj(self.lm_hidden[:b]))).argmax(dim=-1)
+        self.curr[:b] = m.enc_to_lm_proj(self.feat_encoder(pred.unsqueeze(1)))[:, 0]
+        self.pred[:b] = pred
+        self.cond[:b] = pred
 
-        Rows with the same number of recent patches (all of them, after the first two steps) are
-        decoded in one VAE call, and everything comes to the host in one copy.
-        """
+    def lm_step(self, b: int, length: int) -> None:
+        """Both LMs advance one position per live row (padding rows compute and stay put)."""
         m = self.m
-        n = m.patch_size * m.chunk_size
-        groups: dict[int, list[int]] = {}
-        for j, r in enumerate(rows):
-            groups.setdefault(len(r.recent), []).append(j)
-        audio = torch.empty(len(rows), n, device=self.device, dtype=torch.float32)
-        for js in groups.values():
-            recent = torch.cat([torch.cat(rows[j].recent, dim=1) for j in js])  # [g, t, P, D]
-            feat = rearrange(recent, "b t p d -> b d (t p)", p=m.patch_size)
-            decoded = m.audio_vae.decode(feat.to(torch.float32))
-            audio[js] = decoded[..., -n:].reshape(len(js), n).float()
-        return list(audio.cpu().numpy())
+        curr = self.curr[:b]
+        lm = m.fsq_layer(self._lm_forward(m.base_lm, self.base_kv, curr, b, length))
+        self.res_hidden[:b] = self._lm_forward(m.residual_lm, self.res_kv, lm + curr, b, length)
+        self.lm_hidden[:b] = lm
+        self.pos[:b] += self.live[:b]
+        self.step_idx[:b] += self.live[:b]
 
-    def _lm_step(self, lm, cache: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, live: int) -> torch.Tensor:
+    def vae_step(self, b: int) -> None:
+        self.audio[:b] = self.decoder.decode(self.pred[:b].transpose(1, 2)).reshape(b, -1)
+
+    def _lm_forward(self, lm, cache: torch.Tensor, x: torch.Tensor, b: int, length: int) -> torch.Tensor:
         """MiniCPMModel.forward_step with a position per row (the package's takes one for all).
 
-        Attention reads only the first `live` KV slots (the longest row's filled prefix), not the
-        whole cache: masked slots add nothing but memory traffic, which dominates at large batches.
+        Attention reads the first `length` KV positions (a bucket above the longest live row), not
+        the whole cache: masked positions add nothing but memory traffic.
         """
-        pos = self.pos[rows]
+        pos, rows = self.pos[:b], self.rows_idx[:b]
         cos = sin = None
         if lm.rope_emb is not None:
             cos, sin = lm.rope_emb(pos)
             cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-        mask = (torch.arange(live, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (torch.arange(length, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         h = x
         for i, layer in enumerate(lm.layers):
             residual = h
             a = layer.self_attn
             hn = layer.input_layernorm(h)
-            b = hn.size(0)
             q = a.q_proj(hn).view(b, 1, a.num_heads, a.head_dim).transpose(1, 2)
             k = a.k_proj(hn).view(b, 1, a.num_key_value_heads, a.head_dim).transpose(1, 2)
             v = a.v_proj(hn).view(b, 1, a.num_key_value_heads, a.head_dim).transpose(1, 2)
@@ -287,13 +452,30 @@ class BatchedGenerator:
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
             attn = torch.nn.functional.scaled_dot_product_attention(
-                q.contiguous(), kc[rows, :, :live], vc[rows, :, :live], attn_mask=mask, enable_gqa=True)
+                q.contiguous(), kc[:b, :, :length], vc[:b, :, :length], attn_mask=mask, enable_gqa=True)
             h = a.o_proj(attn.transpose(1, 2).reshape(b, a.num_heads * a.head_dim))
             h = residual + (h * (layer.scale_depth / math.sqrt(layer.num_hidden_layers)) if layer.use_mup else h)
             residual = h
             h = layer.mlp(layer.post_attention_layernorm(h))
             h = residual + (h * (layer.scale_depth / math.sqrt(layer.num_hidden_layers)) if layer.use_mup else h)
         return lm.norm(h)
+
+    # -- start-up --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, timesteps: int, max_length_bucket: int = 1024) -> int:
+        """Capture the step's graphs for every batch bucket (and attention lengths up to
+        max_length_bucket) before serving, so no user waits on a capture; returns graphs captured.
+        Runs on the idle batch: padding rows compute and change nothing that a joining row keeps."""
+        if self.slots:
+            raise RuntimeError("prepare() runs on an idle batch only")
+        for b in self.buckets:
+            self.graphs.run(("dit", b, timesteps), lambda: self.dit_step(b, timesteps))
+            for length in self.lengths:
+                if length <= max(max_length_bucket, self.lengths[0]):
+                    self.graphs.run(("lm", b, length), lambda: self.lm_step(b, length))
+            self.graphs.run(("vae", b), lambda: self.vae_step(b))
+        self.decoder.reset(self.rows_idx)
+        return len(self.graphs.graphs)
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -314,12 +496,15 @@ def _rope(q, k, cos, sin):
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def pick_max_batch(free_bytes: int, model, cap: int) -> int:
-    """Rows that fit in `free_bytes`: both LMs' KV caches at full length, plus working memory."""
+def pick_max_batch(free_bytes: int, model, cap: int, max_steps: int = 2048) -> int:
+    """Rows that fit in `free_bytes`: both LMs' KV caches at full length, a row's noise, and working
+    memory (the DiT runs 2 rows per request for CFG; the VAE decode's activations; graph pools)."""
     per_row = 0
+    itemsize = next(model.base_lm.parameters()).element_size()
     for lm in (model.base_lm, model.residual_lm):
         c = lm.config
         head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
-        per_row += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.config.max_length * 2  # bf16
-    per_row = int(per_row * 1.5)  # activations of the local DiT (CFG doubles it), VAE decode, allocator slack
+        per_row += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.config.max_length * itemsize
+    per_row += max_steps * model.feat_decoder.in_channels * model.patch_size * itemsize
+    per_row = int(per_row * 1.5)
     return max(1, min(cap, int(free_bytes * 0.8) // max(per_row, 1)))
