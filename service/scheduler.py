@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from .admission import Waiting, choose_admissions
 from .audio import resample, time_stretch
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
 from .metrics import Metrics
@@ -186,10 +187,12 @@ class Scheduler:
             t0 = time.monotonic()
             self.batch_size = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
             # Allocated before "ready": a batch that does not fit must fail the load, visibly.
-            batch = self.engine.make_batch(self.batch_size) if self.batch_size > 1 else None
+            batched = self.engine.supports_batching and (self.batch_size > 1 or self.engine.batch_single)
+            batch = self.engine.make_batch(self.batch_size) if batched else None
             self._took("batch_alloc_s", t0)
             if batch is not None and self.warmup:
                 t0 = time.monotonic()
+                self.engine.prepare_batch(batch)
                 self._warm_batch(batch)
                 self._took("batch_warmup_s", t0)
                 log.info("batched warm-up passed in %.1fs", self.startup["batch_warmup_s"])
@@ -298,6 +301,8 @@ class BatchLoop:
         self.s = sched
         self.batch = batch
         self.rows: dict[int, tuple[Job, int]] = {}  # row -> (job, sentence index)
+        # A request another key's rows hold back waits at most this long before the batch drains for it.
+        self.drain_after_s = 2.0
         self.held: dict[int, list] = {}  # id(job) -> audio of the current sentence, for time-stretching
 
     def run(self) -> None:
@@ -333,18 +338,15 @@ class BatchLoop:
             self._start(next_sentences)
 
     def _admit(self) -> list[Job]:
-        """Waiting jobs that fit: free rows, and the same DiT step count as the rows running now."""
-        s, admitted = self.s, []
-        key = self._key(next(iter(self.rows.values()))[0]) if self.rows else None
-        for job in list(s._pending):
-            if len(admitted) + len(self.rows) >= self.batch.max_batch:
-                break
-            k = self._key(job)
-            if key is None:
-                key = k
-            if k == key:
-                s._pending.remove(job)
-                admitted.append(job)
+        """Waiting jobs that join now (service/admission.py decides): free rows, a compatible key."""
+        s, now = self.s, time.monotonic()
+        pending = list(s._pending)
+        running_key = self._key(next(iter(self.rows.values()))[0]) if self.rows else None
+        chosen = choose_admissions([Waiting(self._key(job), now - job.enqueued_at) for job in pending],
+                                   running_key, len(self.rows), self.batch.max_batch, self.drain_after_s)
+        admitted = [pending[i] for i in chosen]
+        for job in admitted:
+            s._pending.remove(job)
         s._batched_jobs += len(admitted)
         return admitted
 

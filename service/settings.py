@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # Benchmarks only: every sentence chunk generates exactly this many tokens, stop head ignored
     # (random-weight checkpoints stop at random). 0 = off, the only sensible production value.
     voxcpm_fixed_tokens: int = Field(0, ge=0, le=4096)
+    # The batched step on CUDA runs as CUDA graphs captured before ready (one per batch-size bucket);
+    # off = eager kernels (for diagnosis: several times slower per step).
+    voxcpm_cuda_graphs: bool = True
 
     # Text
     max_text_chars: int = Field(5000, ge=1)

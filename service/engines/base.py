@@ -60,6 +60,7 @@ class Engine(ABC):
     sample_rate: int
     max_chunk_chars: int = 200
     supports_batching = False  # engines that can share generation steps override make_batch/batch_add
+    batch_single = False  # True: even a batch size of 1 runs through the batched step (its fast path)
 
     @abstractmethod
     def load(self) -> None:
@@ -81,6 +82,9 @@ class Engine(ABC):
 
     @abstractmethod
     def info(self) -> EngineInfo: ...
+
+    def prepare_batch(self, batch) -> None:
+        """Set up what a batch needs before serving (compiled kernels, captured graphs)."""
 
     def forget_voice(self, voice_id: str) -> None:
         """Drop anything cached for a deleted voice."""

@@ -47,7 +47,7 @@ class VoxCPMEngine(Engine):
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
                  normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200,
-                 fixed_tokens: int = 0):
+                 fixed_tokens: int = 0, cuda_graphs: bool = True):
         self.model_dir = Path(model_dir)
         self.requested_device = device
         self.compile_mode = compile_mode
@@ -55,6 +55,7 @@ class VoxCPMEngine(Engine):
                              normalize=normalize)
         self.retry_badcase = retry_badcase and not fixed_tokens
         self.fixed_tokens = fixed_tokens
+        self.cuda_graphs = cuda_graphs
         self.max_chunk_chars = max_chunk_chars
         self.sample_rate = 44100
         self.device = "cpu"
@@ -185,8 +186,14 @@ class VoxCPMEngine(Engine):
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
 
     # -- continuous batching (service/engines/voxcpm_batch.py) ----------------------------------------
-    def batch_size(self, requested: str) -> int:
-        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA; 1 = one at a time on CPU)."""
+    @property
+    def batch_single(self) -> bool:
+        """On CUDA even one request goes through the batched step: it runs as CUDA graphs, where the
+        package's own loop pays a compile warm-up per start. On the CPU the package's loop is as fast."""
+        return self.device.startswith("cuda")
+
+    def batch_size(self, requested: str, cap: int = 128) -> int:
+        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA, at most `cap`; 1 on CPU)."""
         if requested.strip().lower() not in ("", "auto"):
             return max(1, int(requested))
         if not self.device.startswith("cuda"):
@@ -196,14 +203,24 @@ class VoxCPMEngine(Engine):
         from .voxcpm_batch import pick_max_batch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        size = pick_max_batch(free, self._model, cap=64)
-        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory", size, free / 2**30)
+        size = pick_max_batch(free, self._model, cap=cap, max_steps=self._max_steps)
+        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory (cap %d)", size, free / 2**30, cap)
         return size
+
+    @property
+    def _max_steps(self) -> int:
+        return max(self.fixed_tokens, self.defaults["max_len"])
 
     def make_batch(self, max_batch: int):
         from .voxcpm_batch import BatchedGenerator
 
-        return BatchedGenerator(self._model, max_batch)
+        return BatchedGenerator(self._model, max_batch, max_steps=self._max_steps, cuda_graphs=self.cuda_graphs)
+
+    def prepare_batch(self, batch) -> None:
+        """Capture the batched step's CUDA graphs for every batch size at the default step count."""
+        captured = batch.prepare(self.defaults["inference_timesteps"])
+        if captured:
+            log.info("voxcpm: %d CUDA graphs captured for batch sizes %s", captured, list(batch.buckets))
 
     def batch_add(self, batch, requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
         """Join (text, voice, params) requests to the batch, prefilled together; returns their rows."""
@@ -218,9 +235,9 @@ class VoxCPMEngine(Engine):
                               seed=params.seed, **fixed))
         return batch.add_many(joins)
 
-    def batch_key(self, params: SynthesisParams) -> int:
-        """Requests with the same key can share a batch (the DiT solver's step count must match)."""
-        return params.inference_timesteps or self.defaults["inference_timesteps"]
+    def batch_key(self, params: SynthesisParams) -> None:
+        """Every request can share a step with every other (each row has its own time grid)."""
+        return None
 
     def presets(self) -> dict[str, Preset]:
         return {"default": Preset("default", "The model's own voice (no prompt audio)", ("en", "zh"))}
@@ -228,4 +245,5 @@ class VoxCPMEngine(Engine):
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
                           sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
-                          details={**self.defaults, **({"fixed_tokens": self.fixed_tokens} if self.fixed_tokens else {})})
+                          details={**self.defaults, "cuda_graphs": self.cuda_graphs,
+                                   **({"fixed_tokens": self.fixed_tokens} if self.fixed_tokens else {})})
