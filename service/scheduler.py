@@ -172,30 +172,24 @@ class Scheduler:
             self.engine.load()
             self._took("load_s", t0)
             log.info("model loaded in %.1fs", self.startup["load_s"])
-            if self.warmup:
-                self.phase = "warming"
-                t0 = time.monotonic()
-                preset = next(iter(self.engine.presets()))
-                audio = self.engine.synthesize("Hello, this is a warm-up sentence.", preset, None,
-                                               SynthesisParams())
-                if audio.size == 0 or not np.isfinite(audio).all():
-                    raise RuntimeError("warm-up synthesis produced no valid audio")
-                # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
-                resample(audio, self.engine.sample_rate, 48000)
-                self._took("warmup_s", t0)
-                log.info("warm-up synthesis passed in %.1fs", self.startup["warmup_s"])
             t0 = time.monotonic()
             self.batch_size = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
             # Allocated before "ready": a batch that does not fit must fail the load, visibly.
             batched = self.engine.supports_batching and (self.batch_size > 1 or self.engine.batch_single)
             batch = self.engine.make_batch(self.batch_size) if batched else None
             self._took("batch_alloc_s", t0)
-            if batch is not None and self.warmup:
+            if self.warmup:
+                # Warm up the path that will serve: the batched step when there is a batch (the
+                # serial loop then never runs), else one synthesis through the engine's own loop.
+                self.phase = "warming"
                 t0 = time.monotonic()
-                self.engine.prepare_batch(batch)
-                self._warm_batch(batch)
-                self._took("batch_warmup_s", t0)
-                log.info("batched warm-up passed in %.1fs", self.startup["batch_warmup_s"])
+                audio = self._warm_batch(batch) if batch is not None else self._warm_serial()
+                # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
+                resample(audio, self.engine.sample_rate, 48000)
+                step = "batch_warmup_s" if batch is not None else "warmup_s"
+                self._took(step, t0)
+                log.info("%s warm-up passed in %.1fs", "batched" if batch is not None else "synthesis",
+                         self.startup[step])
             self.phase = "ready"
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
@@ -208,15 +202,26 @@ class Scheduler:
         else:
             self._serial_loop()
 
-    def _warm_batch(self, batch) -> None:
-        """Two short rows through the batched path: its kernels and allocations are set up (and a
-        broken batched path fails the load visibly) before the first user waits on them."""
+    def _warm_serial(self) -> np.ndarray:
+        preset = next(iter(self.engine.presets()))
+        audio = self.engine.synthesize("Hello, this is a warm-up sentence.", preset, None, SynthesisParams())
+        if audio.size == 0 or not np.isfinite(audio).all():
+            raise RuntimeError("warm-up synthesis produced no valid audio")
+        return audio
+
+    def _warm_batch(self, batch) -> np.ndarray:
+        """The engine prepares the batch (graphs captured for every batch size), then two short rows go
+        through it: a broken batched path fails the load visibly, before the first user waits on it."""
+        self.engine.prepare_batch(batch)
         rows = self.engine.batch_add(batch, [("Warm-up.", None, SynthesisParams(max_len=2, seed=i))
                                              for i in range(min(2, batch.max_batch))])
+        pieces = []
         while batch.active():
             for row, audio, _ in batch.step():
                 if audio.size == 0 or not np.isfinite(audio).all():
                     raise RuntimeError(f"batched warm-up produced no valid audio (row {row} of {rows})")
+                pieces.append(audio)
+        return np.concatenate(pieces)
 
     def _took(self, step: str, t0: float) -> None:
         seconds = time.monotonic() - t0

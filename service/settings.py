@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     tts_engine: Literal["voxcpm", "embedded"] = "embedded"
     model_dir: Optional[Path] = None  # VoxCPM checkpoint directory (set by bootstrap after a pull)
     tts_device: str = "auto"  # auto | cpu | cuda | cuda:N
-    tts_compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto = on for CUDA
+    # The package's torch.compile of its own one-request loop; auto = on for CUDA when TTS_MAX_BATCH=1
+    # (the batched step, which serves otherwise, runs as CUDA graphs and needs no compile).
+    tts_compile: Literal["auto", "on", "off"] = "auto"
     warmup: bool = True
     # Requests generated together by continuous batching (VoxCPM): a number, or auto = sized from free
     # GPU memory on CUDA and 1 (one request at a time) on CPU.

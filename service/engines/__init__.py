@@ -16,7 +16,8 @@ def build_engine(settings: Settings) -> Engine:
             cfg_value=settings.voxcpm_cfg_value, inference_timesteps=settings.voxcpm_inference_timesteps,
             max_len=settings.voxcpm_max_len, normalize=settings.voxcpm_normalize,
             retry_badcase=settings.voxcpm_retry_badcase, max_chunk_chars=settings.max_chunk_chars,
-            fixed_tokens=settings.voxcpm_fixed_tokens, cuda_graphs=settings.voxcpm_cuda_graphs)
+            fixed_tokens=settings.voxcpm_fixed_tokens, cuda_graphs=settings.voxcpm_cuda_graphs,
+            serial=settings.tts_max_batch.strip() == "1")
     from .embedded import EmbeddedEngine
 
     return EmbeddedEngine()

@@ -16,6 +16,7 @@ import numpy as np
 from ..audio import time_stretch
 from ..text import has_speakable
 from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
+from .voxcpm_load import load_voxcpm
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class VoxCPMEngine(Engine):
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
                  normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200,
-                 fixed_tokens: int = 0, cuda_graphs: bool = True):
+                 fixed_tokens: int = 0, cuda_graphs: bool = True, serial: bool = False):
         self.model_dir = Path(model_dir)
         self.requested_device = device
         self.compile_mode = compile_mode
@@ -56,6 +57,8 @@ class VoxCPMEngine(Engine):
         self.retry_badcase = retry_badcase and not fixed_tokens
         self.fixed_tokens = fixed_tokens
         self.cuda_graphs = cuda_graphs
+        # TTS_MAX_BATCH=1: the package's own loop serves every request (else the batched step does).
+        self.serial = serial
         self.max_chunk_chars = max_chunk_chars
         self.sample_rate = 44100
         self.device = "cpu"
@@ -70,15 +73,17 @@ class VoxCPMEngine(Engine):
                               "check MODEL_DIR or the bootstrap pull")
         try:
             import torch  # noqa: F401
-            from voxcpm.model.voxcpm import VoxCPMModel
+            import voxcpm.model.voxcpm  # noqa: F401
         except ImportError as e:
             raise EngineError(f"the voxcpm package is not importable ({e}); "
                               "install requirements/runtime.txt and voxcpm --no-deps") from e
         self.device, why = pick_device(self.requested_device)
-        optimize = self.compile_mode == "on" or (self.compile_mode == "auto" and self.device == "cuda")
+        # The package's torch.compile (about a minute on the first start) only speeds up its own loop,
+        # which serves requests only when batching is off; the batched step runs as CUDA graphs.
+        optimize = self.compile_mode == "on" or (self.compile_mode == "auto" and self.device == "cuda" and self.serial)
         log.info("voxcpm: loading %s on %s (%s), torch.compile %s", self.model_dir, self.device, why,
                  "on" if optimize else "off")
-        self._model = VoxCPMModel.from_local(str(self.model_dir), optimize=optimize, device=self.device)
+        self._model = load_voxcpm(self.model_dir, self.device, optimize)
         self.sample_rate = int(self._model.sample_rate)
         if self.defaults["normalize"]:
             self._normalizer_or_raise()
@@ -190,7 +195,7 @@ class VoxCPMEngine(Engine):
     def batch_single(self) -> bool:
         """On CUDA even one request goes through the batched step: it runs as CUDA graphs, where the
         package's own loop pays a compile warm-up per start. On the CPU the package's loop is as fast."""
-        return self.device.startswith("cuda")
+        return self.device.startswith("cuda") and not self.serial
 
     def batch_size(self, requested: str, cap: int = 128) -> int:
         """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA, at most `cap`; 1 on CPU)."""
