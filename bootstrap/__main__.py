@@ -30,6 +30,7 @@ def _pull(s: BootstrapSettings, status: Status, hold: bool = False):
 
 
 def _run(s: BootstrapSettings, status: Status) -> None:
+    from .compile_cache import compile_cache_env
     from .gpu import decide, detect_gpus
 
     env = dict(os.environ)
@@ -43,7 +44,9 @@ def _run(s: BootstrapSettings, status: Status) -> None:
         log.info("MODEL_URI is empty: no pull (TTS_ENGINE=%s, MODEL_DIR=%s)", env.get("TTS_ENGINE", "embedded"),
                  env.get("MODEL_DIR", "-"))
         status.update(phase="ready", model=env.get("MODEL_DIR") or None, error=None)
-    env.update(decide(detect_gpus(env), env))
+    gpus = detect_gpus(env)
+    env.update(decide(gpus, env))
+    env.update(compile_cache_env(s.models_dir, env.get("MODEL_DIR"), gpus, env))
     env["STATUS_FILE"] = str(status.path)
     log.info("handing off to gunicorn")
     os.execvpe(GUNICORN[0], GUNICORN, env)

@@ -23,6 +23,7 @@ from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
 from . import manifest as mf
+from .compile_cache import prune_compile_caches
 from .errors import FatalError
 from .lock import shared_lock, volume_lock
 from .progress import Progress
@@ -524,6 +525,7 @@ def _prune(models_dir: Path, current: Path, keep: int, locks: Path) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
+    prune_compile_caches(models_dir, {d.name for d in (models_dir / "versions").iterdir() if d.is_dir()})
 
 
 def _last_used(vdir: Path) -> float:

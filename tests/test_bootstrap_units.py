@@ -172,3 +172,30 @@ def test_write_out_starts_while_the_download_goes_on(tmp_path, monkeypatch):
         sink.write(chunk)
     sink.finish()
     assert len(started) == 2  # after 8 and after 16 of the 9 quarter-steps
+
+
+def test_compile_caches_live_on_the_models_volume_per_torch_gpu_and_model(tmp_path):
+    import importlib.metadata
+
+    from bootstrap.compile_cache import compile_cache_env, prune_compile_caches
+    from bootstrap.gpu import Gpu
+
+    h200 = [Gpu("NVIDIA H200", 141 << 30)]
+    env = compile_cache_env(tmp_path, str(tmp_path / "versions" / ("a" * 64)), h200, {})
+    torch_version = importlib.metadata.version("torch")
+    key = f"torch-{torch_version}_NVIDIA-H200_{'a' * 16}"
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache" / key / "inductor"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "compile-cache" / key / "triton")}
+    other_gpu = compile_cache_env(tmp_path, str(tmp_path / "versions" / ("a" * 64)), [Gpu("NVIDIA L4", 24 << 30)], {})
+    assert other_gpu["TRITON_CACHE_DIR"] != env["TRITON_CACHE_DIR"]
+    # An operator's own setting wins; no GPU or no pulled model: nothing to keep.
+    assert "TRITON_CACHE_DIR" not in compile_cache_env(tmp_path, "/m/v", h200, {"TRITON_CACHE_DIR": "/x"})
+    assert compile_cache_env(tmp_path, str(tmp_path / "v"), [], {}) == {}
+    assert compile_cache_env(tmp_path, None, h200, {}) == {}
+    # Pruning a model version takes its caches with it, and only its.
+    for digest in ("a" * 64, "b" * 64):
+        folder = tmp_path / "compile-cache" / f"torch-{torch_version}_NVIDIA-H200_{digest[:16]}" / "inductor"
+        folder.mkdir(parents=True)
+    gone = prune_compile_caches(tmp_path, {"b" * 64})
+    assert [p.name.rsplit("_", 1)[-1] for p in gone] == ["a" * 16]
+    assert [p.name.rsplit("_", 1)[-1] for p in (tmp_path / "compile-cache").iterdir()] == ["b" * 16]
