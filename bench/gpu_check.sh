@@ -19,5 +19,8 @@ CK=/tmp/ck-full
 [ -f $CK/config.json ] || timeout 150 python3 -m tests.support.voxcpm_checkpoint $CK --size full
 timeout 200 python3 bench/step_profile.py --model-dir $CK --batches 1,8,64,128 --steps 20 2>&1 \
   | grep -v -i -e warn -e 'it/s' | tee "$OUT/step_profile.txt"
+# The same with the inductor-compiled step (VOXCPM_COMPILE_STEP), caches kept for a second run.
+TORCHINDUCTOR_CACHE_DIR=/tmp/inductor timeout 300 python3 bench/step_profile.py --model-dir $CK --batches 1,64 \
+  --steps 20 --compile --package-tokens 8 2>&1 | grep -v -i -e warn -e 'it/s' | tee "$OUT/step_profile_compiled.txt"
 timeout 480 python3 bench/serving_batch_vs_serial.py --model-dir $CK --batch auto --levels 1,16,64,128 \
   --requests-per-level 32 --fixed-tokens 32 --json "$OUT/serving.json" 2>&1 | tee "$OUT/serving.txt"

@@ -7,7 +7,7 @@ Rows generate a fixed number of tokens (stop head ignored) from a long text, att
 prefix of --context positions.
 
 Usage: python bench/step_profile.py --model-dir DIR [--batches 1,8,64,128] [--device auto]
-       [--timesteps 10] [--steps 20] [--package-tokens 96]
+       [--timesteps 10] [--steps 20] [--package-tokens 96] [--compile]
        (python -m tests.support.voxcpm_checkpoint DIR --size full builds a full-size random checkpoint)
 """
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--package-tokens", type=int, default=96)
+    ap.add_argument("--compile", action="store_true",
+                    help="also graphs of the inductor-compiled step (VOXCPM_COMPILE_STEP; compiles first)")
     args = ap.parse_args()
     device, why = pick_device(args.device)
     t0 = time.perf_counter()
@@ -77,15 +79,16 @@ def main() -> None:
           f"{'GPU ms':>7} | {'busy':>5} | {'launches':>8} | graphs vs eager")
     for b in (int(x) for x in args.batches.split(",")):
         results = {}
-        for mode in (("eager", "graphs") if device == "cuda" else ("eager",)):
+        modes = ("eager", "graphs") if device == "cuda" else ("eager",)
+        for mode in modes + (("compiled",) if args.compile else ()):
             gen = BatchedGenerator(model, max_batch=b, max_length=1024, max_steps=budget,
-                                   cuda_graphs=mode == "graphs")
+                                   cuda_graphs=mode != "eager", compile_backend="inductor" if mode == "compiled" else None)
             gen.prepare(args.timesteps)
             gen.add_many([Join(TEXT, None, seed=i, inference_timesteps=args.timesteps, max_len=budget,
                                min_len=budget, length_ratio=None) for i in range(b)])
             wall, gpu, launches = time_steps(gen, device, args.steps)
             results[mode] = wall
-            ratio = f"{results['eager'] / wall:.2f}x" if mode == "graphs" else ""
+            ratio = f"{results['eager'] / wall:.2f}x" if mode != "eager" else ""
             print(f"{b:5d} | {mode:>6} | {wall * 1e3:8.1f} | {wall / b * 1e3:11.2f} | {wall / audio_s:7.3f} | "
                   f"{gpu * 1e3:7.1f} | {gpu / wall * 100:4.0f}% | {launches:8.0f} | {ratio}", flush=True)
             del gen

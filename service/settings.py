@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # The batched step on CUDA runs as CUDA graphs captured before ready (one per batch-size bucket);
     # off = eager kernels (for diagnosis: several times slower per step).
     voxcpm_cuda_graphs: bool = True
+    # torch.compile (inductor) of the batched step's parts before their capture: fused kernels, fewer
+    # of them per step; costs a compile on the first start (cached on the models volume after).
+    voxcpm_compile_step: bool = False
 
     # Text
     max_text_chars: int = Field(5000, ge=1)

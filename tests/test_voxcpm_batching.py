@@ -274,3 +274,23 @@ def test_buckets():
     assert bucket_for(1, (1, 2, 4)) == 1 and bucket_for(3, (1, 2, 4)) == 4
     with pytest.raises(ValueError):
         bucket_for(5, (1, 2, 4))
+
+
+def test_compiled_step_parts_equal_eager_across_buckets(model):
+    """VOXCPM_COMPILE_STEP: the step's parts wrapped in torch.compile (the eager backend here: the
+    same tracing and recompiles as inductor, without its minutes of C++ compilation on this CPU)
+    give the same rows, through a change of batch bucket (1 -> 4 rows)."""
+    def run(backend):
+        torch._dynamo.reset()
+        gen = BatchedGenerator(model, record_latents=True, max_batch=4, max_length=256, compile_backend=backend)
+        rows = [gen.add(REQUESTS[1][0], None, max_len=8, min_len=8, inference_timesteps=4, seed=5, length_ratio=None)]
+        got = []
+        for i in range(6):
+            if i == 2:
+                rows += gen.add_many([Join(t, None, max_len=8, inference_timesteps=4, seed=s) for t, s, _ in REQUESTS])
+            got += [gen.last_patch[r.row].float().numpy() for r in gen.step() if r.row == rows[0]]
+        return np.stack(got)
+
+    from service.engines.voxcpm_batch import Join
+
+    assert np.abs(run("eager") - run(None)).max() < TOL

@@ -17,6 +17,7 @@ def build_engine(settings: Settings) -> Engine:
             max_len=settings.voxcpm_max_len, normalize=settings.voxcpm_normalize,
             retry_badcase=settings.voxcpm_retry_badcase, max_chunk_chars=settings.max_chunk_chars,
             fixed_tokens=settings.voxcpm_fixed_tokens, cuda_graphs=settings.voxcpm_cuda_graphs,
+            compile_step=settings.voxcpm_compile_step,
             serial=settings.tts_max_batch.strip() == "1")
     from .embedded import EmbeddedEngine
 

@@ -140,9 +140,12 @@ class GraphCache:
 
 class BatchedGenerator:
     def __init__(self, model, max_batch: int, max_length: Optional[int] = None, max_steps: Optional[int] = None,
-                 max_timesteps: int = 100, cuda_graphs: bool = True, record_latents: bool = False):
+                 max_timesteps: int = 100, cuda_graphs: bool = True, compile_backend: Optional[str] = None,
+                 record_latents: bool = False):
         """max_length: KV positions per row (prompt + text + generated); max_steps: tokens a row may
-        generate (noise is drawn for that many); max_timesteps: the largest inference_timesteps."""
+        generate (noise is drawn for that many); max_timesteps: the largest inference_timesteps;
+        compile_backend: torch.compile the step's parts with it ("inductor": fused kernels, then
+        captured in the CUDA graphs like the eager ones; None: eager kernels)."""
         self.m = model
         # Eager modules: the package's torch.compile'd ones (reduce-overhead, CUDA graphs) are built
         # for batch 1 and would recompile for every batch size.
@@ -187,6 +190,11 @@ class BatchedGenerator:
         # Per-row tensors moved together when rows are repacked (KV caches move separately).
         self._row_tensors = [self.lm_hidden, self.res_hidden, self.cond, self.pos, self.step_idx, self.live,
                              self.cfg, self.timesteps, self.zero_init, self.t_grid, self.noise]
+        if compile_backend:
+            # Each part traces as one graph (tests prove it on the CPU); batch and length are
+            # made symbolic after the first recompile, so one compile serves every bucket.
+            for name in ("dit_step", "lm_step", "vae_step"):
+                setattr(self, name, torch.compile(getattr(self, name), backend=compile_backend, fullgraph=True))
         self.slots: list[_Slot] = []  # live rows, packed: slot i is row i of every buffer
         self._handles = itertools.count()
         pinned = dev.type == "cuda"

@@ -48,7 +48,7 @@ class VoxCPMEngine(Engine):
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
                  normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200,
-                 fixed_tokens: int = 0, cuda_graphs: bool = True, serial: bool = False):
+                 fixed_tokens: int = 0, cuda_graphs: bool = True, compile_step: bool = False, serial: bool = False):
         self.model_dir = Path(model_dir)
         self.requested_device = device
         self.compile_mode = compile_mode
@@ -57,6 +57,7 @@ class VoxCPMEngine(Engine):
         self.retry_badcase = retry_badcase and not fixed_tokens
         self.fixed_tokens = fixed_tokens
         self.cuda_graphs = cuda_graphs
+        self.compile_step = compile_step
         # TTS_MAX_BATCH=1: the package's own loop serves every request (else the batched step does).
         self.serial = serial
         self.max_chunk_chars = max_chunk_chars
@@ -219,7 +220,8 @@ class VoxCPMEngine(Engine):
     def make_batch(self, max_batch: int):
         from .voxcpm_batch import BatchedGenerator
 
-        return BatchedGenerator(self._model, max_batch, max_steps=self._max_steps, cuda_graphs=self.cuda_graphs)
+        return BatchedGenerator(self._model, max_batch, max_steps=self._max_steps, cuda_graphs=self.cuda_graphs,
+                                compile_backend="inductor" if self.compile_step else None)
 
     def prepare_batch(self, batch) -> None:
         """Capture the batched step's CUDA graphs for every batch size at the default step count."""
@@ -250,5 +252,5 @@ class VoxCPMEngine(Engine):
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
                           sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
-                          details={**self.defaults, "cuda_graphs": self.cuda_graphs,
+                          details={**self.defaults, "cuda_graphs": self.cuda_graphs, "compile_step": self.compile_step,
                                    **({"fixed_tokens": self.fixed_tokens} if self.fixed_tokens else {})})
