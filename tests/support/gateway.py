@@ -26,13 +26,17 @@ def nginx_binary() -> str:
 @dataclass
 class Gateway(Served):
     prefix: Path = Path()
+    health_port: int = 0
 
 
-def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None) -> dict:
+def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
+               health_port: Optional[int] = None) -> dict:
+    # The health listener gets a port of its own too: gateways of parallel tests must not collide on 6007.
+    health = f"127.0.0.1:{health_port or free_port()}"
     return {
         "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(), "UPSTREAM": upstream,
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "NGINX_WORKER_PROCESSES": "1", "ACCESS_LOG": "/dev/stdout",
-        **(extra or {}),
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "GATEWAY_HEALTH_LISTEN": health, "NGINX_WORKER_PROCESSES": "1",
+        "ACCESS_LOG": "/dev/stdout", **(extra or {}),
     }
 
 
@@ -50,12 +54,12 @@ def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> I
     for p in [prefix, *prefix.parents]:
         if str(p).startswith(("/tmp", str(REPO_ROOT))) and p != Path("/tmp"):
             p.chmod(p.stat().st_mode | 0o055)
-    port = free_port()
+    port, health_port = free_port(), free_port()
     log = Path(tmp_dir) / f"nginx-{port}.log"
     cmd = ["sh", str(RENDER)]
-    with running(cmd, log, env=render_env(prefix, upstream, port, env), ready=lambda: port_open(port),
+    with running(cmd, log, env=render_env(prefix, upstream, port, env, health_port), ready=lambda: port_open(port),
                  timeout=30, what=f"nginx on :{port}"):
-        yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log)
+        yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log, health_port=health_port)
 
 
 def wait_ready_through(gw: Gateway, auth) -> None:
