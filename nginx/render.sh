@@ -201,7 +201,8 @@ else
             | tr '\n' ' ' | sed 's/ *$//')
     fi
     [ -n "$RESOLVER" ] || die "UPSTREAM host '$upstream_host' is a name, and no DNS server was found in $RESOLV_CONF to re-resolve it: set RESOLVER (e.g. 127.0.0.11 under Docker), RESOLVER=off to resolve it once at start, or use an IP address"
-    check RESOLVER "$RESOLVER" '[A-Za-z0-9.:]+|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?( +([A-Za-z0-9.:]+|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?))*' \
+    server='([A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?)'
+    check RESOLVER "$RESOLVER" "$server( +$server)*" \
         "DNS server addresses like '127.0.0.11' or '10.0.0.2:53 [::1]', or off"
     VOXBOX_UPSTREAM=$UPSTREAM
     # valid=5s overrides the record's TTL (Docker's DNS says 600 s): a worker on a new IP is reached
@@ -276,9 +277,12 @@ HLT
 fi
 
 # --- templates ------------------------------------------------------------------------------
+# nginx refuses "burst=0": no burst is written as none.
+VOXBOX_BURST=""
+[ "$RATE_LIMIT_BURST" -eq 0 ] || VOXBOX_BURST="burst=$RATE_LIMIT_BURST nodelay"
 export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPES VOXBOX_UPSTREAM RATE_LIMIT_RPS \
-    RATE_LIMIT_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
-vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${RATE_LIMIT_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
+    VOXBOX_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
+vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${VOXBOX_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
 envsubst "$vars" < "$NGINX_TEMPLATES/nginx.conf.template" > "$NGINX_PREFIX/nginx.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox.conf.template" > "$NGINX_PREFIX/conf.d/voxbox.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_proxy.conf.template" > "$NGINX_PREFIX/voxbox_proxy.conf"
