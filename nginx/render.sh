@@ -1,6 +1,8 @@
 #!/bin/sh
 # Render the gateway config from the environment and (unless --render-only) exec nginx in the
 # foreground. The same script is the gateway image's entrypoint and what tests / `make run` use.
+# --test renders and runs `nginx -t`; --reload renders again (mounted key/password files may have
+# changed) and has the running nginx reload, re-resolving the worker's name at once.
 #
 #   NGINX_PREFIX      where the rendered config, generated files and temp dirs go
 #   UPSTREAM          the worker, host:port (or unix:/path). A name is re-resolved every few seconds
@@ -293,5 +295,8 @@ echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, $how; listen $GATEWAY
 case "${1:-}" in
     --render-only) exit 0 ;;
     --test) exec "$NGINX_BIN" -t -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" ;;
+    # What `docker compose exec gateway` runs to reload: a plain `nginx -s reload` reads the image's
+    # default nginx.conf and looks for a pid file this config does not use.
+    --reload) exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -s reload ;;
 esac
 exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -g 'daemon off;'

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .support.gateway import render, start_gateway
-from .support.procs import free_port, port_open
+from .support.procs import free_port, port_open, wait_until
 from .support.upstream import dns_server, recording_server
 
 USER, PASSWORD = "alice", "correct horse battery"
@@ -285,6 +285,21 @@ def test_health_listener_answers_while_the_worker_is_down(tmp_path):
         assert json_error(get(g.port, "/healthz")) == "worker_unavailable"
         r = requests.get(f"http://127.0.0.1:{g.health_port}/", timeout=5)
         assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_reload_from_inside_the_container_rerenders_and_keeps_the_master(tmp_path, upstream):
+    """What rollout.sh runs through `docker compose exec` instead of a HUP from outside (moby#41302)."""
+    keys, new = tmp_path / "keys", "vbx_" + "a1b2c3d4e5f60718" * 3
+    keys.write_text(KEY + "\n")
+    env = {"BASIC_AUTH_USERS": "", "API_KEYS": "", "API_KEYS_FILE": str(keys)}
+    with start_gateway(tmp_path, f"127.0.0.1:{upstream.port}", env) as g:
+        assert json_error(get(g.port, "/info", f"Authorization: Bearer {new}")) == "unauthorized"
+        pid = (g.prefix / "nginx.pid").read_text()
+        keys.write_text(f"{KEY}\n{new}\n")
+        r = g.reload()
+        assert r.returncode == 0 and "2 API key(s)" in r.stderr, r.stderr
+        wait_until(lambda: get(g.port, "/info", f"Authorization: Bearer {new}")[0] == 200, 10, "the new key after reload")
+        assert (g.prefix / "nginx.pid").read_text() == pid
 
 
 # --- render.sh: where the resolver comes from, what it refuses ----------------------------------------------

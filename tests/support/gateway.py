@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,6 +28,12 @@ def nginx_binary() -> str:
 class Gateway(Served):
     prefix: Path = Path()
     health_port: int = 0
+    env: dict = field(default_factory=dict)
+
+    def reload(self) -> subprocess.CompletedProcess:
+        """`render.sh --reload` with the environment it started with, as `docker compose exec` runs it."""
+        return subprocess.run(["sh", str(RENDER), "--reload"], env={**os.environ, **self.env}, capture_output=True,
+                              text=True, timeout=60)
 
 
 def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
@@ -57,10 +63,11 @@ def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> I
     port, health_port = free_port(), free_port()
     log = Path(tmp_dir) / f"nginx-{port}.log"
     cmd = ["sh", str(RENDER)]
+    full_env = render_env(prefix, upstream, port, env, health_port)
     try:
-        with running(cmd, log, env=render_env(prefix, upstream, port, env, health_port),
-                     ready=lambda: port_open(port), timeout=30, what=f"nginx on :{port}"):
-            yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log, health_port=health_port)
+        with running(cmd, log, env=full_env, ready=lambda: port_open(port), timeout=30, what=f"nginx on :{port}"):
+            yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log, health_port=health_port,
+                          env=full_env)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
 
