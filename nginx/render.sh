@@ -202,7 +202,9 @@ else
         RESOLVER=$(awk '$1 == "nameserver" && $2 !~ /%/ { print ($2 ~ /:/ ? "[" $2 "]" : $2) }' "$RESOLV_CONF" \
             | tr '\n' ' ' | sed 's/ *$//')
     fi
-    [ -n "$RESOLVER" ] || die "UPSTREAM host '$upstream_host' is a name, and no DNS server was found in $RESOLV_CONF to re-resolve it: set RESOLVER (e.g. 127.0.0.11 under Docker), RESOLVER=off to resolve it once at start, or use an IP address"
+    [ -n "$RESOLVER" ] || die "UPSTREAM host '$upstream_host' is a name, and no DNS server was found in" \
+        "$RESOLV_CONF to re-resolve it: set RESOLVER (e.g. 127.0.0.11 under Docker), RESOLVER=off to resolve" \
+        "it once at start, or use an IP address"
     server='([A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?)'
     check RESOLVER "$RESOLVER" "$server( +$server)*" \
         "DNS server addresses like '127.0.0.11' or '10.0.0.2:53 [::1]', or off"

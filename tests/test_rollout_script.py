@@ -15,7 +15,7 @@ def rollout(tmp_path, *args, env_text="VOXBOX_TAG=1.0.0\n", state=None):
         state_file.write_text(state)
     # COMPOSE=true: `docker compose ps` would need an engine; in a dry run it only lists old ids.
     env = {**os.environ, "ENV_FILE": str(env_file), "STATE_FILE": str(state_file), "COMPOSE": "true"}
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(SCRIPT), *args], check=False, env=env, capture_output=True, text=True, timeout=30)
 
 
 def test_dry_run_plans_start_wait_switch_drain(tmp_path):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import requests
 
@@ -32,12 +33,12 @@ class Gateway(Served):
 
     def reload(self) -> subprocess.CompletedProcess:
         """`render.sh --reload` with the environment it started with, as `docker compose exec` runs it."""
-        return subprocess.run(["sh", str(RENDER), "--reload"], env={**os.environ, **self.env}, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(["sh", str(RENDER), "--reload"], check=False, env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=60)
 
 
-def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
-               health_port: Optional[int] = None) -> dict:
+def render_env(prefix: Path, upstream: str, port: int, extra: dict | None = None,
+               health_port: int | None = None) -> dict:
     # The health listener gets a port of its own too: gateways of parallel tests must not collide on 6007.
     health = f"127.0.0.1:{health_port or free_port()}"
     return {
@@ -47,14 +48,14 @@ def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = N
     }
 
 
-def render(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
+def render(prefix: Path, upstream: str, port: int, extra: dict | None = None,
            mode: str = "--render-only") -> subprocess.CompletedProcess:
     env = {**os.environ, **render_env(prefix, upstream, port, extra)}
-    return subprocess.run(["sh", str(RENDER), mode], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["sh", str(RENDER), mode], check=False, env=env, capture_output=True, text=True, timeout=60)
 
 
 @contextmanager
-def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> Iterator[Gateway]:
+def start_gateway(tmp_dir: Path, upstream: str, env: dict | None = None) -> Iterator[Gateway]:
     # nginx's workers run as nobody when started by root, so they must be able to read the prefix. It gets
     # a directory of its own under /tmp: any pytest run on the machine resets /tmp/pytest-of-<user> to
     # 0700, and a prefix below it turned every request that reads the htpasswd into a 500.
@@ -70,6 +71,30 @@ def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> I
                           env=full_env)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def raw_request(port: int, data: bytes, source: str = "127.0.0.1") -> tuple:
+    """Send bytes as they are (no client library normalises the path); (status, headers, body) of the answer."""
+    with socket.socket() as s:
+        s.settimeout(10)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
+def raw_get(port: int, target: str, *headers: str, method: str = "GET", source: str = "127.0.0.1") -> tuple:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    return raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), source)
 
 
 def wait_ready_through(gw: Gateway, auth) -> None:

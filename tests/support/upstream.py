@@ -7,9 +7,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, Optional
 
 
 class _Recording(BaseHTTPRequestHandler):
@@ -75,7 +75,7 @@ class DnsServer:
     """A UDP DNS server on 127.0.0.1 that knows one name: A queries get `address` (None: NXDOMAIN, as a
     stopped container's name), AAAA queries an empty answer. TTL 0; counts the queries it answers."""
 
-    def __init__(self, name: str, address: Optional[str]):
+    def __init__(self, name: str, address: str | None):
         self.name, self.address, self.queries = name.lower().rstrip("."), address, 0
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -89,13 +89,13 @@ class DnsServer:
         while not self._stop.is_set():
             try:
                 data, peer = self._sock.recvfrom(512)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             reply = self._answer(data)
             if reply:
                 self._sock.sendto(reply, peer)
 
-    def _answer(self, query: bytes) -> Optional[bytes]:
+    def _answer(self, query: bytes) -> bytes | None:
         if len(query) < 17:
             return None
         labels, i = [], 12
@@ -121,7 +121,7 @@ class DnsServer:
 
 
 @contextmanager
-def dns_server(name: str, address: Optional[str]) -> Iterator[DnsServer]:
+def dns_server(name: str, address: str | None) -> Iterator[DnsServer]:
     server = DnsServer(name, address)
     try:
         yield server
