@@ -289,8 +289,8 @@ export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPE
 vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${VOXBOX_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
 envsubst "$vars" < "$NGINX_TEMPLATES/nginx.conf.template" > "$NGINX_PREFIX/nginx.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox.conf.template" > "$NGINX_PREFIX/conf.d/voxbox.conf"
-envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_proxy.conf.template" > "$NGINX_PREFIX/voxbox_proxy.conf"
-chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf" "$NGINX_PREFIX/voxbox_proxy.conf" \
+envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_location.conf.template" > "$NGINX_PREFIX/voxbox_location.conf"
+chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf" "$NGINX_PREFIX/voxbox_location.conf" \
     "$upstream_conf" "$errors" "$health"
 echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, $how; listen $GATEWAY_LISTEN, $users user(s), $keys API key(s))" >&2
 
