@@ -81,6 +81,12 @@ def test_every_location_sends_the_worker_the_same_sanitised_headers(gw, upstream
         assert seen["sec-websocket-key"] == "dGhlIHNhbXBsZSBub25jZQ=="
     else:
         assert "upgrade" not in seen
+    # Without a request id from the client, the worker gets the one the gateway made and returned.
+    status, headers, _ = raw_request(gw.port, (request.replace(f"X-Request-ID: {rid}", f"X-Test-Tag: {rid}")
+                                               + "\r\n\r\n" + ("{}" if body else "")).encode())
+    generated = headers["x-request-id"]
+    assert status == 200 and len(generated) == 32
+    assert upstream.by_header("x-test-tag", rid)["headers"]["x-request-id"] == generated
 
 
 # --- 3: /healthz is open only as spelled, and forwarded as the path it matched ------------------------
@@ -241,7 +247,7 @@ def test_worker_on_a_new_address_is_reached_again_without_a_reload(tmp_path):
             # `docker stop tts; docker start tts`: the name is gone for a while, then points elsewhere.
             old.stop()
             dns.address = None
-            assert served_by(g) == "worker_unavailable" or served_by(g) == "worker_unavailable"
+            assert served_by(g) == "worker_unavailable"
             assert requests.get(f"http://127.0.0.1:{g.health_port}/", timeout=5).status_code == 200
             dns.address = "127.0.0.2"
             t0, seen = time.monotonic(), []

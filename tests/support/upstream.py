@@ -52,9 +52,13 @@ class RecordingServer:
         self._thread.start()
 
     def by_request_id(self, rid: str) -> dict:
+        return self.by_header("x-request-id", rid)
+
+    def by_header(self, name: str, value: str) -> dict:
+        """The one request that came with this header value."""
         with self.lock:
-            found = [s for s in self.seen if s["headers"].get("x-request-id") == rid]
-        assert len(found) == 1, f"{len(found)} upstream requests with X-Request-ID {rid}: {self.seen[-5:]}"
+            found = [s for s in self.seen if s["headers"].get(name) == value]
+        assert len(found) == 1, f"{len(found)} upstream requests with {name}: {value}: {self.seen[-5:]}"
         return found[0]
 
     def stop(self) -> None:
