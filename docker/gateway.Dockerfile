@@ -20,6 +20,8 @@ ENV NGINX_PREFIX=/etc/nginx/voxbox \
     GATEWAY_LISTEN=6006 \
     UPSTREAM=tts:8000
 EXPOSE 6006
+# render.sh's loopback health listener (GATEWAY_HEALTH_LISTEN), not /healthz: that one asks the worker,
+# and a worker restarting must not mark the gateway unhealthy; it also answers when TLS is on.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["wget", "-qO", "/dev/null", "http://127.0.0.1:6006/healthz"]
+    CMD ["wget", "-qO", "/dev/null", "http://127.0.0.1:6007/"]
 ENTRYPOINT ["/bin/sh", "/opt/voxbox-gateway/render.sh"]

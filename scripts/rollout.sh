@@ -90,14 +90,18 @@ else
     echo "+ wait until the new tts container's health status is healthy"
 fi
 
-# nginx resolves the upstream name when it (re)loads its config: SIGHUP picks up both workers.
-run "$COMPOSE kill -s HUP gateway"
+# The gateway re-resolves the worker's name every few seconds by itself; a reload makes it see both
+# workers now. A reload from inside the container, not `compose kill -s HUP`: Docker counts a
+# signalled container as stopped by hand, and `unless-stopped` would then not restart it after a
+# reboot (moby#41302).
+RELOAD="exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
+run "$COMPOSE $RELOAD"
 for id in $old_ids; do
     run "docker stop --time 45 $id"
     run "docker rm $id"
 done
 run "$COMPOSE up -d --no-deps --no-recreate --scale tts=1 tts"
-run "$COMPOSE kill -s HUP gateway"
+run "$COMPOSE $RELOAD"
 run "$COMPOSE up -d --no-deps gateway"
 
 if [ "$DRY" = 0 ]; then

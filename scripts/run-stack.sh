@@ -40,7 +40,10 @@ TTS_ENGINE=${TTS_ENGINE:-embedded} VOICES_DIR=${VOICES_DIR:-$RUN_DIR/voices} BIN
     "$(dirname "$PY")/gunicorn" -c service/gunicorn.conf.py 'service.app:create_app()' &
 pids+=($!)
 
+# No health listener natively: it is for the container's health check, and a second checkout's
+# `make run` (on another GATEWAY_PORT) would find its port 6007 taken.
 NGINX_PREFIX=$NGINX_PREFIX UPSTREAM=127.0.0.1:$WORKER_PORT GATEWAY_LISTEN=$HOST:$GATEWAY_PORT \
+    GATEWAY_HEALTH_LISTEN=${GATEWAY_HEALTH_LISTEN:-off} \
     BASIC_AUTH_USERS="$VOXBOX_USER:$VOXBOX_PASSWORD" API_KEYS="$VOXBOX_API_KEY" \
     NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)} NGINX_WORKER_PROCESSES=${NGINX_WORKER_PROCESSES:-2} \
     sh nginx/render.sh &
