@@ -48,7 +48,7 @@ def main() -> None:
     preset = next(iter(engine.presets()))
     params = SynthesisParams(seed=0)
     in_process = median_time(lambda: engine.synthesize(TEXT, preset, None, params), args.runs)
-    del engine
+    engine = None  # free the model before the worker loads its own copy
 
     with tempfile.TemporaryDirectory() as tmp, start_worker(Path(tmp), env) as w:
         session = requests.Session()

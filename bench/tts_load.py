@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import statistics
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
