@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engines.voxcpm_batch import BatchedGenerator, Join  # noqa: E402
-from service.engines.voxcpm_engine import pick_device  # noqa: E402
+from service.engines.voxcpm.batch import BatchedGenerator, Join  # noqa: E402
+from service.engines.voxcpm.engine import pick_device  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "VoxBox serves speech to many users at once on one machine.",

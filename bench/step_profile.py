@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engines.voxcpm_batch import BatchedGenerator, Join  # noqa: E402
-from service.engines.voxcpm_engine import pick_device  # noqa: E402
-from service.engines.voxcpm_load import load_voxcpm  # noqa: E402
+from service.engines.voxcpm.batch import BatchedGenerator, Join  # noqa: E402
+from service.engines.voxcpm.engine import pick_device  # noqa: E402
+from service.engines.voxcpm.load import load_voxcpm  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank, and then it runs far away."
 

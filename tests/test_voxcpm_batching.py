@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engines.voxcpm_batch import BatchedGenerator, pick_max_batch
+from service.engines.voxcpm.batch import BatchedGenerator, pick_max_batch
 
 from .support.voxcpm_checkpoint import build_checkpoint
 
@@ -138,7 +138,7 @@ def test_fixed_tokens_force_the_same_length_on_every_path(model, tmp_path_factor
     """VOXCPM_FIXED_TOKENS (benchmarks): serial, streaming and batched generation all produce exactly
     N tokens, also past the package's cap of 6 tokens per text token + 10 for a short text."""
     from service.engines.base import SynthesisParams
-    from service.engines.voxcpm_engine import VoxCPMEngine
+    from service.engines.voxcpm.engine import VoxCPMEngine
 
     n, text = 30, "Hi."  # "Hi." is a few text tokens: capped near 22 tokens without the setting
     ckpt = build_checkpoint(tmp_path_factory.mktemp("fixed") / "tiny", size="tiny", seed=5, dtype="float32")
@@ -164,7 +164,7 @@ def test_fixed_tokens_force_the_same_length_on_every_path(model, tmp_path_factor
 def test_requests_prefilled_together_equal_each_alone(model):
     """add_many: one padded prefill for requests of different lengths (one with a voice prompt),
     joining a batch that already has a row mid-generation."""
-    from service.engines.voxcpm_batch import Join
+    from service.engines.voxcpm.batch import Join
 
     prompt = sine_prompt(model)
     cases = [(REQUESTS[1][0], 22, 12, None), ("Short.", 33, 6, None), ("Cloned voice output.", 7, 8, prompt)]
@@ -245,7 +245,7 @@ def test_streaming_decode_equals_decoding_the_whole_sequence(model):
     latent sequence; priming with a prompt's patches equals decoding them ahead and cutting them off."""
     from einops import rearrange
 
-    from service.engines.voxcpm_vae_stream import StreamingDecoder
+    from service.engines.voxcpm.vae_stream import StreamingDecoder
 
     vae = model.audio_vae
     gen = torch.Generator().manual_seed(3)
@@ -264,7 +264,7 @@ def test_streaming_decode_equals_decoding_the_whole_sequence(model):
 
 
 def test_buckets():
-    from service.engines.voxcpm_batch import batch_buckets, bucket_for, length_buckets
+    from service.engines.voxcpm.batch import batch_buckets, bucket_for, length_buckets
 
     assert batch_buckets(1) == (1,)
     assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
@@ -291,6 +291,6 @@ def test_compiled_step_parts_equal_eager_across_buckets(model):
             got += [gen.last_patch[r.row].float().numpy() for r in gen.step() if r.row == rows[0]]
         return np.stack(got)
 
-    from service.engines.voxcpm_batch import Join
+    from service.engines.voxcpm.batch import Join
 
     assert np.abs(run("eager") - run(None)).max() < TOL

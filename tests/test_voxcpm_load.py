@@ -1,9 +1,9 @@
-"""service/engines/voxcpm_load.py: weights read onto the device give the model `from_local` gives."""
+"""service/engines/voxcpm/load.py: weights read onto the device give the model `from_local` gives."""
 import pytest
 import torch
 
 from service.engines.base import EngineError
-from service.engines.voxcpm_load import load_voxcpm
+from service.engines.voxcpm.load import load_voxcpm
 
 from .support.voxcpm_checkpoint import build_checkpoint
 

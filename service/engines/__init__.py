@@ -9,7 +9,7 @@ __all__ = ["Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "Syn
 
 def build_engine(settings: Settings) -> Engine:
     if settings.tts_engine == "voxcpm":
-        from .voxcpm_engine import VoxCPMEngine
+        from .voxcpm.engine import VoxCPMEngine
 
         return VoxCPMEngine(
             model_dir=settings.model_dir, device=settings.tts_device, compile_mode=settings.tts_compile,

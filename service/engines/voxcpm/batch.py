@@ -18,7 +18,7 @@ The step is built to be captured in CUDA graphs (one replay instead of thousands
 - nothing in the step reads a value back to the host or branches on one: the host mirrors positions
   and step counts (they advance by one per step), and the stop flags come back once per step with the
   audio, in one copy.
-The VAE decode is streamed with carried convolution state (voxcpm_vae_stream.py): each step decodes
+The VAE decode is streamed with carried convolution state (vae_stream.py): each step decodes
 only its own patch, and the audio equals decoding the whole sequence at once.
 
 Numerically each row follows the package's generation loop step for step: the same stop rule and
@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .voxcpm_vae_stream import StreamingDecoder
+from .vae_stream import StreamingDecoder
 
 log = logging.getLogger(__name__)
 

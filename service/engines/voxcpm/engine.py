@@ -13,10 +13,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..audio import time_stretch
-from ..text import has_speakable
-from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
-from .voxcpm_load import load_voxcpm
+from ...audio import time_stretch
+from ...text import has_speakable
+from ..base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
+from .load import load_voxcpm
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class VoxCPMEngine(Engine):
         import torch
         import torch.nn.functional as F
 
-        from ..audio import resample
+        from ...audio import resample
 
         audio, rate = sf.read(str(prompt.wav_path), dtype="float32", always_2d=True)
         audio = resample(audio.mean(axis=1), rate, self.sample_rate)
@@ -191,7 +191,7 @@ class VoxCPMEngine(Engine):
         wav, _, _ = self._model.generate_with_prompt_cache(**args, retry_badcase=self.retry_badcase)
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
 
-    # -- continuous batching (service/engines/voxcpm_batch.py) ----------------------------------------
+    # -- continuous batching (service/engines/voxcpm/batch.py) ----------------------------------------
     @property
     def batch_single(self) -> bool:
         """On CUDA even one request goes through the batched step: it runs as CUDA graphs, where the
@@ -206,7 +206,7 @@ class VoxCPMEngine(Engine):
             return 1
         import torch
 
-        from .voxcpm_batch import pick_max_batch
+        from .batch import pick_max_batch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
         size = pick_max_batch(free, self._model, cap=cap, max_steps=self._max_steps)
@@ -218,7 +218,7 @@ class VoxCPMEngine(Engine):
         return max(self.fixed_tokens, self.defaults["max_len"])
 
     def make_batch(self, max_batch: int):
-        from .voxcpm_batch import BatchedGenerator
+        from .batch import BatchedGenerator
 
         return BatchedGenerator(self._model, max_batch, max_steps=self._max_steps, cuda_graphs=self.cuda_graphs,
                                 compile_backend="inductor" if self.compile_step else None)
@@ -231,7 +231,7 @@ class VoxCPMEngine(Engine):
 
     def batch_add(self, batch, requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
         """Join (text, voice, params) requests to the batch, prefilled together; returns their rows."""
-        from .voxcpm_batch import Join
+        from .batch import Join
 
         joins = []
         for text, prompt, params in requests:

@@ -10,7 +10,7 @@ whole latent sequence gives, for one patch of work per step.
 The decoder is rebuilt as a flat program of operations on materialised weights (weight norm folded in
 once), with per-row state in preallocated tensors: fixed shapes, no host synchronisation, so a step can
 be captured in a CUDA graph. Rows are addressed as a prefix [:b] of the state, like the rest of the
-batch (service/engines/voxcpm_batch.py).
+batch (service/engines/voxcpm/batch.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .base import EngineError
+from ..base import EngineError
 
 log = logging.getLogger(__name__)
 
