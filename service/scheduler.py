@@ -99,9 +99,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, queue_size: int, retry_after_s: int,
-                 warmup: bool = True, max_batch: str = "1"):
+                 warmup: bool = True, max_batch: str = "1", batch_cap: int = 1):
         self.engine = engine
         self.max_batch = max_batch
+        # Most requests one batch may hold: what the request threads can carry (Settings.batch_capacity),
+        # so a batch never takes the threads that answer health checks and shed load.
+        self.batch_cap = batch_cap
         self.batch_size = 1
         self.metrics = metrics
         self.queue_size = queue_size
@@ -184,7 +187,8 @@ class Scheduler:
                 self._took("warmup_s", t0)
                 log.info("warm-up synthesis passed in %.1fs", self.startup["warmup_s"])
             t0 = time.monotonic()
-            self.batch_size = self.engine.batch_size(self.max_batch) if self.engine.supports_batching else 1
+            self.batch_size = (self.engine.batch_size(self.max_batch, self.batch_cap)
+                               if self.engine.supports_batching else 1)
             # Allocated before "ready": a batch that does not fit must fail the load, visibly.
             batch = self.engine.make_batch(self.batch_size) if self.batch_size > 1 else None
             self._took("batch_alloc_s", t0)

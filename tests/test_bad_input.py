@@ -17,7 +17,7 @@ from .support.voxcpm_checkpoint import build_checkpoint
 from .support.worker import start_worker, ws_collect
 
 VOICE_MAX_BYTES = 1_500_000
-THREADS = 8  # GUNICORN_THREADS the worker gets from start_worker
+THREADS = 16  # GUNICORN_THREADS the worker gets from start_worker
 BODY_READ_TIMEOUT_S = 2
 
 
@@ -267,7 +267,7 @@ def test_idle_websockets_do_not_starve_plain_http(worker):
 
 
 def test_websockets_beyond_the_cap_get_503_json_and_the_count_is_exported(worker):
-    limit = THREADS - 4  # WS_MAX_CONNECTIONS=0: GUNICORN_THREADS - 4
+    limit = THREADS // 8  # WS_MAX_CONNECTIONS=0: GUNICORN_THREADS / 8
     with ExitStack() as stack:
         for _ in range(limit):
             stack.callback(websocket.create_connection(worker.ws_url, timeout=5).close)
@@ -490,6 +490,12 @@ def test_voxcpm_normalize_that_leaves_nothing_is_400_not_500(voxcpm_worker, text
 @pytest.mark.parametrize("env,says", [
     ({"TTS_ENGINE": "foo", "QUEUE_SIZE": "abc"}, ["TTS_ENGINE='foo'", "QUEUE_SIZE='abc'", ".env.example"]),
     ({"TTS_ENGINE": "voxcpm"}, ["needs MODEL_DIR"]),
+    # Threads must hold the queue, the WebSockets, a batch and the health checks' reserve.
+    ({"GUNICORN_THREADS": "12", "QUEUE_SIZE": "8"}, ["leaves -1 threads for synthesis",
+                                                     "raise GUNICORN_THREADS to at least 14"]),
+    ({"GUNICORN_THREADS": "16", "QUEUE_SIZE": "11"}, ["raise GUNICORN_THREADS to at least 18"]),
+    ({"TTS_MAX_BATCH": "8", "GUNICORN_THREADS": "16", "QUEUE_SIZE": "8"},
+     ["TTS_MAX_BATCH=8 is more than the 2 requests", "raise GUNICORN_THREADS to at least 22"]),
 ])
 def test_bad_settings_stop_the_worker_with_one_readable_line(tmp_path, env, says):
     import os

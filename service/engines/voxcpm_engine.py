@@ -185,10 +185,11 @@ class VoxCPMEngine(Engine):
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
 
     # -- continuous batching (service/engines/voxcpm_batch.py) ----------------------------------------
-    def batch_size(self, requested: str) -> int:
-        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA; 1 = one at a time on CPU)."""
+    def batch_size(self, requested: str, cap: int) -> int:
+        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA; 1 = one at a time on CPU);
+        never more than `cap`, the requests the worker's threads can carry (Settings.batch_capacity)."""
         if requested.strip().lower() not in ("", "auto"):
-            return max(1, int(requested))
+            return max(1, min(cap, int(requested)))
         if not self.device.startswith("cuda"):
             return 1
         import torch
@@ -196,7 +197,7 @@ class VoxCPMEngine(Engine):
         from .voxcpm_batch import pick_max_batch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        size = pick_max_batch(free, self._model, cap=64)
+        size = pick_max_batch(free, self._model, cap=min(cap, 64))
         log.info("voxcpm: batch size %d from %.1f GiB free GPU memory", size, free / 2**30)
         return size
 

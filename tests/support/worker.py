@@ -45,7 +45,7 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
         "BIND": f"127.0.0.1:{port}",
         "TTS_ENGINE": "embedded",
         "VOICES_DIR": str(tmp_dir / "voices"),
-        "GUNICORN_THREADS": "8",
+        "GUNICORN_THREADS": "16",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         **(env_overrides or {}),
