@@ -34,6 +34,10 @@ class NotReady(Exception):
     pass
 
 
+class ShuttingDown(NotReady):
+    """The worker got SIGTERM: it finishes what it accepted and takes nothing new (service/draining.py)."""
+
+
 class DeadlineExceeded(Exception):
     pass
 
@@ -122,6 +126,7 @@ class Scheduler:
         self._running: Optional[Job] = None
         self._batched_jobs = 0  # jobs inside the batch loop (for the in-flight gauge)
         self._stopping = False
+        self.draining = False
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         metrics.queue_depth.set_function(lambda: len(self._pending))
         metrics.in_flight.set_function(
@@ -144,8 +149,19 @@ class Scheduler:
     def ready(self) -> bool:
         return self.phase == "ready"
 
+    def drain(self) -> None:
+        """Refuse new jobs from now on; queued and running ones go on."""
+        with self._cv:
+            self.draining = True
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._pending and self._running is None and self._batched_jobs == 0
+
     # -- request side ------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
+        if self.draining:
+            raise ShuttingDown("this worker is shutting down and takes no new requests")
         if not self.ready:
             raise NotReady(self.error or f"the model is not ready yet (phase: {self.phase})")
         with self._cv:

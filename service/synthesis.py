@@ -13,7 +13,7 @@ from .api.errors import ApiError
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
-from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler
+from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler, ShuttingDown
 from .settings import Settings
 from .voices import VoiceStore
 
@@ -96,6 +96,8 @@ class SynthesisService:
             self.scheduler.submit(job)
         except Overloaded as e:
             raise ApiError(503, "overloaded", str(e), retry_after=e.retry_after) from None
+        except ShuttingDown as e:
+            raise shutting_down(str(e), self.settings.retry_after_s) from None
         except NotReady as e:
             raise ApiError(503, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s) from None
         return Prepared(job, rate, received)
@@ -150,6 +152,11 @@ class SynthesisService:
             raise ApiError(400, "nothing_to_say", str(e)) from None
         except Exception as e:
             raise ApiError(500, "synthesis_failed", f"synthesis failed: {e}") from e
+
+
+def shutting_down(what: str, retry_after: int) -> ApiError:
+    return ApiError(503, "shutting_down", f"{what} (a restart or rollout); retry, and its replacement or "
+                    "another replica will answer", retry_after=retry_after)
 
 
 def _nothing_to_say() -> ApiError:

@@ -20,6 +20,7 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..encode import StreamEncoder
 from ..engines import SynthesisParams
+from ..synthesis import shutting_down
 from .common import NESTED_TOO_DEEPLY, json_problem
 from .errors import ApiError, describe_validation_error
 from .schemas import VoxCPMKnobs
@@ -206,6 +207,8 @@ def register(app: Flask) -> None:
         if request.path != "/v1/stream":
             return
         _check_handshake()
+        if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
+            raise shutting_down("this worker is shutting down and takes no new WebSockets", settings.retry_after_s)
         if not slots.take():
             raise ApiError(503, "too_many_streams", f"this worker already has {slots.limit} WebSockets open "
                            "(WS_MAX_CONNECTIONS); retry shortly or close idle connections",
