@@ -47,6 +47,9 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
                           settings.tts_max_batch, settings.batch_capacity)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
                        settings.voice_max_seconds)
+    leftovers = store.remove_leftovers()
+    if leftovers:
+        log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
     ctx = AppContext(settings, engine, scheduler, store, SynthesisService(settings, engine, scheduler, store),
                      metrics)
 

@@ -14,7 +14,7 @@ import soundfile as sf
 import websocket
 
 from .support.voxcpm_checkpoint import build_checkpoint
-from .support.worker import start_worker, ws_collect
+from .support.worker import SLOW_APP, start_worker, ws_collect
 
 VOICE_MAX_BYTES = 1_500_000
 THREADS = 16  # GUNICORN_THREADS the worker gets from start_worker
@@ -26,6 +26,15 @@ def worker(tmp_path_factory):
     env = {"MAX_TEXT_CHARS": "2000", "VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "GUNICORN_THREADS": str(THREADS),
            "BODY_READ_TIMEOUT_S": str(BODY_READ_TIMEOUT_S)}
     with start_worker(tmp_path_factory.mktemp("bad-input"), env) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def cloning_worker(tmp_path_factory):
+    """Uploads are checked by the voice store whatever the engine, but only a cloning engine accepts them
+    (the embedded one refuses every upload): a timed fake with SLOW_CLONING=1."""
+    env = {"VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "SLOW_CLONING": "1"}
+    with start_worker(tmp_path_factory.mktemp("bad-uploads"), env, app=SLOW_APP) as w:
         yield w
 
 
@@ -211,10 +220,6 @@ def test_413_json_body_message_names_the_limit(worker):
     assert re.search(r"\d", err["message"]), err
 
 
-def _worker_pid(worker) -> int:
-    return int(re.findall(r"Booting worker with pid: (\d+)", worker.log_text())[-1])
-
-
 def _peak_rss_kb(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
@@ -222,7 +227,7 @@ def _peak_rss_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(worker):
+def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(cloning_worker):
     """A ~270 kB FLAC of 15 minutes of 96 kHz silence decodes to ~86 M samples (~0.7 GB as float32 in memory,
     twice). Under VOICE_MAX_BYTES (10 MB by default) the same trick makes ~3 G samples: the worker, model and
     all, is OOM-killed. The duration is in the header: check it before decoding."""
@@ -234,11 +239,11 @@ def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(
             f.write(minute)
     data = buf.getvalue()
     assert len(data) < VOICE_MAX_BYTES
-    pid = _worker_pid(worker)
+    pid = cloning_worker.worker_pid()
     with open(f"/proc/{pid}/clear_refs", "w") as fh:  # reset the peak-RSS mark
         fh.write("5")
     before = _peak_rss_kb(pid)
-    r = upload(worker, data)
+    r = upload(cloning_worker, data)
     err = assert_client_error(r, 400, "bad_duration")
     assert "900" in err["message"] or "15" in err["message"], err
     grew_mb = (_peak_rss_kb(pid) - before) / 1024
@@ -380,37 +385,37 @@ BROKEN_AUDIO = [
 
 
 @pytest.mark.parametrize("name,data,status,code", BROKEN_AUDIO, ids=[b[0] for b in BROKEN_AUDIO])
-def test_broken_audio_uploads(worker, name, data, status, code):
-    assert_client_error(upload(worker, data), status, code)
+def test_broken_audio_uploads(cloning_worker, name, data, status, code):
+    assert_client_error(upload(cloning_worker, data), status, code)
 
 
-def test_nan_float_wav_is_refused_as_invalid_audio(worker):
+def test_nan_float_wav_is_refused_as_invalid_audio(cloning_worker):
     buf = io.BytesIO()
     sf.write(buf, np.full(22050 * 3, np.nan, dtype=np.float32), 22050, format="WAV", subtype="FLOAT")
-    assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")
+    assert_client_error(upload(cloning_worker, buf.getvalue()), 400, "silent_audio")
 
 
-def test_dc_offset_alone_is_silence_and_huge_float_samples_are_scaled(worker):
+def test_dc_offset_alone_is_silence_and_huge_float_samples_are_scaled(cloning_worker):
     buf = io.BytesIO()
     sf.write(buf, np.full(22050 * 3, 0.5, dtype=np.float32), 22050, format="WAV", subtype="FLOAT")
-    assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")  # a constant is no sound
+    assert_client_error(upload(cloning_worker, buf.getvalue()), 400, "silent_audio")  # a constant is no sound
 
     t = np.arange(22050 * 3) / 22050
     buf = io.BytesIO()
     sf.write(buf, (1e30 * np.sin(2 * np.pi * 160 * t)).astype(np.float32), 22050, format="WAV", subtype="FLOAT")
-    r = upload(worker, buf.getvalue())
+    r = upload(cloning_worker, buf.getvalue())
     assert r.status_code == 201, r.text
-    stored, _ = sf.read(f"{worker.env['VOICES_DIR']}/{r.json()['id']}/audio.wav", dtype="float32")
+    stored, _ = sf.read(f"{cloning_worker.env['VOICES_DIR']}/{r.json()['id']}/audio.wav", dtype="float32")
     assert 0.9 < np.abs(stored).max() <= 1.0  # scaled into [-1, 1], the shape kept
-    requests.delete(f"{worker.url}/v1/voices/{r.json()['id']}")
+    requests.delete(f"{cloning_worker.url}/v1/voices/{r.json()['id']}")
 
 
 @pytest.mark.parametrize("rate,channels", [(8000, 2), (96000, 1), (16000, 6)])
-def test_odd_rates_and_channel_counts_are_normalised(worker, rate, channels):
-    r = upload(worker, clip(rate=rate, channels=channels))
+def test_odd_rates_and_channel_counts_are_normalised(cloning_worker, rate, channels):
+    r = upload(cloning_worker, clip(rate=rate, channels=channels))
     assert r.status_code == 201, r.text
     assert r.json()["sample_rate"] == 44100 and abs(r.json()["duration"] - 3.0) < 0.05
-    requests.delete(f"{worker.url}/v1/voices/{r.json()['id']}")
+    requests.delete(f"{cloning_worker.url}/v1/voices/{r.json()['id']}")
 
 
 @pytest.mark.parametrize("raw,code", [("null", "invalid_json"), ('"hello"', "invalid_json"),

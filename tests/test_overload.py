@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from .support.gateway import start_gateway
-from .support.worker import start_worker
+from .support.worker import SLOW_APP, start_worker
 
 QUEUE, BATCH = 4, 2
 THREADS = QUEUE + BATCH + 1 + 4  # WS_MAX_CONNECTIONS auto = threads / 8 = 1; 4 kept for health checks
@@ -31,7 +31,7 @@ def stack(tmp_path_factory):
     env = {"GUNICORN_THREADS": str(THREADS), "QUEUE_SIZE": str(QUEUE), "TTS_MAX_BATCH": str(BATCH),
            "RETRY_AFTER_S": "1", "SLOW_STEP_S": str(STEP_S), "SLOW_STEPS": str(STEPS)}
     tmp = tmp_path_factory.mktemp("overload")
-    with start_worker(tmp / "w", env, app="tests.support.slow_engine:create_app()") as w, \
+    with start_worker(tmp / "w", env, app=SLOW_APP) as w, \
             start_gateway(tmp / "gw", f"127.0.0.1:{w.port}", {
                 "API_KEYS": KEY, "RATE_LIMIT_RPS": "500", "RATE_LIMIT_BURST": "500"}) as gw:  # probes, not limits
         yield w, gw

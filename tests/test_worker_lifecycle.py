@@ -8,9 +8,7 @@ import time
 import requests
 
 from .support.procs import port_open, wait_until
-from .support.worker import start_worker
-
-SLOW = "tests.support.slow_engine:create_app()"
+from .support.worker import SLOW_APP, start_worker
 
 
 def in_flight(url: str) -> float:
@@ -23,7 +21,7 @@ def in_flight(url: str) -> float:
 def test_sigterm_refuses_new_requests_at_once_and_finishes_accepted_ones(tmp_path):
     steps, step_s = 60, 0.05  # one request: 3 s of generation
     env = {"SLOW_STEPS": str(steps), "SLOW_STEP_S": str(step_s), "GRACEFUL_TIMEOUT": "20", "RETRY_AFTER_S": "3"}
-    with start_worker(tmp_path, env, app=SLOW) as w:
+    with start_worker(tmp_path, env, app=SLOW_APP) as w:
         accepted = {}
         long = threading.Thread(target=lambda: accepted.update(
             r=requests.post(f"{w.url}/tts", json={"text": "A request already accepted."}, timeout=30)))
@@ -57,8 +55,8 @@ def test_two_instances_share_no_control_socket(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
-    with start_worker(tmp_path / "a", env, app=SLOW) as a:
-        with start_worker(tmp_path / "b", env, app=SLOW) as b:
+    with start_worker(tmp_path / "a", env, app=SLOW_APP) as a:
+        with start_worker(tmp_path / "b", env, app=SLOW_APP) as b:
             assert list(home.rglob("*")) == []  # no socket, no ~/.gunicorn directory
             assert requests.get(f"{b.url}/readyz", timeout=5).status_code == 200
         assert requests.get(f"{a.url}/readyz", timeout=5).status_code == 200  # b's stop left a alone

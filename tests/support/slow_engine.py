@@ -2,7 +2,8 @@
 a timer. Each generation step sleeps (as a GPU step leaves the Python side idle) and yields a short tone
 per row, so a worker's capacity is known exactly: SLOW_BATCH requests every SLOW_STEPS x SLOW_STEP_S seconds.
 
-Started by gunicorn as `tests.support.slow_engine:create_app()` (see start_worker's `app`).
+Started by gunicorn as `tests.support.slow_engine:create_app()` (see start_worker's `app`); SLOW_CLONING=1
+makes it a cloning engine (it accepts voice uploads, as VoxCPM does, and ignores their audio).
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ class SlowEngine(Engine):
     sample_rate = RATE
     supports_batching = True
 
-    def __init__(self, step_s: float, steps: int):
-        self.step_s, self.steps = step_s, steps
+    def __init__(self, step_s: float, steps: int, cloning: bool = False):
+        self.step_s, self.steps, self.cloning = step_s, steps, cloning
 
     def load(self) -> None:
         pass
@@ -79,7 +80,7 @@ class SlowEngine(Engine):
 
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model="timer", device="cpu", sample_rate=RATE, languages=("en",),
-                          supports_cloning=False)
+                          supports_cloning=self.cloning)
 
     def batch_size(self, requested: str, cap: int) -> int:
         return min(cap, int(requested)) if requested.strip().isdigit() else cap
@@ -98,5 +99,6 @@ def create_app():
     from service.app import create_app as real_create_app
     from service.settings import load_settings
 
-    engine = SlowEngine(float(os.environ.get("SLOW_STEP_S", "0.05")), int(os.environ.get("SLOW_STEPS", "10")))
+    engine = SlowEngine(float(os.environ.get("SLOW_STEP_S", "0.05")), int(os.environ.get("SLOW_STEPS", "10")),
+                        cloning=os.environ.get("SLOW_CLONING") == "1")
     return real_create_app(load_settings(), engine=engine)

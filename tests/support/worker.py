@@ -13,6 +13,9 @@ import requests
 
 from .procs import PYTHON, REPO_ROOT, Served, free_port, running
 
+# A timed fake engine (tests/support/slow_engine.py); with SLOW_CLONING=1 in the env it takes voice uploads.
+SLOW_APP = "tests.support.slow_engine:create_app()"
+
 
 @dataclass
 class Worker(Served):
