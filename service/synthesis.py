@@ -15,7 +15,7 @@ from .encode import StreamEncoder
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
 from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler, ShuttingDown
 from .settings import Settings
-from .voices import VoiceStore
+from .voices import VoiceStore, is_voice_id
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class SynthesisService:
                 raise ApiError(400, "voice_not_supported", f"voice '{name}' is a cloned voice, and the "
                                f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}")
             return default, voice.prompt()
+        if is_voice_id(name):  # well-formed: a voice that was deleted, or never uploaded here
+            raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{name}' (GET /v1/voices lists "
+                           "them); upload one with POST /v1/voices or use a preset")
         raise ApiError(400, "unknown_voice", f"unknown voice '{name}'; use a preset "
                        f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'")
 
@@ -76,9 +79,9 @@ class SynthesisService:
             text = textmod.normalize(raw)
         except textmod.TextError as e:
             raise ApiError(400, "invalid_text", str(e)) from None
-        if not textmod.has_speakable(text):
-            raise _nothing_to_say()
         langs = self.engine.info().languages
+        if not textmod.has_speakable(text, langs):
+            raise _nothing_to_say(langs)
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
         if wanted not in langs:
             raise ApiError(400, "unsupported_language", f"the {self.engine.name} engine speaks "
@@ -159,6 +162,8 @@ def shutting_down(what: str, retry_after: int) -> ApiError:
                     "another replica will answer", retry_after=retry_after)
 
 
-def _nothing_to_say() -> ApiError:
-    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols); "
-                    "send words")
+def _nothing_to_say(languages: tuple[str, ...] = ()) -> ApiError:
+    scripts = {"en": "Latin letters or digits", "zh": "Chinese characters"}
+    readable = " or ".join(scripts[lang] for lang in languages if lang in scripts)
+    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols"
+                    + (f", or no {readable}" if readable else "") + "); send words")

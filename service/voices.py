@@ -24,7 +24,8 @@ from . import text as textmod
 from .audio import resample
 from .engines import VoicePrompt
 
-_ID = re.compile(r"^v_[0-9a-f]{16}$")
+VOICE_ID_PATTERN = r"^v_[0-9a-f]{16}$"  # ids are generated here (secrets), never chosen by a client
+_ID = re.compile(VOICE_ID_PATTERN)
 STORE_RATE = 44100
 # An upload writes its directory in well under a second; one this old was left by a killed process.
 # Younger ones may belong to another worker on the same volume (a rollout runs two), so they stay.
@@ -192,6 +193,10 @@ class VoiceStore:
         _fsync_dir(self.root)  # a deleted voice must not come back after a power loss
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+
+def is_voice_id(name: str) -> bool:
+    return bool(_ID.fullmatch(name or ""))
 
 
 def _fsync_dir(path: Path) -> None:

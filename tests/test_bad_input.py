@@ -359,12 +359,15 @@ def test_error_messages_speak_json_not_python(worker, raw, says, not_says):
     assert says in err["message"] and not_says not in err["message"], err
 
 
-@pytest.mark.parametrize("voice", ["../../etc/passwd", "/etc/passwd", "v_../../x", "v_0000000000000000\u0000",
-                                   "%2e%2e%2f", "v_0000000000000000"])
-def test_path_like_voice_names_are_unknown_voices(worker, voice):
+@pytest.mark.parametrize("voice,status,code", [
+    *[(v, 400, "unknown_voice") for v in ("../../etc/passwd", "/etc/passwd", "v_../../x", "v_0000000000000000\u0000",
+                                          "v_0000000000000000\n", "%2e%2e%2f")],
+    ("v_0000000000000000", 404, "voice_not_found"),  # a well-formed id of no stored voice
+])
+def test_path_like_voice_names_are_unknown_voices(worker, voice, status, code):
     for path, body in (("/tts", {"text": "hi", "style": voice}),
                        ("/v1/audio/speech", {"input": "hi", "voice": voice, "response_format": "wav"})):
-        err = assert_client_error(requests.post(f"{worker.url}{path}", json=body), 400, "unknown_voice")
+        err = assert_client_error(requests.post(f"{worker.url}{path}", json=body), status, code)
         assert "GET /v1/voices" in err["message"]
 
 

@@ -125,7 +125,7 @@ def test_voice_cloning_with_uploaded_voice(worker):
     assert time.monotonic() - t0 < t_first * 3
     assert requests.delete(f"{worker.url}/v1/voices/{voice_id}").status_code == 200
     gone = requests.post(f"{worker.url}/tts", json={"text": "Cloned.", "style": voice_id})
-    assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_voice"
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "voice_not_found"
 
 
 def test_a_request_that_cannot_start_fails_alone(worker):

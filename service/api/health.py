@@ -83,4 +83,9 @@ def metrics():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(build_openapi(__version__))
+    app = current_app._get_current_object()
+    doc = app.extensions.get("voxbox.openapi")
+    if doc is None:  # built on first use: it scans Unicode once for the text pattern
+        ctx = _ctx()
+        doc = app.extensions["voxbox.openapi"] = build_openapi(__version__, ctx.settings, ctx.engine)
+    return jsonify(doc)

@@ -34,7 +34,7 @@ class StreamRequest(VoxCPMKnobs):
     voice: StrictStr = "default"
     format: Literal["pcm16", "wav"] = "pcm16"
     sample_rate: Optional[StrictInt] = None
-    speed: StrictFloat | StrictInt = Field(1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     lang: Literal["auto", "en", "zh"] = "auto"
 
 
@@ -204,8 +204,8 @@ def register(app: Flask) -> None:
 
     @app.before_request
     def _admit_websocket():
-        if request.path != "/v1/stream":
-            return
+        if request.path != "/v1/stream" or request.routing_exception is not None:
+            return  # other paths, and other methods than GET here (their 405 says which is allowed)
         _check_handshake()
         if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
             raise shutting_down("this worker is shutting down and takes no new WebSockets", settings.retry_after_s)
