@@ -80,12 +80,12 @@ class SynthesisService:
         except textmod.TextError as e:
             raise ApiError(400, "invalid_text", str(e)) from None
         langs = self.engine.info().languages
-        if not textmod.has_speakable(text, langs):
-            raise _nothing_to_say(langs)
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
-        if wanted not in langs:
+        if wanted not in langs:  # before the speakable check: "Chinese is not spoken here" says more
             raise ApiError(400, "unsupported_language", f"the {self.engine.name} engine speaks "
                            f"{', '.join(langs)} only; this text needs '{wanted}'")
+        if not textmod.has_speakable(text, langs):
+            raise _nothing_to_say(langs)
         return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars))
 
     # -- execution ---------------------------------------------------------------------------

@@ -519,3 +519,10 @@ def test_bad_settings_stop_the_worker_with_one_readable_line(tmp_path, env, says
                        env=full, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and all(s in r.stderr for s in says), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "TRACE"])
+def test_other_methods_on_the_websocket_endpoint_are_405_with_allow(worker, method):
+    r = requests.request(method, f"{worker.url}/v1/stream")
+    err = assert_client_error(r, 405, "method_not_allowed")
+    assert "GET" in r.headers["Allow"] and "GET" in err["message"]

@@ -17,6 +17,7 @@ from typing import Literal, Optional
 from flask import Flask, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..engines import SynthesisParams
@@ -204,7 +205,7 @@ def register(app: Flask) -> None:
 
     @app.before_request
     def _admit_websocket():
-        if request.path != "/v1/stream" or request.routing_exception is not None:
+        if request.path != "/v1/stream" or isinstance(request.routing_exception, MethodNotAllowed):
             return  # other paths, and other methods than GET here (their 405 says which is allowed)
         _check_handshake()
         if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
