@@ -25,9 +25,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["1", "3"], ids=["serial", "batched"])
 def worker(request, checkpoint, tmp_path_factory):
-    """The same tests run one request at a time and through continuous batching (TTS_MAX_BATCH=3)."""
+    """The same tests run one request at a time and through continuous batching (TTS_MAX_BATCH=3). QUEUE_SIZE=6:
+    the six concurrent requests below all wait, and 16 threads still leave room for a batch of 4."""
     env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(checkpoint), "TTS_DEVICE": "auto", "TTS_MAX_BATCH": request.param,
-           "QUEUE_SIZE": "4", "VOXCPM_MAX_LEN": "24", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
+           "QUEUE_SIZE": "6", "VOXCPM_MAX_LEN": "24", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
     with start_worker(tmp_path_factory.mktemp("vox"), env) as w:
         w.batched = request.param != "1"
         yield w
