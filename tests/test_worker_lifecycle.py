@@ -1,14 +1,16 @@
 """The worker's process life with a real gunicorn: SIGTERM drains (readiness 503 at once, new requests
 503 shutting_down, accepted ones finish), and instances on one host share no control socket."""
+import json
 import os
 import signal
 import threading
 import time
 
 import requests
+import websocket
 
 from .support.procs import port_open, wait_until
-from .support.worker import SLOW_APP, start_worker
+from .support.worker import SLOW_APP, start_worker, ws_collect
 
 
 def in_flight(url: str) -> float:
@@ -47,6 +49,22 @@ def test_sigterm_refuses_new_requests_at_once_and_finishes_accepted_ones(tmp_pat
         # With nothing in flight the worker stops by itself, well before its grace period.
         wait_until(lambda: not port_open(w.port), 10, "the worker exits once drained", log=w.log)
         assert "drained (no request in flight); stopping" in w.log_text()
+
+
+def test_sigterm_closes_idle_websockets_so_clients_reconnect_elsewhere(tmp_path):
+    """An open WebSocket holds a thread; at shutdown an idle one is closed with 1001 (going away) at once
+    instead of keeping the worker up for its whole grace period, and new handshakes get 503."""
+    with start_worker(tmp_path, {"GRACEFUL_TIMEOUT": "20"}, app=SLOW_APP) as w:
+        ws = websocket.create_connection(w.ws_url, timeout=10)
+        ws.send(json.dumps({"text": "Before the shutdown."}))
+        assert ws_collect(ws)[2]["type"] == "done"
+        t0 = time.monotonic()
+        os.kill(w.pid, signal.SIGTERM)
+        opcode, frame = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(frame[:2], "big") == 1001, (opcode, frame)
+        assert time.monotonic() - t0 < 3
+        wait_until(lambda: not port_open(w.port), 10, "the worker exits, not held up by the socket", log=w.log)
+        assert time.monotonic() - t0 < 10
 
 
 def test_two_instances_share_no_control_socket(tmp_path):

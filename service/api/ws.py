@@ -28,6 +28,11 @@ from .schemas import VoxCPMKnobs
 
 log = logging.getLogger(__name__)
 
+# An idle connection looks up this often whether the worker is shutting down: if so it is closed (1001,
+# going away) so the client reconnects to another worker, instead of holding the shutdown up until
+# GRACEFUL_TIMEOUT and then being cut.
+_DRAIN_POLL_S = 0.5
+
 
 class StreamRequest(VoxCPMKnobs):
     type: Literal["synthesize"] = "synthesize"
@@ -67,9 +72,12 @@ class _Connection:
 
     def serve(self) -> None:
         while True:
-            raw = self.ws.receive()
-            if raw is None:
-                return
+            raw = self.ws.receive(timeout=_DRAIN_POLL_S)
+            if raw is None:  # nothing within the poll interval
+                if self.ctx.scheduler.draining:
+                    self.ws.close(1001, "the worker is shutting down; reconnect")
+                    return
+                continue
             try:
                 msg = _parse(raw)
                 if msg.get("type") == "cancel":
