@@ -24,14 +24,20 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from service.settings import THREAD_RESERVE  # noqa: E402
 from tests.support.worker import start_worker  # noqa: E402
 from tts_load import describe, max_level_below_rtf_1, run_level, table  # noqa: E402
 
 
 def measure(model_dir: str, batch: str, args, tmp: Path) -> tuple[dict, list[dict]]:
+    # Every client of the top level waits (nothing shed), and the threads hold the queue, the batch
+    # (auto: up to 128), the WebSockets and the reserve, as the worker's start-up check requires.
+    queue, rows = max(64, 2 * max(args.levels)), int(batch) if batch.isdigit() else 128
+    websockets = max(args.levels) if args.ws else 1
     env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": model_dir, "TTS_DEVICE": args.device, "TTS_MAX_BATCH": batch,
-           "VOXCPM_FIXED_TOKENS": str(args.fixed_tokens), "QUEUE_SIZE": str(max(64, 2 * max(args.levels))),
-           "GUNICORN_THREADS": str(max(16, 2 * max(args.levels) + 4)), "REQUEST_TIMEOUT_S": str(args.timeout)}
+           "VOXCPM_FIXED_TOKENS": str(args.fixed_tokens), "QUEUE_SIZE": str(queue),
+           "WS_MAX_CONNECTIONS": str(websockets), "GUNICORN_THREADS": str(queue + rows + websockets + THREAD_RESERVE),
+           "REQUEST_TIMEOUT_S": str(args.timeout)}
     with start_worker(tmp / f"batch-{batch}", env, timeout=args.start_timeout) as worker:
         info = requests.get(f"{worker.url}/info", timeout=30).json()
         run_level(worker.url, {}, 2, 2, args.ws, args.timeout)  # untimed: first-request costs (allocator, caches)

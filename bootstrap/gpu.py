@@ -1,4 +1,4 @@
-"""GPU sizing: detect GPUs and pick device, concurrency and batch settings from memory.
+"""GPU sizing: detect GPUs and pick the device and the worker's request threads and queue.
 
 Explicit environment settings always win; the decision is logged and exported to the worker.
 """
@@ -14,10 +14,13 @@ from dataclasses import dataclass
 log = logging.getLogger("bootstrap")
 
 GIB = 1024 ** 3
-# VoxCPM-1.5 in bf16: ~1.6 GB of LM weights + 0.35 GB VAE + activations; the rest of the card feeds
-# KV caches. A batch row needs roughly this much (two LMs' KV at max length, DiT/VAE activations).
-_MODEL_BYTES = 4 * GIB
-_ROW_BYTES = int(0.6 * GIB)
+# Request threads for the worker. The batch itself is the engine's decision, made after the model is
+# loaded from the GPU memory then free (TTS_MAX_BATCH=auto); these numbers only make room for it:
+# the worker runs at most GUNICORN_THREADS - QUEUE_SIZE - WS_MAX_CONNECTIONS (auto: threads / 8)
+# - 4 requests at once (service/settings.py, batch_capacity), i.e. 256 - 64 - 32 - 4 = 156 on a GPU,
+# room for a batch of 128, and 16 - 8 - 2 - 4 = 2 on CPU, where VoxCPM runs one request at a time.
+GPU_THREADS, GPU_QUEUE = 256, 64
+CPU_THREADS, CPU_QUEUE = 16, 8
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,10 @@ def parse_nvidia_smi(out: str) -> list[Gpu]:
 def decide(gpus: list[Gpu], env: dict) -> dict[str, str]:
     """Settings for the worker from the hardware; anything already set in `env` is kept as is."""
     if gpus:
-        mem = gpus[0].memory_bytes
-        batch = max(1, min(64, (mem - _MODEL_BYTES) // _ROW_BYTES))
-        chosen = {"TTS_DEVICE": "cuda", "TTS_MAX_BATCH": str(batch), "QUEUE_SIZE": str(max(32, 4 * batch)),
-                  "GUNICORN_THREADS": str(min(256, max(16, 2 * batch)))}
-        why = f"{gpus[0].name} with {mem / GIB:.0f} GiB"
+        chosen = {"TTS_DEVICE": "cuda", "QUEUE_SIZE": str(GPU_QUEUE), "GUNICORN_THREADS": str(GPU_THREADS)}
+        why = f"{gpus[0].name} with {gpus[0].memory_bytes / GIB:.0f} GiB"
     else:
-        chosen = {"TTS_DEVICE": "cpu", "TTS_MAX_BATCH": "1", "QUEUE_SIZE": "16", "GUNICORN_THREADS": "16"}
+        chosen = {"TTS_DEVICE": "cpu", "QUEUE_SIZE": str(CPU_QUEUE), "GUNICORN_THREADS": str(CPU_THREADS)}
         why = "no GPU visible"
     # "auto" (the .env.example default) asks us to choose; any other value is an operator's decision.
     explicit = {k: env[k] for k in chosen if env.get(k, "").strip().lower() not in ("", "auto")}

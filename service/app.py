@@ -44,9 +44,12 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     engine = engine or build_engine(settings)
     metrics = Metrics()
     scheduler = Scheduler(engine, metrics, settings.queue_size, settings.retry_after_s, settings.warmup,
-                          settings.tts_max_batch)
+                          settings.tts_max_batch, settings.batch_capacity)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
                        settings.voice_max_seconds)
+    leftovers = store.remove_leftovers()
+    if leftovers:
+        log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
     ctx = AppContext(settings, engine, scheduler, store, SynthesisService(settings, engine, scheduler, store),
                      metrics)
 
@@ -62,7 +65,8 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     _install_request_hooks(app, metrics, json_limit=1024 * 1024 + 12 * settings.max_text_chars,
                            body_timeout_s=settings.body_read_timeout_s)
     scheduler.start()
-    log.info("VoxBox worker: engine=%s queue=%d", settings.tts_engine, settings.queue_size)
+    log.info("VoxBox worker: engine=%s queue=%d threads=%d websockets=%d batch at most %d", settings.tts_engine,
+             settings.queue_size, settings.gunicorn_threads, settings.ws_connection_limit, settings.batch_capacity)
     return app
 
 

@@ -23,6 +23,16 @@ accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}i)s'
 preload_app = False  # the model is loaded in the worker, by its inference thread
+# gunicorn's control socket defaults to one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl):
+# every instance on a host would replace it at start and delete another's at stop. Nothing here uses it.
+control_socket_disable = True
+
+
+def post_worker_init(worker):
+    # gunicorn's SIGTERM stops accepting at once; ours drains first (readiness 503, new requests 503).
+    from service.draining import drain_on_sigterm
+
+    drain_on_sigterm(worker, worker.wsgi.extensions["voxbox"].scheduler, _s.graceful_timeout)
 
 
 def when_ready(server):

@@ -9,6 +9,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Request threads kept free of synthesis and WebSockets: /healthz, /readyz, /metrics, /info, voice
+# calls and the immediate 503s for requests beyond the queue. Four lets a probe, a scrape and a
+# couple of refusals run at the same moment without waiting for each other.
+THREAD_RESERVE = 4
+
+
 class Settings(BaseSettings):
     # Empty means "the default": .env.example leaves some variables empty, and compose passes them on.
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
@@ -22,7 +28,7 @@ class Settings(BaseSettings):
     tts_compile: Literal["auto", "on", "off"] = "auto"
     warmup: bool = True
     # Requests generated together by continuous batching (VoxCPM): a number, or auto = sized from free
-    # GPU memory on CUDA and 1 (one request at a time) on CPU.
+    # GPU memory on CUDA and 1 (one request at a time) on CPU; never more than `batch_capacity`.
     tts_max_batch: str = "auto"
 
     # VoxCPM generation defaults (each can be overridden per request within bounds)
@@ -47,7 +53,9 @@ class Settings(BaseSettings):
     crossfade_ms: float = Field(15.0, ge=0)
 
     # Scheduling
-    queue_size: int = Field(32, ge=1)
+    # Requests waiting for the inference thread; one more gets 503 at once. Each waits on a request
+    # thread, so GUNICORN_THREADS must cover them (see batch_capacity).
+    queue_size: int = Field(8, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
 
@@ -73,7 +81,7 @@ class Settings(BaseSettings):
     # read timeouts (nginx PROXY_READ_TIMEOUT) and a client that stops answering is closed. 0 = off.
     ws_ping_interval_s: float = Field(25.0, ge=0)
     # Open WebSockets each hold a request thread for their whole life; beyond this many, new ones get
-    # 503 so health checks and plain requests always find a thread. 0 = auto: GUNICORN_THREADS - 4.
+    # 503 so health checks and plain requests always find a thread. 0 = auto: GUNICORN_THREADS / 8.
     ws_max_connections: int = Field(0, ge=0)
     # A client that goes silent this long while sending its request body gets 408 and is dropped,
     # so stalled uploads cannot hold every thread (the gateway buffers bodies; a bare worker does not).
@@ -97,7 +105,30 @@ class Settings(BaseSettings):
 
     @property
     def ws_connection_limit(self) -> int:
-        return self.ws_max_connections or max(1, self.gunicorn_threads - 4)
+        return self.ws_max_connections or max(1, self.gunicorn_threads // 8)
+
+    @property
+    def batch_capacity(self) -> int:
+        """Requests the inference thread may run at once (the batch) without starving anything.
+
+        Every queued or running request and every open WebSocket holds a request thread, so the
+        threads left after the queue, the WebSockets and THREAD_RESERVE (health checks, metrics,
+        voices, and the 503s that shed load) are all a batch may use. With that, a request beyond
+        queue + batch always finds a thread that answers 503 at once, and /healthz never waits
+        behind synthesis in gunicorn's backlog.
+        """
+        return self.gunicorn_threads - self.queue_size - self.ws_connection_limit - THREAD_RESERVE
+
+    def _thread_budget(self) -> str:
+        return (f"GUNICORN_THREADS={self.gunicorn_threads} - QUEUE_SIZE={self.queue_size} - "
+                f"WS_MAX_CONNECTIONS={self.ws_connection_limit} - {THREAD_RESERVE} kept for health checks")
+
+    def _threads_for(self, batch: int) -> int:
+        """The fewest GUNICORN_THREADS that leave `batch` for synthesis (auto WebSockets grow with them)."""
+        threads = self.gunicorn_threads
+        while self.model_copy(update={"gunicorn_threads": threads}).batch_capacity < batch:
+            threads += 1
+        return threads
 
     @cached_property
     def sample_rates(self) -> tuple[int, ...]:
@@ -108,6 +139,15 @@ class Settings(BaseSettings):
         if self.tts_engine == "voxcpm" and self.model_dir is None:
             raise ValueError("TTS_ENGINE=voxcpm needs MODEL_DIR (a VoxCPM-1.5 checkpoint directory); "
                              "set MODEL_URI so bootstrap pulls one, or set TTS_ENGINE=embedded")
+        if self.batch_capacity < 1:
+            raise ValueError(f"{self._thread_budget()} leaves {self.batch_capacity} threads for synthesis; raise "
+                             f"GUNICORN_THREADS to at least {self._threads_for(1)} or lower QUEUE_SIZE / "
+                             "WS_MAX_CONNECTIONS")
+        batch = self.tts_max_batch.strip().lower()
+        if batch not in ("", "auto") and int(batch) > self.batch_capacity:
+            raise ValueError(f"TTS_MAX_BATCH={batch} is more than the {self.batch_capacity} requests the threads "
+                             f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
+                             f"{self._threads_for(int(batch))} or lower TTS_MAX_BATCH")
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 

@@ -13,9 +13,9 @@ from .api.errors import ApiError
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
-from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler
+from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler, ShuttingDown
 from .settings import Settings
-from .voices import VoiceStore
+from .voices import VoiceStore, is_voice_id
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class SynthesisService:
                 raise ApiError(400, "voice_not_supported", f"voice '{name}' is a cloned voice, and the "
                                f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}")
             return default, voice.prompt()
+        if is_voice_id(name):  # well-formed: a voice that was deleted, or never uploaded here
+            raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{name}' (GET /v1/voices lists "
+                           "them); upload one with POST /v1/voices or use a preset")
         raise ApiError(400, "unknown_voice", f"unknown voice '{name}'; use a preset "
                        f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'")
 
@@ -76,13 +79,13 @@ class SynthesisService:
             text = textmod.normalize(raw)
         except textmod.TextError as e:
             raise ApiError(400, "invalid_text", str(e)) from None
-        if not textmod.has_speakable(text):
-            raise _nothing_to_say()
         langs = self.engine.info().languages
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
-        if wanted not in langs:
+        if wanted not in langs:  # before the speakable check: "Chinese is not spoken here" says more
             raise ApiError(400, "unsupported_language", f"the {self.engine.name} engine speaks "
                            f"{', '.join(langs)} only; this text needs '{wanted}'")
+        if not textmod.has_speakable(text, langs):
+            raise _nothing_to_say(langs)
         return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars))
 
     # -- execution ---------------------------------------------------------------------------
@@ -96,6 +99,8 @@ class SynthesisService:
             self.scheduler.submit(job)
         except Overloaded as e:
             raise ApiError(503, "overloaded", str(e), retry_after=e.retry_after) from None
+        except ShuttingDown as e:
+            raise shutting_down(str(e), self.settings.retry_after_s) from None
         except NotReady as e:
             raise ApiError(503, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s) from None
         return Prepared(job, rate, received)
@@ -152,6 +157,13 @@ class SynthesisService:
             raise ApiError(500, "synthesis_failed", f"synthesis failed: {e}") from e
 
 
-def _nothing_to_say() -> ApiError:
-    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols); "
-                    "send words")
+def shutting_down(what: str, retry_after: int) -> ApiError:
+    return ApiError(503, "shutting_down", f"{what} (a restart or rollout); retry, and its replacement or "
+                    "another replica will answer", retry_after=retry_after)
+
+
+def _nothing_to_say(languages: tuple[str, ...] = ()) -> ApiError:
+    scripts = {"en": "Latin letters or digits", "zh": "Chinese characters"}
+    readable = " or ".join(scripts[lang] for lang in languages if lang in scripts)
+    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols"
+                    + (f", or no {readable}" if readable else "") + "); send words")

@@ -15,18 +15,25 @@ class TextError(ValueError):
     """The text cannot be synthesised as given; the message says what to change."""
 
 
+def refused_char(ch: str) -> bool:
+    """Characters text may not contain: controls (but line breaks and tabs), private use, invisible format
+    characters other than joiners, lone surrogates. (The OpenAPI document's text pattern is built from it.)"""
+    if ch in "\n\t\r":
+        return False
+    cat = unicodedata.category(ch)
+    return cat in ("Cs", "Cc", "Co") or (cat == "Cf" and ch not in "\u200b\u200c\u200d\u2060\ufeff")
+
+
 def normalize(text: str) -> str:
     """NFC-normalise, reject control characters, collapse runs of spaces, keep single line breaks."""
     text = unicodedata.normalize("NFC", text)
     for i, ch in enumerate(text):
-        if ch in "\n\t\r":
+        if not refused_char(ch):
             continue
-        cat = unicodedata.category(ch)
-        if cat == "Cs":
+        if unicodedata.category(ch) == "Cs":
             raise TextError(f"text contains a lone surrogate U+{ord(ch):04X} at position {i} (half of a UTF-16 "
                             "pair, not a character); send valid Unicode")
-        if cat in ("Cc", "Co") or (cat == "Cf" and ch not in "\u200b\u200c\u200d\u2060\ufeff"):
-            raise TextError(f"text contains a control character U+{ord(ch):04X} at position {i}; remove it")
+        raise TextError(f"text contains a control character U+{ord(ch):04X} at position {i}; remove it")
     text = text.replace("\ufeff", "").replace("\u200b", "")
     lines = [_WHITESPACE.sub(" ", line).strip() for line in text.replace("\r\n", "\n").split("\n")]
     text = "\n".join(line for line in lines if line)
@@ -39,12 +46,26 @@ def normalize(text: str) -> str:
 _SPOKEN_SYMBOLS = frozenset("#%&@")
 
 
-def has_speakable(text: str) -> bool:
-    """Whether the text has anything to say: a letter, a digit, or a symbol that is read out.
+CJK_RANGES = (("\u3400", "\u4dbf"), ("\u4e00", "\u9fff"))  # what lang=auto takes for Chinese
+# Letters and digits of the scripts an engine reads, by language: Latin (with accents) for English, and
+# Chinese characters for Chinese. Text in other scripts alone would be read as noise or not at all.
+SCRIPTS = {"en": (("0", "9"), ("A", "Z"), ("a", "z"), ("\u00c0", "\u024f"), ("\u1e00", "\u1eff")),
+           "zh": CJK_RANGES}
+
+
+def has_speakable(text: str, languages: tuple[str, ...] = ("en", "zh")) -> bool:
+    """Whether the text has anything to say in `languages`: a letter or digit of their scripts, or a
+    symbol that is read out ("$5", "50%", "x + y").
 
     Punctuation alone ("...", "?!") would otherwise make an engine produce a breath of noise.
+    (The OpenAPI document's text pattern is built from speakable_char.)
     """
-    return any(ch.isalnum() or ch in _SPOKEN_SYMBOLS or unicodedata.category(ch) in ("Sc", "Sm") for ch in text)
+    return any(speakable_char(ch, languages) for ch in text)
+
+
+def speakable_char(ch: str, languages: tuple[str, ...] = ("en", "zh")) -> bool:
+    return (ch in _SPOKEN_SYMBOLS or unicodedata.category(ch) in ("Sc", "Sm")
+            or any(lo <= ch <= hi for lang in languages for lo, hi in SCRIPTS[lang]))
 
 
 def split_sentences(text: str, max_chars: int) -> list[str]:
@@ -87,4 +108,4 @@ def _merge_short(pieces: list[str], max_chars: int) -> list[str]:
 
 
 def has_cjk(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+    return any(lo <= ch <= hi for ch in text for lo, hi in CJK_RANGES)

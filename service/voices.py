@@ -24,8 +24,12 @@ from . import text as textmod
 from .audio import resample
 from .engines import VoicePrompt
 
-_ID = re.compile(r"^v_[0-9a-f]{16}$")
+VOICE_ID_PATTERN = r"^v_[0-9a-f]{16}$"  # ids are generated here (secrets), never chosen by a client
+_ID = re.compile(VOICE_ID_PATTERN)
 STORE_RATE = 44100
+# An upload writes its directory in well under a second; one this old was left by a killed process.
+# Younger ones may belong to another worker on the same volume (a rollout runs two), so they stay.
+STALE_TEMP_S = 15 * 60
 
 
 class VoiceError(ValueError):
@@ -57,6 +61,24 @@ class VoiceStore:
     def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float):
         self.root = Path(root)
         self.max_bytes, self.min_seconds, self.max_seconds = max_bytes, min_seconds, max_seconds
+
+    def remove_leftovers(self, now: float | None = None) -> list[str]:
+        """Delete what killed processes left behind: `.tmp-*` uploads older than STALE_TEMP_S and
+        `.del-*` voices already renamed away for deletion. Returns the names removed (called at start)."""
+        if not self.root.is_dir():
+            return []
+        now = time.time() if now is None else now
+        removed = []
+        for d in self.root.iterdir():
+            try:
+                stale = d.name.startswith(".del-") or (
+                    d.name.startswith(".tmp-") and now - d.lstat().st_mtime > STALE_TEMP_S)
+            except FileNotFoundError:  # another worker removed it first
+                continue
+            if stale:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        return removed
 
     def _ensure_root(self) -> None:
         try:
@@ -131,10 +153,12 @@ class VoiceStore:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            _fsync_dir(tmp)  # the files' names, before the voice becomes visible
             os.rename(tmp, self.root / voice_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync_dir(self.root)  # the rename itself: without this a power loss can forget the voice
         return self._load(self.root / voice_id)
 
     def _load(self, d: Path) -> Optional[Voice]:
@@ -166,5 +190,19 @@ class VoiceStore:
             os.rename(self.root / voice_id, trash)
         except FileNotFoundError:
             return False
+        _fsync_dir(self.root)  # a deleted voice must not come back after a power loss
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+
+def is_voice_id(name: str) -> bool:
+    return bool(_ID.fullmatch(name or ""))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed files) durable: fsync on the directory itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,10 +14,10 @@ import soundfile as sf
 import websocket
 
 from .support.voxcpm_checkpoint import build_checkpoint
-from .support.worker import start_worker, ws_collect
+from .support.worker import SLOW_APP, start_worker, ws_collect
 
 VOICE_MAX_BYTES = 1_500_000
-THREADS = 8  # GUNICORN_THREADS the worker gets from start_worker
+THREADS = 16  # GUNICORN_THREADS the worker gets from start_worker
 BODY_READ_TIMEOUT_S = 2
 
 
@@ -26,6 +26,15 @@ def worker(tmp_path_factory):
     env = {"MAX_TEXT_CHARS": "2000", "VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "GUNICORN_THREADS": str(THREADS),
            "BODY_READ_TIMEOUT_S": str(BODY_READ_TIMEOUT_S)}
     with start_worker(tmp_path_factory.mktemp("bad-input"), env) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def cloning_worker(tmp_path_factory):
+    """Uploads are checked by the voice store whatever the engine, but only a cloning engine accepts them
+    (the embedded one refuses every upload): a timed fake with SLOW_CLONING=1."""
+    env = {"VOICE_MAX_BYTES": str(VOICE_MAX_BYTES), "SLOW_CLONING": "1"}
+    with start_worker(tmp_path_factory.mktemp("bad-uploads"), env, app=SLOW_APP) as w:
         yield w
 
 
@@ -211,10 +220,6 @@ def test_413_json_body_message_names_the_limit(worker):
     assert re.search(r"\d", err["message"]), err
 
 
-def _worker_pid(worker) -> int:
-    return int(re.findall(r"Booting worker with pid: (\d+)", worker.log_text())[-1])
-
-
 def _peak_rss_kb(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
@@ -222,7 +227,7 @@ def _peak_rss_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(worker):
+def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(cloning_worker):
     """A ~270 kB FLAC of 15 minutes of 96 kHz silence decodes to ~86 M samples (~0.7 GB as float32 in memory,
     twice). Under VOICE_MAX_BYTES (10 MB by default) the same trick makes ~3 G samples: the worker, model and
     all, is OOM-killed. The duration is in the header: check it before decoding."""
@@ -234,11 +239,11 @@ def test_compressed_upload_that_decodes_to_hours_is_refused_without_decoding_it(
             f.write(minute)
     data = buf.getvalue()
     assert len(data) < VOICE_MAX_BYTES
-    pid = _worker_pid(worker)
+    pid = cloning_worker.worker_pid()
     with open(f"/proc/{pid}/clear_refs", "w") as fh:  # reset the peak-RSS mark
         fh.write("5")
     before = _peak_rss_kb(pid)
-    r = upload(worker, data)
+    r = upload(cloning_worker, data)
     err = assert_client_error(r, 400, "bad_duration")
     assert "900" in err["message"] or "15" in err["message"], err
     grew_mb = (_peak_rss_kb(pid) - before) / 1024
@@ -267,7 +272,7 @@ def test_idle_websockets_do_not_starve_plain_http(worker):
 
 
 def test_websockets_beyond_the_cap_get_503_json_and_the_count_is_exported(worker):
-    limit = THREADS - 4  # WS_MAX_CONNECTIONS=0: GUNICORN_THREADS - 4
+    limit = THREADS // 8  # WS_MAX_CONNECTIONS=0: GUNICORN_THREADS / 8
     with ExitStack() as stack:
         for _ in range(limit):
             stack.callback(websocket.create_connection(worker.ws_url, timeout=5).close)
@@ -354,12 +359,15 @@ def test_error_messages_speak_json_not_python(worker, raw, says, not_says):
     assert says in err["message"] and not_says not in err["message"], err
 
 
-@pytest.mark.parametrize("voice", ["../../etc/passwd", "/etc/passwd", "v_../../x", "v_0000000000000000\u0000",
-                                   "%2e%2e%2f", "v_0000000000000000"])
-def test_path_like_voice_names_are_unknown_voices(worker, voice):
+@pytest.mark.parametrize("voice,status,code", [
+    *[(v, 400, "unknown_voice") for v in ("../../etc/passwd", "/etc/passwd", "v_../../x", "v_0000000000000000\u0000",
+                                          "v_0000000000000000\n", "%2e%2e%2f")],
+    ("v_0000000000000000", 404, "voice_not_found"),  # a well-formed id of no stored voice
+])
+def test_path_like_voice_names_are_unknown_voices(worker, voice, status, code):
     for path, body in (("/tts", {"text": "hi", "style": voice}),
                        ("/v1/audio/speech", {"input": "hi", "voice": voice, "response_format": "wav"})):
-        err = assert_client_error(requests.post(f"{worker.url}{path}", json=body), 400, "unknown_voice")
+        err = assert_client_error(requests.post(f"{worker.url}{path}", json=body), status, code)
         assert "GET /v1/voices" in err["message"]
 
 
@@ -380,37 +388,37 @@ BROKEN_AUDIO = [
 
 
 @pytest.mark.parametrize("name,data,status,code", BROKEN_AUDIO, ids=[b[0] for b in BROKEN_AUDIO])
-def test_broken_audio_uploads(worker, name, data, status, code):
-    assert_client_error(upload(worker, data), status, code)
+def test_broken_audio_uploads(cloning_worker, name, data, status, code):
+    assert_client_error(upload(cloning_worker, data), status, code)
 
 
-def test_nan_float_wav_is_refused_as_invalid_audio(worker):
+def test_nan_float_wav_is_refused_as_invalid_audio(cloning_worker):
     buf = io.BytesIO()
     sf.write(buf, np.full(22050 * 3, np.nan, dtype=np.float32), 22050, format="WAV", subtype="FLOAT")
-    assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")
+    assert_client_error(upload(cloning_worker, buf.getvalue()), 400, "silent_audio")
 
 
-def test_dc_offset_alone_is_silence_and_huge_float_samples_are_scaled(worker):
+def test_dc_offset_alone_is_silence_and_huge_float_samples_are_scaled(cloning_worker):
     buf = io.BytesIO()
     sf.write(buf, np.full(22050 * 3, 0.5, dtype=np.float32), 22050, format="WAV", subtype="FLOAT")
-    assert_client_error(upload(worker, buf.getvalue()), 400, "silent_audio")  # a constant is no sound
+    assert_client_error(upload(cloning_worker, buf.getvalue()), 400, "silent_audio")  # a constant is no sound
 
     t = np.arange(22050 * 3) / 22050
     buf = io.BytesIO()
     sf.write(buf, (1e30 * np.sin(2 * np.pi * 160 * t)).astype(np.float32), 22050, format="WAV", subtype="FLOAT")
-    r = upload(worker, buf.getvalue())
+    r = upload(cloning_worker, buf.getvalue())
     assert r.status_code == 201, r.text
-    stored, _ = sf.read(f"{worker.env['VOICES_DIR']}/{r.json()['id']}/audio.wav", dtype="float32")
+    stored, _ = sf.read(f"{cloning_worker.env['VOICES_DIR']}/{r.json()['id']}/audio.wav", dtype="float32")
     assert 0.9 < np.abs(stored).max() <= 1.0  # scaled into [-1, 1], the shape kept
-    requests.delete(f"{worker.url}/v1/voices/{r.json()['id']}")
+    requests.delete(f"{cloning_worker.url}/v1/voices/{r.json()['id']}")
 
 
 @pytest.mark.parametrize("rate,channels", [(8000, 2), (96000, 1), (16000, 6)])
-def test_odd_rates_and_channel_counts_are_normalised(worker, rate, channels):
-    r = upload(worker, clip(rate=rate, channels=channels))
+def test_odd_rates_and_channel_counts_are_normalised(cloning_worker, rate, channels):
+    r = upload(cloning_worker, clip(rate=rate, channels=channels))
     assert r.status_code == 201, r.text
     assert r.json()["sample_rate"] == 44100 and abs(r.json()["duration"] - 3.0) < 0.05
-    requests.delete(f"{worker.url}/v1/voices/{r.json()['id']}")
+    requests.delete(f"{cloning_worker.url}/v1/voices/{r.json()['id']}")
 
 
 @pytest.mark.parametrize("raw,code", [("null", "invalid_json"), ('"hello"', "invalid_json"),
@@ -490,6 +498,12 @@ def test_voxcpm_normalize_that_leaves_nothing_is_400_not_500(voxcpm_worker, text
 @pytest.mark.parametrize("env,says", [
     ({"TTS_ENGINE": "foo", "QUEUE_SIZE": "abc"}, ["TTS_ENGINE='foo'", "QUEUE_SIZE='abc'", ".env.example"]),
     ({"TTS_ENGINE": "voxcpm"}, ["needs MODEL_DIR"]),
+    # Threads must hold the queue, the WebSockets, a batch and the health checks' reserve.
+    ({"GUNICORN_THREADS": "12", "QUEUE_SIZE": "8"}, ["leaves -1 threads for synthesis",
+                                                     "raise GUNICORN_THREADS to at least 14"]),
+    ({"GUNICORN_THREADS": "16", "QUEUE_SIZE": "11"}, ["raise GUNICORN_THREADS to at least 18"]),
+    ({"TTS_MAX_BATCH": "8", "GUNICORN_THREADS": "16", "QUEUE_SIZE": "8"},
+     ["TTS_MAX_BATCH=8 is more than the 2 requests", "raise GUNICORN_THREADS to at least 22"]),
 ])
 def test_bad_settings_stop_the_worker_with_one_readable_line(tmp_path, env, says):
     import os
@@ -505,3 +519,10 @@ def test_bad_settings_stop_the_worker_with_one_readable_line(tmp_path, env, says
                        env=full, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and all(s in r.stderr for s in says), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "TRACE"])
+def test_other_methods_on_the_websocket_endpoint_are_405_with_allow(worker, method):
+    r = requests.request(method, f"{worker.url}/v1/stream")
+    err = assert_client_error(r, 405, "method_not_allowed")
+    assert "GET" in r.headers["Allow"] and "GET" in err["message"]

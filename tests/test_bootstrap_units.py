@@ -19,24 +19,36 @@ from .support.procs import PYTHON
 from .support.s3 import MB, run_bootstrap
 
 
-def test_gpu_sizing_from_memory():
+def test_gpu_sizing_leaves_the_batch_to_the_engine_and_threads_for_it(monkeypatch):
+    """bootstrap sizes threads and queue only; the engine picks the batch after loading the model
+    (TTS_MAX_BATCH=auto), capped by what the threads can carry: room for 128 on a GPU, and what
+    bootstrap exports must pass the worker's own start-up check (threads >= queue + batch + ...)."""
+    from service.settings import Settings
+
     assert parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559\nTesla T4, 15360\n") == [
         Gpu("NVIDIA H100 80GB HBM3", 81559 * MB), Gpu("Tesla T4", 15360 * MB)]
     assert parse_nvidia_smi("") == [] and parse_nvidia_smi("garbage\n") == []
-    h100 = decide([Gpu("H100", 80 * GIB)], {})
-    assert h100["TTS_DEVICE"] == "cuda" and int(h100["TTS_MAX_BATCH"]) == 64
-    t4 = decide([Gpu("T4", 16 * GIB)], {})
-    assert 1 <= int(t4["TTS_MAX_BATCH"]) < int(h100["TTS_MAX_BATCH"])
-    tiny = decide([Gpu("small", 2 * GIB)], {})
-    assert tiny["TTS_MAX_BATCH"] == "1"
+    for name in ("GUNICORN_THREADS", "QUEUE_SIZE", "WS_MAX_CONNECTIONS", "TTS_MAX_BATCH"):
+        monkeypatch.delenv(name, raising=False)
+
+    def worker_settings(chosen: dict) -> Settings:
+        s = Settings(**{k.lower(): v for k, v in chosen.items()})
+        s.check()  # raises if the worker would refuse to start
+        return s
+
+    for gpu in (Gpu("H100", 80 * GIB), Gpu("T4", 16 * GIB), Gpu("small", 2 * GIB)):
+        chosen = decide([gpu], {})
+        assert chosen["TTS_DEVICE"] == "cuda" and "TTS_MAX_BATCH" not in chosen
+        assert worker_settings(chosen).batch_capacity >= 128
     cpu = decide([], {})
-    assert cpu["TTS_DEVICE"] == "cpu" and cpu["TTS_MAX_BATCH"] == "1"
+    assert cpu["TTS_DEVICE"] == "cpu" and "TTS_MAX_BATCH" not in cpu
+    assert worker_settings(cpu).batch_capacity >= 1
 
 
 def test_gpu_sizing_explicit_settings_win_and_auto_means_choose():
-    forced = decide([Gpu("H100", 80 * GIB)], {"TTS_MAX_BATCH": "4", "TTS_DEVICE": "cuda:1", "QUEUE_SIZE": "7"})
-    assert forced["TTS_MAX_BATCH"] == "4" and forced["TTS_DEVICE"] == "cuda:1" and forced["QUEUE_SIZE"] == "7"
-    auto = decide([Gpu("H100", 80 * GIB)], {"TTS_MAX_BATCH": "auto", "TTS_DEVICE": "auto", "QUEUE_SIZE": ""})
+    forced = decide([Gpu("H100", 80 * GIB)], {"TTS_DEVICE": "cuda:1", "QUEUE_SIZE": "7", "GUNICORN_THREADS": "40"})
+    assert forced["TTS_DEVICE"] == "cuda:1" and forced["QUEUE_SIZE"] == "7" and forced["GUNICORN_THREADS"] == "40"
+    auto = decide([Gpu("H100", 80 * GIB)], {"TTS_DEVICE": "auto", "QUEUE_SIZE": "", "GUNICORN_THREADS": "auto"})
     assert auto == decide([Gpu("H100", 80 * GIB)], {})
     assert decide([], {"TTS_DEVICE": "cuda"})["TTS_DEVICE"] == "cuda"  # the operator knows better
 
@@ -127,7 +139,8 @@ def test_entrypoint_without_model_uri_hands_off_to_gunicorn(tmp_path):
            "TTS_MAX_BATCH": "auto", "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"}
     r = run_bootstrap(env, timeout=120)
     assert "handing off to gunicorn" in r.stderr and "sizing: no GPU visible -> TTS_DEVICE=cpu" in r.stderr
-    assert "TTS_MAX_BATCH=1" in r.stderr
+    sizing = next(line for line in r.stderr.splitlines() if "sizing:" in line)
+    assert "GUNICORN_THREADS=" in sizing and "TTS_MAX_BATCH" not in sizing  # the engine picks the batch
     assert r.returncode != 0  # gunicorn could not bind 256.0.0.1
     assert json.loads((tmp_path / ".voxbox" / "status.json").read_text())["phase"] == "ready"
 

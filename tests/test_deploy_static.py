@@ -91,14 +91,14 @@ def test_every_setting_in_dot_env_reaches_the_worker(tmp_path):
 
 
 def test_empty_settings_mean_the_default(monkeypatch):
-    from bootstrap.gpu import decide
+    from bootstrap.gpu import CPU_QUEUE, decide
     from service.settings import Settings
 
     for name, value in (("QUEUE_SIZE", ""), ("GUNICORN_THREADS", ""), ("MODEL_DIR", ""), ("TTS_MAX_BATCH", "")):
         monkeypatch.setenv(name, value)
     s = Settings()
-    assert s.queue_size == 32 and s.gunicorn_threads == 16 and s.model_dir is None and s.tts_max_batch == "auto"
-    assert decide([], {"QUEUE_SIZE": "", "GUNICORN_THREADS": ""})["QUEUE_SIZE"] == "16"  # CPU sizing chose it
+    assert s.queue_size == 8 and s.gunicorn_threads == 16 and s.model_dir is None and s.tts_max_batch == "auto"
+    assert decide([], {"QUEUE_SIZE": "", "GUNICORN_THREADS": ""})["QUEUE_SIZE"] == str(CPU_QUEUE)  # CPU sizing chose it
 
 
 def test_compose_cpu_override_drops_the_gpu(env_file):

@@ -25,9 +25,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["1", "3"], ids=["serial", "batched"])
 def worker(request, checkpoint, tmp_path_factory):
-    """The same tests run one request at a time and through continuous batching (TTS_MAX_BATCH=3)."""
+    """The same tests run one request at a time and through continuous batching (TTS_MAX_BATCH=3). QUEUE_SIZE=6:
+    the six concurrent requests below all wait, and 16 threads still leave room for a batch of 4."""
     env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(checkpoint), "TTS_DEVICE": "auto", "TTS_MAX_BATCH": request.param,
-           "VOXCPM_MAX_LEN": "24", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
+           "QUEUE_SIZE": "6", "VOXCPM_MAX_LEN": "24", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
     with start_worker(tmp_path_factory.mktemp("vox"), env) as w:
         w.batched = request.param != "1"
         yield w
@@ -125,7 +126,7 @@ def test_voice_cloning_with_uploaded_voice(worker):
     assert time.monotonic() - t0 < t_first * 3
     assert requests.delete(f"{worker.url}/v1/voices/{voice_id}").status_code == 200
     gone = requests.post(f"{worker.url}/tts", json={"text": "Cloned.", "style": voice_id})
-    assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_voice"
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "voice_not_found"
 
 
 def test_a_request_that_cannot_start_fails_alone(worker):

@@ -15,7 +15,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from .support.browser import chromium
 from .support.gateway import start_gateway
 from .support.procs import REPO_ROOT
-from .support.worker import start_worker
+from .support.worker import SLOW_APP, start_worker
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-ui.png"
@@ -24,6 +24,13 @@ DOCS_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-ui.png"
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     with start_worker(tmp_path_factory.mktemp("ui"), {"MAX_TEXT_CHARS": "1000"}) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def cloning_worker(tmp_path_factory):
+    """Voice uploads need a cloning engine (the embedded one refuses them): the timed fake, SLOW_CLONING=1."""
+    with start_worker(tmp_path_factory.mktemp("ui-clone"), {"SLOW_CLONING": "1"}, app=SLOW_APP) as w:
         yield w
 
 
@@ -50,10 +57,10 @@ def wait(browser, cond, timeout=60):
         raise AssertionError(f"page condition not met after {timeout}s; page state {state}; console {logs}") from None
 
 
-def open_page(browser, url):
+def open_page(browser, url, presets=3):
     browser.get(url)
     wait(browser, lambda b: b.find_element(By.ID, "status").text.endswith("ready"))
-    wait(browser, lambda b: len(Select(b.find_element(By.ID, "voice")).options) >= 3)
+    wait(browser, lambda b: len(Select(b.find_element(By.ID, "voice")).options) >= presets)
 
 
 def set_text(browser, text):
@@ -118,8 +125,9 @@ def test_stop_cancels_a_stream(browser, worker):
     assert not browser.find_element(By.ID, "error").is_displayed()
 
 
-def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
-    open_page(browser, worker.url + "/")
+def test_upload_voice_appears_in_picker(browser, cloning_worker, tmp_path):
+    worker = cloning_worker
+    open_page(browser, worker.url + "/", presets=1)
     t = np.arange(22050 * 3) / 22050
     wav = tmp_path / "reference.wav"
     sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
@@ -135,10 +143,6 @@ def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
     assert not browser.find_element(By.ID, "error").is_displayed()
     picker = Select(browser.find_element(By.ID, "voice"))
     assert picker.first_selected_option.text.startswith("Browser voice")
-    # The embedded engine cannot clone: using the voice shows the API's explanation.
-    browser.find_element(By.ID, "generate").click()
-    wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
-    assert "cannot clone" in browser.find_element(By.ID, "error").text
     # Deleting it from the list removes it from the picker and from the server.
     item = next(li for li in browser.find_elements(By.CSS_SELECTOR, "#voice-list li") if "Browser voice" in li.text)
     item.find_element(By.TAG_NAME, "button").click()
@@ -148,8 +152,26 @@ def test_upload_voice_appears_in_picker(browser, worker, tmp_path):
     assert "Browser voice" not in names
 
 
-def test_record_from_microphone_uploads_a_voice(browser, worker):
+def test_upload_to_an_engine_that_cannot_clone_shows_what_to_do(browser, worker, tmp_path):
     open_page(browser, worker.url + "/")
+    assert "uploads are refused" in browser.find_element(By.ID, "voice-help").text
+    t = np.arange(22050 * 3) / 22050
+    wav = tmp_path / "reference.wav"
+    sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
+    browser.find_element(By.ID, "voice-name").clear()
+    browser.find_element(By.ID, "voice-name").send_keys("Never stored")
+    browser.find_element(By.ID, "voice-text").clear()
+    browser.find_element(By.ID, "voice-text").send_keys("What the clip says.")
+    browser.find_element(By.ID, "voice-file").send_keys(str(wav))
+    browser.find_element(By.ID, "upload").click()
+    wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
+    error = browser.find_element(By.ID, "error").text
+    assert "Upload failed" in error and "cannot clone" in error and "TTS_ENGINE=voxcpm" in error, error
+
+
+def test_record_from_microphone_uploads_a_voice(browser, cloning_worker):
+    worker = cloning_worker
+    open_page(browser, worker.url + "/", presets=1)
     assert browser.find_element(By.ID, "record").is_displayed()
     # A "microphone" that plays a 220 Hz tone (headless Chromium has no audio input device).
     browser.execute_script("""

@@ -2,10 +2,10 @@
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import soundfile as sf
 import websocket
 
@@ -120,12 +120,15 @@ def test_explicit_synthesize_type_and_knobs(ws):
 
 
 def test_uploaded_voice_on_the_embedded_engine_is_an_error(worker, ws):
+    """A voice a VoxCPM deployment stored on the same volume (the embedded engine takes no uploads)."""
+    from service.voices import VoiceStore
+
     t = np.arange(22050 * 3) / 22050
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050, format="WAV")
-    voice = requests.post(f"{worker.url}/v1/voices", files={"file": ("a.wav", buf.getvalue())},
-                          data={"name": "Clone me", "text": "Some words."}).json()
-    ws.send(json.dumps({"text": "hi", "voice": voice["id"]}))
+    voice = VoiceStore(Path(worker.env["VOICES_DIR"]), 10 * 2**20, 2.0, 30.0).create(
+        "Clone me", "Some words.", buf.getvalue())
+    ws.send(json.dumps({"text": "hi", "voice": voice.id}))
     err = json.loads(ws.recv())
     assert err["type"] == "error" and err["code"] == "voice_not_supported" and "cannot clone" in err["message"]
     ws.send(json.dumps({"text": "Still fine."}))

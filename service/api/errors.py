@@ -41,8 +41,8 @@ def describe_validation_error(err: ValidationError) -> str:
         kinds = {e["type"] for e in errs}
         if "extra_forbidden" in kinds:
             parts.append(f"unknown field '{where}'")
-        elif kinds <= {"float_type", "int_type", "float_parsing", "int_parsing"} and len(errs) > 1:
-            parts.append(f"{where}: Input should be a number, e.g. 1.0 (not a string)")
+        elif kinds <= {"float_type", "float_parsing"}:
+            parts.append(f"{where}: Input should be a number, e.g. 1.0")
         else:
             parts.append(f"{where}: {errs[0]['msg']}")
     return "; ".join(parts)

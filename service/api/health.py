@@ -40,13 +40,15 @@ def readyz():
     sched = ctx.scheduler
     # startup: the worker's own steps so far (load_s, warmup_s, batch_alloc_s, batch_warmup_s); the pull's are in
     # bootstrap.timings, so one request shows where a slow start spent its time.
-    body = {"status": "ready" if sched.ready else "not_ready", "phase": sched.phase, "startup": sched.startup}
+    ready = sched.ready and not sched.draining  # draining: finishing accepted requests before exiting
+    body = {"status": "ready" if ready else "draining" if sched.draining else "not_ready", "phase": sched.phase,
+            "startup": sched.startup}
     if sched.error:
         body["error"] = sched.error
     boot = _bootstrap_status(ctx)
     if boot is not None:
         body["bootstrap"] = boot
-    if sched.ready:
+    if ready:
         return jsonify(body)
     resp = jsonify(body)
     resp.status_code = 503
@@ -81,4 +83,9 @@ def metrics():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(build_openapi(__version__))
+    app = current_app._get_current_object()
+    doc = app.extensions.get("voxbox.openapi")
+    if doc is None:  # built on first use: it scans Unicode once for the text pattern
+        ctx = _ctx()
+        doc = app.extensions["voxbox.openapi"] = build_openapi(__version__, ctx.settings, ctx.engine)
+    return jsonify(doc)

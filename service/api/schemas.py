@@ -1,18 +1,27 @@
-"""Request bodies, validated by pydantic; unknown fields and wrong types are 400s, never silently ignored."""
+"""Request and response bodies, validated by pydantic; unknown fields and wrong types are 400s, never
+silently ignored. The OpenAPI document (openapi.py) is generated from these models."""
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+# StrictFloat takes JSON integers too (1 is a number) but no strings or booleans, and publishes one
+# JSON-Schema number with minimum/maximum (a float|int union published pydantic's own ge/le instead).
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN would pass no bound check sensibly
 
+    @field_validator("inference_timesteps", "seed", "max_len", "sample_rate", mode="before", check_fields=False)
+    @classmethod
+    def _integral(cls, v):
+        """JSON Schema's integer is a value, not a spelling: 40.0 is the integer 40 (40.5 stays refused)."""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
 
 class VoxCPMKnobs(_Strict):
-    cfg_value: Optional[StrictFloat | StrictInt] = Field(None, ge=0.5, le=5.0,
-                                                         description="VoxCPM classifier-free guidance")
+    cfg_value: Optional[StrictFloat] = Field(None, ge=0.5, le=5.0, description="VoxCPM classifier-free guidance")
     inference_timesteps: Optional[StrictInt] = Field(None, ge=1, le=50, description="VoxCPM diffusion steps")
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**31 - 1, description="Random seed (VoxCPM)")
     normalize: Optional[StrictBool] = Field(None, description="VoxCPM text normalisation (numbers, dates)")
@@ -35,10 +44,96 @@ class SpeechRequest(VoxCPMKnobs):
     input: StrictStr = Field(..., description="Text to speak")
     voice: StrictStr = Field("default", description="Preset name, uploaded voice id, or an OpenAI voice name")
     response_format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "mp3"
-    speed: StrictFloat | StrictInt = Field(1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav or opus)")
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the body is the audio file; sse: server-sent events "
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
     lang: Literal["auto", "en", "zh"] = "auto"
+
+
+# Responses: only for the document (the views build these bodies), so they say exactly what is sent.
+
+class TTSResponse(BaseModel):
+    audio_base64: str = Field(..., description="WAV file, base64")
+    duration: float = Field(..., description="Seconds of audio")
+    latency: float = Field(..., description="Seconds from request to response")
+    sample_rate: int
+
+
+class Voice(BaseModel):
+    id: str = Field(..., pattern=r"^v_[0-9a-f]{16}$")
+    name: str
+    transcript: str
+    duration: float
+    sample_rate: int
+    created_at: float
+
+
+class VoiceEntry(BaseModel):
+    """A preset or an uploaded voice in GET /v1/voices."""
+    id: str
+    name: str
+    type: Literal["preset", "uploaded"]
+    description: Optional[str] = None
+    languages: Optional[list[str]] = None
+    transcript: Optional[str] = None
+    duration: Optional[float] = None
+    sample_rate: Optional[int] = None
+    created_at: Optional[float] = None
+
+
+class VoiceList(BaseModel):
+    voices: list[VoiceEntry]
+    supports_cloning: bool
+
+
+class VoiceDeleted(BaseModel):
+    id: str
+    deleted: Literal[True]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="Stable machine-readable reason, e.g. overloaded, unknown_voice")
+    message: str = Field(..., description="What happened and what to do")
+
+
+class Error(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "failed"]
+    error: Optional[str] = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready", "draining"]
+    phase: str
+    startup: dict
+    error: Optional[str] = None
+    bootstrap: Optional[dict] = Field(None, description="The model pull's status file, while bootstrap ran one")
+
+
+# OpenAI's speech server-sent events (stream_format=sse): each event's data is one of these, as JSON.
+
+class SpeechAudioDelta(BaseModel):
+    type: Literal["speech.audio.delta"]
+    audio: str = Field(..., description="The next piece of the audio stream, base64")
+
+
+class SpeechUsage(BaseModel):
+    input_tokens: int = Field(..., description="Characters of input")
+    output_tokens: int = Field(..., description="Audio tokens at 6.25 per second")
+    total_tokens: int
+
+
+class SpeechAudioDone(BaseModel):
+    type: Literal["speech.audio.done"]
+    usage: SpeechUsage
+
+
+class SpeechError(BaseModel):
+    type: Literal["error"]
+    error: ErrorDetail

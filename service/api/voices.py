@@ -25,6 +25,11 @@ def list_voices():
 @bp.post("/v1/voices")
 def create_voice():
     ctx = _ctx()
+    engine = ctx.engine.info()
+    if not engine.supports_cloning:  # it would be stored, listed, and refused at every use
+        raise ApiError(400, "cloning_not_supported", f"the {engine.name} engine cannot clone voices, so an uploaded "
+                       "clip could never be used; deploy the VoxCPM engine (TTS_ENGINE=voxcpm) to upload voices, "
+                       f"or pick a preset: {', '.join(ctx.engine.presets())}")
     upload = request.files.get("file") or request.files.get("audio")
     if upload is None:
         raise ApiError(400, "missing_file", "send the reference clip as multipart field 'file' "

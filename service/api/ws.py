@@ -17,14 +17,21 @@ from typing import Literal, Optional
 from flask import Flask, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..engines import SynthesisParams
+from ..synthesis import shutting_down
 from .common import NESTED_TOO_DEEPLY, json_problem
 from .errors import ApiError, describe_validation_error
 from .schemas import VoxCPMKnobs
 
 log = logging.getLogger(__name__)
+
+# An idle connection looks up this often whether the worker is shutting down: if so it is closed (1001,
+# going away) so the client reconnects to another worker, instead of holding the shutdown up until
+# GRACEFUL_TIMEOUT and then being cut.
+_DRAIN_POLL_S = 0.5
 
 
 class StreamRequest(VoxCPMKnobs):
@@ -33,7 +40,7 @@ class StreamRequest(VoxCPMKnobs):
     voice: StrictStr = "default"
     format: Literal["pcm16", "wav"] = "pcm16"
     sample_rate: Optional[StrictInt] = None
-    speed: StrictFloat | StrictInt = Field(1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     lang: Literal["auto", "en", "zh"] = "auto"
 
 
@@ -65,9 +72,12 @@ class _Connection:
 
     def serve(self) -> None:
         while True:
-            raw = self.ws.receive()
-            if raw is None:
-                return
+            raw = self.ws.receive(timeout=_DRAIN_POLL_S)
+            if raw is None:  # nothing within the poll interval
+                if self.ctx.scheduler.draining:
+                    self.ws.close(1001, "the worker is shutting down; reconnect")
+                    return
+                continue
             try:
                 msg = _parse(raw)
                 if msg.get("type") == "cancel":
@@ -203,9 +213,11 @@ def register(app: Flask) -> None:
 
     @app.before_request
     def _admit_websocket():
-        if request.path != "/v1/stream":
-            return
+        if request.path != "/v1/stream" or isinstance(request.routing_exception, MethodNotAllowed):
+            return  # other paths, and other methods than GET here (their 405 says which is allowed)
         _check_handshake()
+        if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
+            raise shutting_down("this worker is shutting down and takes no new WebSockets", settings.retry_after_s)
         if not slots.take():
             raise ApiError(503, "too_many_streams", f"this worker already has {slots.limit} WebSockets open "
                            "(WS_MAX_CONNECTIONS); retry shortly or close idle connections",

@@ -53,8 +53,8 @@ async function loadInfo() {
     const mb = (state.info.limits.voice_max_bytes / 1048576).toFixed(0);
     $("voice-help").textContent = `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type ` +
       "exactly what they say. It becomes a voice you can pick above." +
-      (e.supports_cloning ? "" : " This server's engine cannot clone voices, so uploaded voices are stored but " +
-       "cannot be used until it runs VoxCPM.");
+      (e.supports_cloning ? "" : " This server's engine cannot clone voices: uploads are refused until it " +
+       "runs VoxCPM.");
     updateCounter();
   } catch (err) {
     $("status").textContent = "not reachable";

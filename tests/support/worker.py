@@ -13,11 +13,21 @@ import requests
 
 from .procs import PYTHON, REPO_ROOT, Served, free_port, running
 
+# A timed fake engine (tests/support/slow_engine.py); with SLOW_CLONING=1 in the env it takes voice uploads.
+SLOW_APP = "tests.support.slow_engine:create_app()"
+
 
 @dataclass
 class Worker(Served):
-    """A running worker: `url` (base URL, also its str()), `port`, `log` (its output), `env` (what it got)."""
+    """A running worker: `url` (base URL, also its str()), `port`, `log` (its output), `env` (what it got),
+    `pid` (gunicorn's master process)."""
     env: dict = field(default_factory=dict)
+    pid: int = 0
+
+    def worker_pid(self) -> int:
+        """The gunicorn worker process (the master's one child), where the app and its threads live."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return int(children[0])
 
     def __str__(self) -> str:
         return self.url
@@ -33,8 +43,9 @@ def _ready(url: str) -> bool:
 
 @contextmanager
 def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: float = 180,
-                 wait_ready: bool = True) -> Iterator[Worker]:
+                 wait_ready: bool = True, app: str = "service.app:create_app()") -> Iterator[Worker]:
     """Start gunicorn with the embedded engine unless `env_overrides` says otherwise; yields a Worker.
+    `app` is gunicorn's app spec (tests.support.slow_engine:create_app() serves a timed fake engine).
 
     The Worker's `url` is the base URL; `log` is the combined stdout/stderr log file.
     """
@@ -45,7 +56,7 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
         "BIND": f"127.0.0.1:{port}",
         "TTS_ENGINE": "embedded",
         "VOICES_DIR": str(tmp_dir / "voices"),
-        "GUNICORN_THREADS": "8",
+        "GUNICORN_THREADS": "16",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         **(env_overrides or {}),
@@ -53,11 +64,11 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
     log = tmp_dir / f"worker-{port}.log"
     url = f"http://127.0.0.1:{port}"
     gunicorn = str(Path(PYTHON).with_name("gunicorn"))
-    cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), "service.app:create_app()"]
+    cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), app]
     # Without wait_ready, "answers at all" is enough: a worker whose model failed answers 503.
     check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2) is not None)
-    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}"):
-        yield Worker(url=url, port=port, log=log, env=env)
+    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}") as proc:
+        yield Worker(url=url, port=port, log=log, env=env, pid=proc.pid)
 
 
 def ws_collect(ws):

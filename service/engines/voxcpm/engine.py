@@ -198,10 +198,11 @@ class VoxCPMEngine(Engine):
         package's own loop pays a compile warm-up per start. On the CPU the package's loop is as fast."""
         return self.device.startswith("cuda") and not self.serial
 
-    def batch_size(self, requested: str, cap: int = 128) -> int:
-        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA, at most `cap`; 1 on CPU)."""
+    def batch_size(self, requested: str, cap: int) -> int:
+        """TTS_MAX_BATCH: a number, or auto (from free GPU memory on CUDA; 1 = one at a time on CPU);
+        never more than `cap`, the requests the worker's threads can carry (Settings.batch_capacity)."""
         if requested.strip().lower() not in ("", "auto"):
-            return max(1, int(requested))
+            return max(1, min(cap, int(requested)))
         if not self.device.startswith("cuda"):
             return 1
         import torch
@@ -209,8 +210,8 @@ class VoxCPMEngine(Engine):
         from .batch import pick_max_batch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        size = pick_max_batch(free, self._model, cap=cap, max_steps=self._max_steps)
-        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory (cap %d)", size, free / 2**30, cap)
+        size = pick_max_batch(free, self._model, cap=min(cap, 128), max_steps=self._max_steps)
+        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory (thread budget %d)", size, free / 2**30, cap)
         return size
 
     @property
