@@ -57,6 +57,11 @@ class SynthesisService:
             if not self.engine.info().supports_cloning:
                 raise ApiError(400, "voice_not_supported", f"voice '{name}' is a cloned voice, and the "
                                f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}")
+            if voice.family != self.engine.name:
+                raise ApiError(400, "voice_model_mismatch", f"voice '{name}' was made for {voice.family} models, and "
+                               f"this model is {self.engine.name}; use it with a {voice.family} model "
+                               f"(GET /v1/models), or upload the clip again for this one (POST /v1/voices with "
+                               "field 'model')")
             return default, voice.prompt()
         if is_voice_id(name):  # well-formed: a voice that was deleted, or never uploaded here
             raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{name}' (GET /v1/voices lists "

@@ -26,7 +26,9 @@ from .engines import VoicePrompt
 
 VOICE_ID_PATTERN = r"^v_[0-9a-f]{16}$"  # ids are generated here (secrets), never chosen by a client
 _ID = re.compile(VOICE_ID_PATTERN)
-STORE_RATE = 44100
+STORE_RATE = 44100  # when the caller names none
+# Voices stored before they recorded a family were made for VoxCPM-1.5 (at its 44.1 kHz).
+LEGACY_FAMILY = "voxcpm"
 # An upload writes its directory in well under a second; one this old was left by a killed process.
 # Younger ones may belong to another worker on the same volume (a rollout runs two), so they stay.
 STALE_TEMP_S = 15 * 60
@@ -46,6 +48,7 @@ class Voice:
     duration: float
     sample_rate: int
     created_at: float
+    family: str  # the model family it was made for (the engine's name); others refuse it
     path: Path
 
     def public(self) -> dict:
@@ -113,7 +116,9 @@ class VoiceStore:
         return VoiceError(400, "bad_duration", f"the clip is {length}; it must be between {self.min_seconds:g}s "
                           f"and {self.max_seconds:g}s")
 
-    def create(self, name: str, transcript: str, data: bytes) -> Voice:
+    def create(self, name: str, transcript: str, data: bytes, family: str = LEGACY_FAMILY,
+               rate: int = STORE_RATE) -> Voice:
+        """Store a clip for `family`'s engines, resampled to `rate` (the rate that family encodes at)."""
         name = (name or "").strip()
         if not 1 <= len(name) <= 64 or not name.isprintable():
             raise VoiceError(400, "invalid_name", "name must be 1-64 printable characters")
@@ -128,8 +133,8 @@ class VoiceStore:
                              f"{self.max_bytes} (VOICE_MAX_BYTES)")
         if not data:
             raise VoiceError(400, "empty_file", "the audio file is empty")
-        audio, rate = self._decode(data)
-        duration = audio.size / rate
+        audio, source_rate = self._decode(data)
+        duration = audio.size / source_rate
         if not self.min_seconds <= duration <= self.max_seconds:
             raise self._bad_duration(f"{duration:.1f}s long")
         finite = bool(np.isfinite(audio).all())
@@ -140,15 +145,15 @@ class VoiceStore:
         peak = float(np.abs(audio).max())
         if peak > 1.0:  # float files may hold any scale; the model expects [-1, 1]
             audio = audio * (0.99 / peak)
-        audio = resample(audio, rate, STORE_RATE)
+        audio = resample(audio, source_rate, rate)
         voice_id = "v_" + secrets.token_hex(8)
         self._ensure_root()
         tmp = self.root / f".tmp-{voice_id}"
         tmp.mkdir()
         try:
-            sf.write(tmp / "audio.wav", audio, STORE_RATE, subtype="FLOAT")
+            sf.write(tmp / "audio.wav", audio, rate, subtype="FLOAT")
             meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
-                    "sample_rate": STORE_RATE, "created_at": time.time()}
+                    "sample_rate": rate, "created_at": time.time(), "family": family}
             (tmp / "voice.json").write_text(json.dumps(meta, ensure_ascii=False))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
@@ -164,8 +169,8 @@ class VoiceStore:
     def _load(self, d: Path) -> Optional[Voice]:
         try:
             meta = json.loads((d / "voice.json").read_text())
-            return Voice(path=d, **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate",
-                                                            "created_at")})
+            return Voice(path=d, family=meta.get("family", LEGACY_FAMILY),
+                         **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate", "created_at")})
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

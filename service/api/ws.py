@@ -24,6 +24,7 @@ from ..engines import SynthesisParams
 from ..synthesis import shutting_down
 from .common import NESTED_TOO_DEEPLY, json_problem
 from .errors import ApiError, describe_validation_error
+from .models import model_or_400
 from .schemas import VoxCPMKnobs
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ _DRAIN_POLL_S = 0.5
 
 class StreamRequest(VoxCPMKnobs):
     type: Literal["synthesize"] = "synthesize"
+    model: Optional[StrictStr] = None
     text: StrictStr
     voice: StrictStr = "default"
     format: Literal["pcm16", "wav"] = "pcm16"
@@ -74,7 +76,7 @@ class _Connection:
         while True:
             raw = self.ws.receive(timeout=_DRAIN_POLL_S)
             if raw is None:  # nothing within the poll interval
-                if self.ctx.scheduler.draining:
+                if self.ctx.models.draining:
                     self.ws.close(1001, "the worker is shutting down; reconnect")
                     return
                 continue
@@ -121,7 +123,7 @@ class _Connection:
         return self.cancelled
 
     def synthesize(self, req: StreamRequest) -> None:
-        svc = self.ctx.synthesis
+        svc = model_or_400(self.ctx, req.model).synthesis
         rate = svc.check_rate(req.sample_rate)
         sentences = svc.prepare_text(req.text, req.lang)
         params = SynthesisParams(speed=float(req.speed), cfg_value=req.cfg_value,
@@ -216,7 +218,7 @@ def register(app: Flask) -> None:
         if request.path != "/v1/stream" or isinstance(request.routing_exception, MethodNotAllowed):
             return  # other paths, and other methods than GET here (their 405 says which is allowed)
         _check_handshake()
-        if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
+        if app.extensions["voxbox"].models.draining:  # an open socket would hold the shutdown up
             raise shutting_down("this worker is shutting down and takes no new WebSockets", settings.retry_after_s)
         if not slots.take():
             raise ApiError(503, "too_many_streams", f"this worker already has {slots.limit} WebSockets open "
