@@ -5,8 +5,8 @@ from typing import Optional
 
 from flask import Blueprint, current_app, jsonify
 
+from ..errors import ErrorKind, ServiceError
 from ..models import ModelRuntime, UnknownModel
-from .errors import ApiError
 
 bp = Blueprint("models", __name__)
 
@@ -15,7 +15,7 @@ def model_or_400(ctx, name: Optional[str]) -> ModelRuntime:
     try:
         return ctx.models.get(name)
     except UnknownModel as e:
-        raise ApiError(400, "unknown_model", str(e)) from None
+        raise ServiceError(ErrorKind.INVALID, "unknown_model", str(e)) from None
 
 
 def describe(rt: ModelRuntime, default: bool) -> dict:

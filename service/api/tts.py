@@ -11,8 +11,8 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
 from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
-from ..engines import SynthesisParams
-from .common import client_gone_probe, parse_json
+from .common import client_gone_probe, parse_json, synthesis_params
+from ..errors import ServiceError
 from .errors import ApiError
 from .models import model_or_400
 from .schemas import SpeechRequest, TTSRequest
@@ -25,18 +25,12 @@ def _service(model: str | None):
     return model_or_400(current_app.extensions["voxbox"], model).synthesis
 
 
-def _params(req, speed: float = 1.0) -> SynthesisParams:
-    return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
-                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)
-
-
 @bp.post("/tts")
 def tts():
     req = parse_json(TTSRequest)
     svc = _service(req.model)
-    rate = svc.check_rate(req.sample_rate)
-    sentences = svc.prepare_text(req.text, req.lang)
-    prep = svc.submit(sentences, req.style, _params(req), rate, stream=False, endpoint="tts")
+    prep = svc.start(req.text, req.lang, req.style, synthesis_params(req), req.sample_rate, stream=False,
+                     endpoint="tts")
     result = svc.collect(prep, client_gone_probe())
     return jsonify({
         "audio_base64": base64.b64encode(encode(result.audio, result.sample_rate, "wav")).decode("ascii"),
@@ -50,15 +44,15 @@ def tts():
 def speech():
     req = parse_json(SpeechRequest)
     svc = _service(req.model)
-    rate = svc.check_rate(req.sample_rate)
     sse = req.stream_format == "sse"
     if (req.stream or sse) and req.response_format not in STREAMABLE:
         how = "sent as server-sent events" if sse else "streamed"
         raise ApiError(400, "format_not_streamable", f"response_format '{req.response_format}' cannot be {how}; "
                        f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
-    sentences = svc.prepare_text(req.input, req.lang)
     stream = req.stream or sse
-    prep = svc.submit(sentences, req.voice, _params(req, req.speed), rate, stream=stream, endpoint="speech")
+    prep = svc.start(req.input, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
+                     stream=stream, endpoint="speech")
+    rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:
         encoder = StreamEncoder(req.response_format, svc.engine.sample_rate, rate)
@@ -98,7 +92,7 @@ def _events(chunks: Iterator[bytes], encoder: StreamEncoder, input_chars: int, t
         for data in chunks:
             if data:
                 yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
-    except ApiError as e:
+    except (ApiError, ServiceError) as e:
         log.warning("speech SSE stopped: %s", e.message)
         yield event({"type": "error", "error": {"code": e.code, "message": e.message}})
         return

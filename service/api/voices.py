@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..voices import VoiceError
 from .errors import ApiError
 from .models import model_or_400
 
@@ -43,11 +42,8 @@ def create_voice():
         raise ApiError(400, "missing_file", "send the reference clip as multipart field 'file' "
                        "(with fields 'name' and 'text', its transcript)")
     data = upload.read(ctx.settings.voice_max_bytes + 1)
-    try:
-        voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data,
-                                  family=engine.name, rate=engine.sample_rate)
-    except VoiceError as e:
-        raise ApiError(e.status, e.code, str(e)) from None
+    voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data,
+                              family=engine.name, rate=engine.sample_rate)
     return jsonify(voice.public()), 201
 
 

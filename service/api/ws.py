@@ -20,9 +20,9 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
-from ..engines import SynthesisParams
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, json_problem
+from .common import NESTED_TOO_DEEPLY, json_problem, synthesis_params
+from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
 from .models import model_or_400
 from .schemas import VoxCPMKnobs
@@ -90,7 +90,7 @@ class _Connection:
                 except ValidationError as e:
                     raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
                 self.synthesize(req)
-            except ApiError as e:
+            except (ApiError, ServiceError) as e:
                 _error(self.ws, e.code, e.message, e.retry_after)
             except ConnectionClosed:
                 raise
@@ -112,7 +112,7 @@ class _Connection:
             return False
         try:
             msg = _parse(raw)
-        except ApiError as e:
+        except (ApiError, ServiceError) as e:
             _error(self.ws, e.code, e.message)
             return False
         if msg.get("type") == "cancel":
@@ -124,12 +124,9 @@ class _Connection:
 
     def synthesize(self, req: StreamRequest) -> None:
         svc = model_or_400(self.ctx, req.model).synthesis
-        rate = svc.check_rate(req.sample_rate)
-        sentences = svc.prepare_text(req.text, req.lang)
-        params = SynthesisParams(speed=float(req.speed), cfg_value=req.cfg_value,
-                                 inference_timesteps=req.inference_timesteps, seed=req.seed,
-                                 normalize=req.normalize, max_len=req.max_len)
-        prep = svc.submit(sentences, req.voice, params, rate, stream=True, endpoint="websocket")
+        prep = svc.start(req.text, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
+                         stream=True, endpoint="websocket")
+        rate = prep.sample_rate
         encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
         self.cancelled = False
         chunks = svc.stream(prep, encoder, self.cancel_requested)
@@ -146,7 +143,7 @@ class _Connection:
                     break
                 self.ws.send(data)
                 sent += 1
-        except ApiError as e:
+        except (ApiError, ServiceError) as e:
             if e.code != "client_closed_request":
                 raise
         finally:
