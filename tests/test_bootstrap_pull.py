@@ -260,7 +260,7 @@ def test_readyz_of_a_worker_started_by_the_entrypoint_shows_where_start_up_time_
     assert all(startup[k] >= 0 for k in ("load_s", "warmup_s", "batch_alloc_s")) and startup["warmup_s"] > 0
     # The worker began loading after the pull had finished (the entrypoint execs it then).
     assert startup["started_at"] >= boot["started_at"] + boot["timings"]["total_s"]
-    assert 'voxbox_startup_seconds{model="voxcpm-1.5",phase="warmup"}' in metrics
+    assert 'voxbox_startup_seconds{model="embedded",phase="warmup"}' in metrics
 
 
 def test_entrypoint_pulls_then_execs_gunicorn_with_model_dir_and_the_version_lock(s3_server, published, tmp_path):

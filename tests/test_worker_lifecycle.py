@@ -14,10 +14,11 @@ from .support.worker import SLOW_APP, start_worker, ws_collect
 
 
 def in_flight(url: str) -> float:
-    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("voxbox_in_flight "):
-            return float(line.split()[1])
-    raise AssertionError("no voxbox_in_flight metric")
+    """Jobs in flight over every model of the worker (the gauge is per model)."""
+    values = [float(line.split()[-1]) for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+              if line.startswith("voxbox_in_flight{")]
+    assert values, "no voxbox_in_flight metric"
+    return sum(values)
 
 
 def test_sigterm_refuses_new_requests_at_once_and_finishes_accepted_ones(tmp_path):
