@@ -142,7 +142,7 @@ async function preview(id = $("voice").value) {
       state.previews.set(id, src);
     }
     if (state.previewAudio) state.previewAudio.pause();
-    state.previewAudio = new Audio(src);
+    state.previewAudio = window.voxboxPreview = new Audio(src);
     state.previewAudio.play().catch(() => { /* autoplay may be blocked; a second click plays */ });
     window.voxbox.previews += 1;
   } catch (err) {
