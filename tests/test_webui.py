@@ -373,10 +373,14 @@ def test_page_opened_with_credentials_in_the_url(gateway):
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("image/svg+xml")
 
 
+def test_docs_and_voice_clips_are_behind_the_gateway(gateway, worker):
+    clip = f"/v1/voices/{worker.unusable_voice.id}/audio"
+    for path in ("/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", clip):
+        assert requests.get(gateway.url + path).status_code == 401, path
+        assert requests.get(gateway.url + path, auth=AUTH).status_code == 200, path
+
+
 def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
-    # The gateway protects it like every other route.
-    assert requests.get(gateway.url + "/docs").status_code == 401
-    assert requests.get(gateway.url + "/docs/swagger-ui-bundle.js").status_code == 401
     page = requests.get(gateway.url + "/docs", auth=AUTH)
     assert page.status_code == 200 and "openapi.json" in page.text
     js = requests.get(gateway.url + "/docs/swagger-ui-bundle.js", auth=AUTH)
