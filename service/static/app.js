@@ -218,16 +218,18 @@ function renderHistory() {
     meta.className = "meta";
     meta.textContent = `${item.kind} · ${item.voiceName} · ${item.duration.toFixed(2)} s of audio in ` +
       `${item.latency.toFixed(2)} s · ${new Date(item.at).toLocaleString()}`;
-    li.append(`“${snippet}”`, meta);
+    const actions = document.createElement("div");
+    actions.className = "actions";
     const audio = sessionAudio.get(item.id);
     if (audio) {
-      li.append(button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); }));
       const save = document.createElement("a");
       save.href = audio.url; save.download = `voxbox.${audio.ext}`; save.textContent = "Download";
-      li.append(" ", save);
+      actions.append(button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); }),
+                     save);
     }
-    li.append(button("↻ Regenerate", () => { restoreSettings(item); (item.kind === "Stream" ? stream : generate)(); },
-                     "Put this text and its settings back in the form and make it again"));
+    actions.append(button("↻ Regenerate", () => { restoreSettings(item); (item.kind === "Stream" ? stream : generate)(); },
+                          "Put this text and its settings back in the form and make it again"));
+    li.append(`“${snippet}”`, meta, actions);
     list.append(li);
   }
 }
