@@ -383,6 +383,8 @@ def test_docs_and_voice_clips_are_behind_the_gateway(gateway, worker):
 def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
     page = requests.get(gateway.url + "/docs", auth=AUTH)
     assert page.status_code == 200 and "openapi.json" in page.text
+    slash = requests.get(gateway.url + "/docs/", auth=AUTH)
+    assert slash.url == gateway.url + "/docs" and slash.text == page.text
     js = requests.get(gateway.url + "/docs/swagger-ui-bundle.js", auth=AUTH)
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
     with chromium() as b:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from flask import Blueprint, current_app, send_from_directory
+from flask import Blueprint, current_app, redirect, send_from_directory
 
 bp = Blueprint("ui", __name__)
 
@@ -28,6 +28,12 @@ def index():
 @bp.get("/docs")
 def docs():
     return _page("docs.html")
+
+
+@bp.get("/docs/")
+def docs_slash():
+    # Relative, so it lands on the same page under a path prefix and through the gateway.
+    return redirect("../docs", code=308)
 
 
 @bp.get("/docs/<path:name>")
