@@ -198,7 +198,7 @@ def test_engine_that_cannot_clone_offers_no_upload_and_never_selects_a_cloned_vo
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
     error = browser.find_element(By.ID, "error").text
-    assert "“Old VoxCPM voice”" in error and old.id not in error and "use a preset" in error, error
+    assert "voice “Old VoxCPM voice” is a cloned voice" in error and old.id not in error and "use a preset" in error, error
 
 
 def test_record_from_microphone_uploads_a_voice(browser, cloning_worker):

@@ -5,7 +5,6 @@ import soundfile as sf
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..encode import encode
-
 from ..voices import VoiceError
 from .errors import ApiError
 

@@ -16,7 +16,8 @@ const url = (path) => BASE + path;
 
 // The API names voices by id ("v_0123…"): say the name the user gave it.
 function withVoiceNames(message) {
-  return message.replace(/v_[0-9a-f]{16}/g, (id) => (state.voices.has(id) ? `“${state.voices.get(id).name}”` : id));
+  return message.replace(/'?(v_[0-9a-f]{16})'?/g,
+    (quoted, id) => (state.voices.has(id) ? `“${state.voices.get(id).name}”` : quoted));
 }
 
 function showError(message) {
