@@ -257,12 +257,13 @@ def test_history_survives_a_reload_bounded_and_regenerates(browser, worker):
     # Empty state: no player and no "Recent" until something was made.
     assert not browser.find_element(By.ID, "player").is_displayed()
     assert not browser.find_element(By.ID, "recent").is_displayed()
-    # 25 older entries in storage: the list keeps the newest 20.
+    # 25 older entries in storage (and some junk): the list keeps the newest 20.
     browser.execute_script("""
         const old = [...Array(25).keys()].map((i) => ({id: `old-${i}`, kind: 'Generate', text: `Old entry ${i}`,
           voice: 'joe', voiceName: 'joe', format: 'wav', sample_rate: 44100, speed: 1, duration: 1, latency: 1,
           at: new Date(2026, 0, 1).toISOString()}));
-        localStorage.setItem('voxbox.history.v1', JSON.stringify(old));""")
+        // Junk under the key (another version, a hand edit) is skipped, not fatal.
+        localStorage.setItem('voxbox.history.v1', JSON.stringify([null, {text: 5}, {id: 'x', text: 'no numbers'}, ...old]));""")
     browser.refresh()
     open_page(browser, worker.url + "/")
     Select(browser.find_element(By.ID, "voice")).select_by_value("joe-calm")

@@ -170,7 +170,10 @@ const sessionAudio = new Map();  // history id -> {url, ext}
 function loadHistory() {
   try {
     const items = JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]");
-    return Array.isArray(items) ? items.slice(0, HISTORY_MAX) : [];
+    // Whatever else is stored under the key (another version, a hand edit) must not break the page.
+    const valid = (i) => i && typeof i.text === "string" && typeof i.id === "string" &&
+      Number.isFinite(i.duration) && Number.isFinite(i.latency);
+    return Array.isArray(items) ? items.filter(valid).slice(0, HISTORY_MAX) : [];
   } catch (_) { return []; }  // unreadable or storage disabled: start empty
 }
 
@@ -228,7 +231,11 @@ function renderHistory() {
       actions.append(button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); }),
                      save);
     }
-    actions.append(button("↻ Regenerate", () => { restoreSettings(item); (item.kind === "Stream" ? stream : generate)(); },
+    actions.append(button("↻ Regenerate", () => {
+      if ($("generate").disabled) return;  // one request at a time, as with the form's own buttons
+      restoreSettings(item);
+      (item.kind === "Stream" ? stream : generate)();
+    },
                           "Put this text and its settings back in the form and make it again"));
     li.append(`“${snippet}”`, meta, actions);
     list.append(li);
@@ -387,11 +394,15 @@ function stream() {
       ws.close();
     }
   };
-  ws.onerror = () => showError("The streaming connection failed (is the server reachable, are you logged in?).");
+  ws.onerror = () => {
+    clearResult("Failed.");
+    showError("The streaming connection failed (is the server reachable, are you logged in?).");
+  };
   ws.onclose = (ev) => {
     setBusy(false);
     state.ws = null;
     if (!window.voxbox.streamDone && !window.voxbox.lastError) {
+      clearResult("Failed.");
       showError(`The streaming connection closed early (code ${ev.code}); try again.`);
     }
   };
