@@ -295,6 +295,8 @@ def test_history_survives_a_reload_bounded_and_regenerates(browser, worker):
 def test_voice_preview_plays_a_preset_sample_and_an_uploaded_clip(browser, worker):
     open_page(browser, worker.url + "/")
     Select(browser.find_element(By.ID, "voice")).select_by_value("joe-lively")
+    lively = next(v for v in requests.get(f"{worker.url}/v1/voices").json()["voices"] if v["id"] == "joe-lively")
+    assert browser.find_element(By.ID, "voice-note").text == lively["description"]
     browser.find_element(By.ID, "preview").click()
     wait(browser, lambda b: b.execute_script("return window.voxbox.previews") == 1)
     played = wait(browser, lambda b: b.execute_script(

@@ -125,6 +125,13 @@ async function loadVoices(select) {
   const usable = (id) => [...sel.options].some((o) => o.value === id && !o.disabled);
   if (keep && usable(keep)) sel.value = keep;
   else sel.value = presets.children.length ? presets.children[0].value : "";
+  describeVoice();
+}
+
+function describeVoice() {
+  const v = state.voices.get($("voice").value);
+  $("voice-note").textContent = !v ? "" : v.type === "preset" ? v.description || ""
+    : `Cloned from your ${v.duration.toFixed(1)} s clip`;
 }
 
 // A preset has no stored audio: its sample is synthesised once (a short sentence) and kept for the page's
@@ -201,7 +208,7 @@ function addHistory(kind, settings, duration, latency, audioUrl, ext) {
 function restoreSettings(item) {
   $("text").value = item.text;
   const option = [...$("voice").options].find((o) => o.value === item.voice && !o.disabled);
-  if (option) $("voice").value = item.voice;
+  if (option) { $("voice").value = item.voice; describeVoice(); }
   if (item.format) $("format").value = item.format;
   if ([...$("rate").options].some((o) => Number(o.value) === item.sample_rate)) $("rate").value = item.sample_rate;
   $("speed").value = item.speed || 1;
@@ -506,6 +513,7 @@ $("record").addEventListener("click", toggleRecording);
 $("record").hidden = !(navigator.mediaDevices && window.MediaRecorder);
 $("voice-file").addEventListener("change", showFileName);
 $("preview").addEventListener("click", () => preview());
+$("voice").addEventListener("change", describeVoice);
 $("clear-history").addEventListener("click", clearHistory);
 renderHistory();
 
