@@ -29,11 +29,42 @@ def _pull(s: BootstrapSettings, status: Status, hold: bool = False):
     return pull(s, status, hold=hold)
 
 
+def _pull_models(s: BootstrapSettings, status: Status, raw: str) -> str:
+    """MODELS entries with a `uri`: each pulled like MODEL_URI, into its own folder of the models volume
+    (MODELS_DIR/models/<name>: its versions, `current` and locks), then handed to the worker as `dir`.
+    Returns the MODELS JSON the worker gets; the worker checks everything else in the entries."""
+    import json
+
+    text = raw.strip() if raw.strip().startswith("[") else Path(raw.strip()).read_text(encoding="utf-8")
+    try:
+        entries = json.loads(text)
+    except ValueError as e:
+        raise FatalError(f"MODELS is not valid JSON ({e}); give a list of model entries") from None
+    if not isinstance(entries, list):
+        raise FatalError("MODELS must be a JSON list of model entries")
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("uri"):
+            continue
+        name = str(entry.get("name", ""))
+        if not name or "/" in name or name.startswith("."):
+            raise FatalError(f"MODELS entry with uri {entry['uri']!r} needs a plain \"name\" (no '/')")
+        if entry.get("dir"):
+            raise FatalError(f"MODELS entry {name!r} has both uri and dir; give one")
+        log.info("model %s: pulling %s", name, entry["uri"])
+        one = s.model_copy(update={"model_uri": entry.pop("uri"), "models_dir": s.models_dir / "models" / name})
+        result = _pull(one, status, hold=True)
+        entry["dir"] = str(result.model_dir.resolve())
+        os.set_inheritable(result.in_use_fd, True)  # gunicorn keeps this version from being pruned
+    return json.dumps(entries)
+
+
 def _run(s: BootstrapSettings, status: Status) -> None:
     from .compile_cache import compile_cache_env
     from .gpu import decide, detect_gpus
 
     env = dict(os.environ)
+    if env.get("MODELS", "").strip():
+        env["MODELS"] = _pull_models(s, status, env["MODELS"])
     if s.model_uri:
         result = _pull(s, status, hold=True)
         # The resolved version dir, not `current`: a later switch must not move files under us.

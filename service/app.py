@@ -11,10 +11,11 @@ from typing import Optional
 from flask import Flask, g, request
 from werkzeug.exceptions import ClientDisconnected
 
-from .api import errors, health, tts, ui, voices as voices_api, ws
+from .api import errors, health, models as models_api, tts, ui, voices as voices_api, ws
 from .api.errors import ApiError
-from .engines import Engine, build_engine
+from .engines import Engine
 from .metrics import Metrics
+from .models import ModelSet, build_models
 from .scheduler import Scheduler
 from .settings import Settings
 from .synthesis import SynthesisService
@@ -27,11 +28,22 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 @dataclass
 class AppContext:
     settings: Settings
-    engine: Engine
-    scheduler: Scheduler
+    models: ModelSet
     voices: VoiceStore
-    synthesis: SynthesisService
     metrics: Metrics
+
+    # The default model's parts, for what does not name a model (presets listed, the OpenAPI document).
+    @property
+    def engine(self) -> Engine:
+        return self.models.default.engine
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.models.default.scheduler
+
+    @property
+    def synthesis(self) -> SynthesisService:
+        return self.models.default.synthesis
 
 
 def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = None) -> Flask:
@@ -41,32 +53,30 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     _install_request_id_logging()
 
-    engine = engine or build_engine(settings)
     metrics = Metrics()
-    scheduler = Scheduler(engine, metrics, settings.queue_size, settings.retry_after_s, settings.warmup,
-                          settings.tts_max_batch, settings.batch_capacity)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
                        settings.voice_max_seconds)
     leftovers = store.remove_leftovers()
     if leftovers:
         log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
-    ctx = AppContext(settings, engine, scheduler, store, SynthesisService(settings, engine, scheduler, store),
-                     metrics)
+    models = build_models(settings, metrics, store, engine)
+    ctx = AppContext(settings, models, store, metrics)
 
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.voice_max_bytes + 1024 * 1024  # multipart overhead
     app.extensions["voxbox"] = ctx
     errors.install(app)
-    for bp in (health.bp, tts.bp, voices_api.bp, ui.bp):
+    for bp in (health.bp, models_api.bp, tts.bp, voices_api.bp, ui.bp):
         app.register_blueprint(bp)
     ws.register(app)
     # JSON bodies: text is capped at MAX_TEXT_CHARS characters (up to 12 bytes each as \\uXXXX pairs);
     # the 1 MiB margin lets a moderately oversized text still get text_too_long, which names the limit.
     _install_request_hooks(app, metrics, json_limit=1024 * 1024 + 12 * settings.max_text_chars,
                            body_timeout_s=settings.body_read_timeout_s)
-    scheduler.start()
-    log.info("VoxBox worker: engine=%s queue=%d threads=%d websockets=%d batch at most %d", settings.tts_engine,
-             settings.queue_size, settings.gunicorn_threads, settings.ws_connection_limit, settings.batch_capacity)
+    models.start()
+    log.info("VoxBox worker: models %s (default %s), queue=%d per model, threads=%d websockets=%d, batch at most "
+             "%d per model", ", ".join(models.names()), models.default.name, settings.queue_size,
+             settings.gunicorn_threads, settings.ws_connection_limit, settings.batch_capacity)
     return app
 
 

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 
-from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +21,9 @@ log = logging.getLogger(__name__)
 _STOP_MARGIN_S = 2.0
 
 
-def drain_on_sigterm(worker, scheduler: Scheduler, graceful_timeout_s: float) -> None:
-    """Install the draining SIGTERM handler on a gunicorn worker (post_worker_init, in its main thread)."""
+def drain_on_sigterm(worker, scheduler, graceful_timeout_s: float) -> None:
+    """Install the draining SIGTERM handler on a gunicorn worker (post_worker_init, in its main thread).
+    `scheduler`: what drains (drain(), idle()): the worker's ModelSet, every model together."""
     gunicorn_stop = worker.handle_exit  # stop accepting, finish open connections, exit
     begun = threading.Event()
 

@@ -32,14 +32,14 @@ def post_worker_init(worker):
     # gunicorn's SIGTERM stops accepting at once; ours drains first (readiness 503, new requests 503).
     from service.draining import drain_on_sigterm
 
-    drain_on_sigterm(worker, worker.wsgi.extensions["voxbox"].scheduler, _s.graceful_timeout)
+    drain_on_sigterm(worker, worker.wsgi.extensions["voxbox"].models, _s.graceful_timeout)
 
 
 def when_ready(server):
     host, _, port = _s.bind.rpartition(":")
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    server.log.info("VoxBox worker listening: http://%s:%s/  (engine %s; /readyz turns 200 once the model "
-                    "is warm)", shown, port, _s.tts_engine)
+    server.log.info("VoxBox worker listening: http://%s:%s/  (models %s; /readyz turns 200 once they are "
+                    "warm)", shown, port, ", ".join(s.name for s in _s.model_specs))
 
 
 _ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",

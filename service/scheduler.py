@@ -7,6 +7,7 @@ events; when the queue is full they get `Overloaded` (HTTP 503 + Retry-After) at
 from __future__ import annotations
 
 import gc
+import enum
 import logging
 import queue
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 from .admission import Waiting, choose_admissions
 from .audio import resample, time_stretch
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
-from .metrics import Metrics
+from .metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,36 @@ class Cancelled(Exception):
     pass
 
 
+class Phase(str, enum.Enum):
+    """Where a model's start-up is: starting -> loading -> warming -> ready, or failed."""
+    STARTING = "starting"
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# What a job's request thread reads from its events queue, in order: audio, then done or failed.
 @dataclass
 class AudioEvent:
     audio: np.ndarray
     sentence_ends: bool
+
+
+@dataclass
+class Done:
+    pass
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+JobEvent = AudioEvent | Done | Failed
 
 
 @dataclass
@@ -86,7 +113,7 @@ class Job:
         """Yield this job's audio as it is produced; raise the job's error, or Cancelled/DeadlineExceeded."""
         while True:
             try:
-                kind, payload = self.events.get(timeout=poll_s)
+                event = self.events.get(timeout=poll_s)
             except queue.Empty:
                 if client_gone():
                     self.cancel()
@@ -95,17 +122,18 @@ class Job:
                     self.cancel()
                     raise DeadlineExceeded(f"no result within the {self.timeout_s:.0f}s request deadline")
                 continue
-            if kind == "audio":
-                yield payload
-            elif kind == "done":
+            if isinstance(event, AudioEvent):
+                yield event
+            elif isinstance(event, Done):
                 return
             else:
-                raise payload
+                raise event.error
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, queue_size: int, retry_after_s: int,
-                 warmup: bool = True, max_batch: str = "1", batch_cap: int = 1):
+    def __init__(self, engine: Engine, metrics: "ModelMetrics", queue_size: int, retry_after_s: int,
+                 warmup: bool = True, max_batch: str = "1", batch_cap: int = 1,
+                 load_after: Optional[threading.Event] = None):
         self.engine = engine
         self.max_batch = max_batch
         # Most requests one batch may hold: what the request threads can carry (Settings.batch_capacity),
@@ -116,7 +144,7 @@ class Scheduler:
         self.queue_size = queue_size
         self.retry_after_s = retry_after_s
         self.warmup = warmup
-        self.phase = "starting"  # starting → loading → warming → ready | failed
+        self.phase = Phase.STARTING
         self.error: Optional[str] = None
         # Start-up cost, filled in as each step ends (shown on /readyz and /info, and as metrics):
         # started_at is the wall-clock time loading began, so it can be placed after the bootstrap pull.
@@ -128,6 +156,9 @@ class Scheduler:
         self._batched_jobs = 0  # jobs inside the batch loop (for the in-flight gauge)
         self._stopping = False
         self.draining = False
+        # Models sharing a GPU load one after another (service/models.py sizes each from what is free).
+        self.load_after = load_after
+        self.loaded = threading.Event()  # set once this model is ready or has failed
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         metrics.queue_depth.set_function(lambda: len(self._pending))
         metrics.in_flight.set_function(
@@ -141,14 +172,14 @@ class Scheduler:
         with self._cv:
             self._stopping = True
             for job in self._pending:
-                job.events.put(("error", NotReady("the worker is shutting down")))
+                job.events.put(Failed(NotReady("the worker is shutting down")))
             self._pending.clear()
             self._cv.notify_all()
         self._thread.join(timeout)
 
     @property
     def ready(self) -> bool:
-        return self.phase == "ready"
+        return self.phase is Phase.READY
 
     def drain(self) -> None:
         """Refuse new jobs from now on; queued and running ones go on."""
@@ -185,8 +216,10 @@ class Scheduler:
 
     # -- inference thread --------------------------------------------------------------------
     def _run(self) -> None:
+        if self.load_after is not None:
+            self.load_after.wait()
         try:
-            self.phase = "loading"
+            self.phase = Phase.LOADING
             self.startup = {"started_at": time.time()}
             t0 = time.monotonic()
             self.engine.load()
@@ -202,7 +235,7 @@ class Scheduler:
             if self.warmup:
                 # Warm up the path that will serve: the batched step when there is a batch (the
                 # serial loop then never runs), else one synthesis through the engine's own loop.
-                self.phase = "warming"
+                self.phase = Phase.WARMING
                 t0 = time.monotonic()
                 audio = self._warm_batch(batch) if batch is not None else self._warm_serial()
                 # Resampling imports torch/torchaudio (seconds): pay that here, not in the first request.
@@ -215,12 +248,14 @@ class Scheduler:
             # collector's sight, a full collection no longer walks it, which took 0.1-0.3 s with torch
             # imported and stalled every request thread (a /healthz answered in 250 ms under load).
             gc.freeze()
-            self.phase = "ready"
+            self.phase = Phase.READY
         except Exception as e:  # a failed load must be visible on /readyz, not a silent dead thread
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"
-            self.phase = "failed"
+            self.phase = Phase.FAILED
             return
+        finally:
+            self.loaded.set()
         if batch is not None:
             log.info("continuous batching: up to %d requests per generation step", self.batch_size)
             BatchLoop(self, batch).run()
@@ -247,6 +282,28 @@ class Scheduler:
                     raise RuntimeError(f"batched warm-up produced no valid audio (row {row} of {rows})")
                 pieces.append(audio)
         return np.concatenate(pieces)
+
+    # -- operations for the batch loop (BatchLoop), which runs on the inference thread ----------------
+    def take_pending(self, choose: Callable[[list[Job]], list[int]], busy: bool) -> Optional[list[Job]]:
+        """Waiting jobs `choose` picks (indices into the queue, oldest first), removed from the queue and
+        counted in flight; waits for a job first when the batch is idle. None once the scheduler stops."""
+        with self._cv:
+            while not self._pending and not busy and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            pending = list(self._pending)
+            taken = [pending[i] for i in choose(pending)]
+            for job in taken:
+                self._pending.remove(job)
+            self._batched_jobs += len(taken)
+            return taken
+
+    def left_batch(self, job: Job, event: Optional[JobEvent]) -> None:
+        """A job taken by take_pending is over (finished, failed or cancelled): `event` tells its client."""
+        self._batched_jobs -= 1
+        if event is not None:
+            job.events.put(event)
 
     def _took(self, step: str, t0: float) -> None:
         seconds = time.monotonic() - t0
@@ -282,21 +339,21 @@ class Scheduler:
                 self._check(job)
                 if job.stream:
                     for piece in self.engine.stream(sentence, job.preset, job.prompt, job.params):
-                        self._emit(job, piece, False)
+                        self.emit(job, piece, False)
                         self._check(job)
-                    self._emit(job, np.zeros(0, dtype=np.float32), True)
+                    self.emit(job, np.zeros(0, dtype=np.float32), True)
                 else:
-                    self._emit(job, self.engine.synthesize(sentence, job.preset, job.prompt, job.params), True)
+                    self.emit(job, self.engine.synthesize(sentence, job.preset, job.prompt, job.params), True)
             job.finished_at = time.monotonic()
-            self._record(job)
-            job.events.put(("done", None))
+            self.record(job)
+            job.events.put(Done())
         except Cancelled:
             log.info("job cancelled after %.2fs", time.monotonic() - job.started_at)
         except (DeadlineExceeded, NothingToSay) as e:  # the request's own limits or text: no traceback
-            job.events.put(("error", e))
+            job.events.put(Failed(e))
         except Exception as e:
             log.exception("synthesis failed")
-            job.events.put(("error", e))
+            job.events.put(Failed(e))
 
     def _check(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -304,14 +361,14 @@ class Scheduler:
         if time.monotonic() > job.deadline:
             raise DeadlineExceeded(f"synthesis did not finish within the {job.timeout_s:.0f}s request deadline")
 
-    def _emit(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
+    def emit(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
         if audio.size and job.first_audio_at is None:
             job.first_audio_at = time.monotonic()
             self.metrics.ttfa.labels(job.endpoint).observe(job.first_audio_at - job.enqueued_at)
         job.audio_samples += audio.size
-        job.events.put(("audio", AudioEvent(audio, sentence_ends)))
+        job.events.put(AudioEvent(audio, sentence_ends))
 
-    def _record(self, job: Job) -> None:
+    def record(self, job: Job) -> None:
         synth = job.finished_at - job.started_at
         audio_s = job.audio_samples / self.engine.sample_rate
         self.metrics.synthesis_seconds.observe(synth)
@@ -338,12 +395,9 @@ class BatchLoop:
     def run(self) -> None:
         s = self.s
         while True:
-            with s._cv:
-                while not s._pending and not self.rows and not s._stopping:
-                    s._cv.wait()
-                if s._stopping:
-                    return
-                admitted = self._admit()
+            admitted = s.take_pending(self._choose, busy=bool(self.rows))
+            if admitted is None:
+                return  # the scheduler is stopping
             self._start([(job, 0) for job in admitted])
             self._drop_cancelled()
             if not self.rows:
@@ -367,18 +421,12 @@ class BatchLoop:
                         self._complete(job)
             self._start(next_sentences)
 
-    def _admit(self) -> list[Job]:
+    def _choose(self, pending: list[Job]) -> list[int]:
         """Waiting jobs that join now (service/admission.py decides): free rows, a compatible key."""
-        s, now = self.s, time.monotonic()
-        pending = list(s._pending)
+        now = time.monotonic()
         running_key = self._key(next(iter(self.rows.values()))[0]) if self.rows else None
-        chosen = choose_admissions([Waiting(self._key(job), now - job.enqueued_at) for job in pending],
-                                   running_key, len(self.rows), self.batch.max_batch, self.drain_after_s)
-        admitted = [pending[i] for i in chosen]
-        for job in admitted:
-            s._pending.remove(job)
-        s._batched_jobs += len(admitted)
-        return admitted
+        return choose_admissions([Waiting(self._key(job), now - job.enqueued_at) for job in pending],
+                                 running_key, len(self.rows), self.batch.max_batch, self.drain_after_s)
 
     def _key(self, job: Job):
         return self.s.engine.batch_key(job.params)
@@ -402,7 +450,7 @@ class BatchLoop:
                 return
             if not isinstance(e, NothingToSay):
                 log.exception("could not add a request to the batch")
-            self._end(starts[0][0], ("error", e))
+            self._end(starts[0][0], Failed(e))
             return
         for row, start in zip(rows, starts):
             self.rows[row] = start
@@ -423,22 +471,20 @@ class BatchLoop:
             if not sentence_ends:
                 return
             audio = time_stretch(np.concatenate(self.held.pop(id(job))), speed)
-        self.s._emit(job, audio, False)
+        self.s.emit(job, audio, False)
         if sentence_ends:
-            self.s._emit(job, np.zeros(0, dtype=np.float32), True)
+            self.s.emit(job, np.zeros(0, dtype=np.float32), True)
 
     def _finish(self, row: int, job: Job, error: Optional[Exception]) -> None:
         self.batch.cancel(row)
         self.rows.pop(row, None)
-        self._end(job, ("error", error) if error else None)
+        self._end(job, Failed(error) if error else None)
 
     def _complete(self, job: Job) -> None:
         job.finished_at = time.monotonic()
-        self.s._record(job)
-        self._end(job, ("done", None))
+        self.s.record(job)
+        self._end(job, Done())
 
-    def _end(self, job: Job, event) -> None:
+    def _end(self, job: Job, event: Optional[JobEvent]) -> None:
         self.held.pop(id(job), None)
-        self.s._batched_jobs -= 1
-        if event is not None:
-            job.events.put(event)
+        self.s.left_batch(job, event)

@@ -31,21 +31,13 @@ class Settings(BaseSettings):
     # GPU memory on CUDA and 1 (one request at a time) on CPU; never more than `batch_capacity`.
     tts_max_batch: str = "auto"
 
-    # VoxCPM generation defaults (each can be overridden per request within bounds)
-    voxcpm_cfg_value: float = Field(2.0, ge=0.5, le=5.0)
-    voxcpm_inference_timesteps: int = Field(10, ge=1, le=100)
-    voxcpm_max_len: int = Field(2048, ge=16)
-    voxcpm_normalize: bool = False
-    voxcpm_retry_badcase: bool = True
-    # Benchmarks only: every sentence chunk generates exactly this many tokens, stop head ignored
-    # (random-weight checkpoints stop at random). 0 = off, the only sensible production value.
-    voxcpm_fixed_tokens: int = Field(0, ge=0, le=4096)
-    # The batched step on CUDA runs as CUDA graphs captured before ready (one per batch-size bucket);
-    # off = eager kernels (for diagnosis: several times slower per step).
-    voxcpm_cuda_graphs: bool = True
-    # torch.compile (inductor) of the batched step's parts before their capture: fused kernels, fewer
-    # of them per step; costs a compile on the first start (cached on the models volume after).
-    voxcpm_compile_step: bool = False
+    # VoxCPM's own settings (VOXCPM_*) live with its engine: service/engines/voxcpm/settings.py.
+
+    # Several models in one worker: a JSON list of model entries, or the path of a JSON file with one
+    # (service/models.py). Empty: one model from TTS_ENGINE / MODEL_DIR, named MODEL_NAME (default: the
+    # family's own name, e.g. voxcpm-1.5).
+    models: Optional[str] = None
+    model_name: Optional[str] = None
 
     # Text
     max_text_chars: int = Field(5000, ge=1)
@@ -107,21 +99,38 @@ class Settings(BaseSettings):
     def ws_connection_limit(self) -> int:
         return self.ws_max_connections or max(1, self.gunicorn_threads // 8)
 
+    @cached_property
+    def model_specs(self) -> list:
+        """The models to serve (service/models.py): MODELS, or the one TTS_ENGINE / MODEL_DIR names."""
+        from .models import ModelSpec, parse_models
+
+        if self.models:
+            return parse_models(self.models)
+        from .engines.registry import FAMILIES
+
+        family = FAMILIES[self.tts_engine]
+        return [ModelSpec(self.model_name or family.default_model_name, engine=family.name,
+                          dir=self.model_dir if family.needs_checkpoint else None, default=True)]
+
     @property
     def batch_capacity(self) -> int:
-        """Requests the inference thread may run at once (the batch) without starving anything.
+        """Requests each model's inference thread may run at once (its batch) without starving anything.
 
         Every queued or running request and every open WebSocket holds a request thread, so the
-        threads left after the queue, the WebSockets and THREAD_RESERVE (health checks, metrics,
-        voices, and the 503s that shed load) are all a batch may use. With that, a request beyond
-        queue + batch always finds a thread that answers 503 at once, and /healthz never waits
-        behind synthesis in gunicorn's backlog.
+        threads left after each model's queue, the WebSockets and THREAD_RESERVE (health checks,
+        metrics, voices, and the 503s that shed load) are all the batches may use, shared equally
+        by the models. With that, a request beyond queue + batch always finds a thread that answers
+        503 at once, and /healthz never waits behind synthesis in gunicorn's backlog.
         """
-        return self.gunicorn_threads - self.queue_size - self.ws_connection_limit - THREAD_RESERVE
+        n = len(self.model_specs)
+        return (self.gunicorn_threads - n * self.queue_size - self.ws_connection_limit - THREAD_RESERVE) // n
 
     def _thread_budget(self) -> str:
-        return (f"GUNICORN_THREADS={self.gunicorn_threads} - QUEUE_SIZE={self.queue_size} - "
-                f"WS_MAX_CONNECTIONS={self.ws_connection_limit} - {THREAD_RESERVE} kept for health checks")
+        n = len(self.model_specs)
+        queues = f"{n} x QUEUE_SIZE={self.queue_size}" if n > 1 else f"QUEUE_SIZE={self.queue_size}"
+        per = f", shared by {n} models" if n > 1 else ""
+        return (f"GUNICORN_THREADS={self.gunicorn_threads} - {queues} - "
+                f"WS_MAX_CONNECTIONS={self.ws_connection_limit} - {THREAD_RESERVE} kept for health checks{per}")
 
     def _threads_for(self, batch: int) -> int:
         """The fewest GUNICORN_THREADS that leave `batch` for synthesis (auto WebSockets grow with them)."""
@@ -136,18 +145,24 @@ class Settings(BaseSettings):
 
     def check(self) -> None:
         """Cross-field checks that must stop a production worker at start, not at first request."""
-        if self.tts_engine == "voxcpm" and self.model_dir is None:
+        if self.tts_engine == "voxcpm" and self.model_dir is None and not self.models:
             raise ValueError("TTS_ENGINE=voxcpm needs MODEL_DIR (a VoxCPM-1.5 checkpoint directory); "
                              "set MODEL_URI so bootstrap pulls one, or set TTS_ENGINE=embedded")
+        from .engines.registry import family_for
+
+        for spec in self.model_specs:  # unknown engines, checkpoints of unknown families: refused now
+            family_for(spec)
         if self.batch_capacity < 1:
             raise ValueError(f"{self._thread_budget()} leaves {self.batch_capacity} threads for synthesis; raise "
                              f"GUNICORN_THREADS to at least {self._threads_for(1)} or lower QUEUE_SIZE / "
                              "WS_MAX_CONNECTIONS")
-        batch = self.tts_max_batch.strip().lower()
-        if batch not in ("", "auto") and int(batch) > self.batch_capacity:
-            raise ValueError(f"TTS_MAX_BATCH={batch} is more than the {self.batch_capacity} requests the threads "
-                             f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
-                             f"{self._threads_for(int(batch))} or lower TTS_MAX_BATCH")
+        for spec in self.model_specs:
+            batch = spec.max_batch(self).strip().lower()
+            if batch not in ("", "auto") and int(batch) > self.batch_capacity:
+                what = f"max_batch {batch} of model '{spec.name}'" if spec.batch else f"TTS_MAX_BATCH={batch}"
+                raise ValueError(f"{what} is more than the {self.batch_capacity} requests the threads "
+                                 f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
+                                 f"{self._threads_for(int(batch))} or lower it")
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 
@@ -166,4 +181,16 @@ def load_settings() -> Settings:
         raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment (see .env.example)") from None
     except ValueError as e:
         raise SystemExit(f"voxbox: invalid settings: {e}") from None
+    from .engines.registry import family_for
+    from .engines.voxcpm.settings import VoxCPMSettings
+
+    try:  # a family's own settings (VOXCPM_*) are checked at start too, even before its model loads
+        for spec in settings.model_specs:
+            if family_for(spec).name == "voxcpm":
+                VoxCPMSettings(**spec.settings)
+    except ValidationError as e:
+        bad = "; ".join(f"VOXCPM_{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
+                        for err in e.errors())
+        raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment or the MODELS entry "
+                         "(see .env.example)") from None
     return settings

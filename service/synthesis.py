@@ -1,4 +1,5 @@
 """The service layer between HTTP and the scheduler: validate text and voice, queue a job, shape its audio."""
+
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import text as textmod
-from .api.errors import ApiError
+from .errors import ErrorKind, ServiceError
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
@@ -55,56 +56,104 @@ class SynthesisService:
         voice = self.voices.get(name)
         if voice is not None:
             if not self.engine.info().supports_cloning:
-                raise ApiError(400, "voice_not_supported", f"voice '{name}' is a cloned voice, and the "
-                               f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}")
+                raise ServiceError(
+                    ErrorKind.INVALID,
+                    "voice_not_supported",
+                    f"voice '{name}' is a cloned voice, and the "
+                    f"{self.engine.name} engine cannot clone; use a preset: {', '.join(presets)}",
+                )
+            if voice.family != self.engine.name:
+                raise ServiceError(
+                    ErrorKind.INVALID,
+                    "voice_model_mismatch",
+                    f"voice '{name}' was made for {voice.family} models, and "
+                    f"this model is {self.engine.name}; use it with a {voice.family} model "
+                    f"(GET /v1/models), or upload the clip again for this one (POST /v1/voices with "
+                    "field 'model')",
+                )
             return default, voice.prompt()
         if is_voice_id(name):  # well-formed: a voice that was deleted, or never uploaded here
-            raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{name}' (GET /v1/voices lists "
-                           "them); upload one with POST /v1/voices or use a preset")
-        raise ApiError(400, "unknown_voice", f"unknown voice '{name}'; use a preset "
-                       f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'")
+            raise ServiceError(
+                ErrorKind.NOT_FOUND,
+                "voice_not_found",
+                f"no uploaded voice with id '{name}' (GET /v1/voices lists "
+                "them); upload one with POST /v1/voices or use a preset",
+            )
+        raise ServiceError(
+            ErrorKind.INVALID,
+            "unknown_voice",
+            f"unknown voice '{name}'; use a preset "
+            f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'",
+        )
 
     def check_rate(self, rate: Optional[int]) -> int:
         rate = self.settings.default_sample_rate if rate is None else rate
         if rate not in self.settings.sample_rates:
-            raise ApiError(400, "unsupported_sample_rate", f"sample_rate {rate} is not supported; use one of "
-                           f"{', '.join(map(str, self.settings.sample_rates))}")
+            raise ServiceError(
+                ErrorKind.INVALID,
+                "unsupported_sample_rate",
+                f"sample_rate {rate} is not supported; use one of {', '.join(map(str, self.settings.sample_rates))}",
+            )
         return rate
 
     def prepare_text(self, raw: str, lang: str) -> list[str]:
         if len(raw) > self.settings.max_text_chars:
-            raise ApiError(413, "text_too_long", f"text has {len(raw)} characters; the limit is "
-                           f"{self.settings.max_text_chars} (MAX_TEXT_CHARS). Split it into several requests")
+            raise ServiceError(
+                ErrorKind.TOO_LARGE,
+                "text_too_long",
+                f"text has {len(raw)} characters; the limit is "
+                f"{self.settings.max_text_chars} (MAX_TEXT_CHARS). Split it into several requests",
+            )
         try:
             text = textmod.normalize(raw)
         except textmod.TextError as e:
-            raise ApiError(400, "invalid_text", str(e)) from None
+            raise ServiceError(ErrorKind.INVALID, "invalid_text", str(e)) from None
         langs = self.engine.info().languages
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
         if wanted not in langs:  # before the speakable check: "Chinese is not spoken here" says more
             way_out = (" For Chinese, deploy the VoxCPM engine: TTS_ENGINE=voxcpm with MODEL_URI naming its "
-                       "weights (README: \"Deploy on a GPU instance\")" if wanted == "zh" else "")
-            raise ApiError(400, "unsupported_language", f"the {self.engine.name} engine speaks "
-                           f"{', '.join(langs)} only; this text needs '{wanted}'.{way_out}")
+                       "weights, or a VoxCPM model in MODELS (README: \"Deploy on a GPU instance\")"
+                       if wanted == "zh" else "")
+            raise ServiceError(
+                ErrorKind.INVALID,
+                "unsupported_language",
+                f"the {self.engine.name} engine speaks {', '.join(langs)} only; this text needs '{wanted}'.{way_out}",
+            )
         if not textmod.has_speakable(text, langs):
             raise _nothing_to_say(langs)
         return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars))
 
     # -- execution ---------------------------------------------------------------------------
-    def submit(self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool,
-               endpoint: str) -> Prepared:
+    def start(self, text: str, lang: str, voice: str, params: SynthesisParams, rate: Optional[int], stream: bool,
+              endpoint: str) -> Prepared:
+        """The one way a request becomes a queued job, for every endpoint: output rate, text, voice, queue."""
+        rate = self.check_rate(rate)
+        return self.submit(self.prepare_text(text, lang), voice, params, rate, stream, endpoint)
+
+    def submit(
+        self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str
+    ) -> Prepared:
         received = time.monotonic()
         preset, prompt = self.resolve_voice(voice)
-        job = Job(sentences=sentences, preset=preset, prompt=prompt, params=params, stream=stream,
-                  timeout_s=self.settings.request_timeout_s, endpoint=endpoint)
+        job = Job(
+            sentences=sentences,
+            preset=preset,
+            prompt=prompt,
+            params=params,
+            stream=stream,
+            timeout_s=self.settings.request_timeout_s,
+            endpoint=endpoint,
+        )
         try:
             self.scheduler.submit(job)
         except Overloaded as e:
-            raise ApiError(503, "overloaded", str(e), retry_after=e.retry_after) from None
+            raise ServiceError(ErrorKind.OVERLOADED, "overloaded", str(e), retry_after=e.retry_after) from None
         except ShuttingDown as e:
             raise shutting_down(str(e), self.settings.retry_after_s) from None
         except NotReady as e:
-            raise ApiError(503, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s) from None
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s
+            ) from None
         return Prepared(job, rate, received)
 
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
@@ -137,7 +186,7 @@ class SynthesisService:
             if first and tail.size == 0:  # the engine made no audio at all: say so, not a 200 with none
                 raise _nothing_to_say()
             yield (encoder.header() if first else b"") + encoder.push(tail) + encoder.close()
-        except ApiError as e:
+        except ServiceError as e:
             if first or e.code != "client_closed_request":
                 raise
             log.info("stream stopped: the client disconnected")
@@ -148,24 +197,37 @@ class SynthesisService:
         try:
             yield from prep.job.results(client_gone)
         except DeadlineExceeded as e:
-            raise ApiError(504, "deadline_exceeded", f"{e}; send shorter text or raise REQUEST_TIMEOUT_S") from None
+            raise ServiceError(
+                ErrorKind.DEADLINE, "deadline_exceeded", f"{e}; send shorter text or raise REQUEST_TIMEOUT_S"
+            ) from None
         except Cancelled:
-            raise ApiError(499, "client_closed_request", "the client disconnected") from None
+            raise ServiceError(ErrorKind.CLIENT_GONE, "client_closed_request", "the client disconnected") from None
         except NotReady as e:
-            raise ApiError(503, "not_ready", str(e), retry_after=self.settings.retry_after_s) from None
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE, "not_ready", str(e), retry_after=self.settings.retry_after_s
+            ) from None
         except NothingToSay as e:
-            raise ApiError(400, "nothing_to_say", str(e)) from None
+            raise ServiceError(ErrorKind.INVALID, "nothing_to_say", str(e)) from None
         except Exception as e:
-            raise ApiError(500, "synthesis_failed", f"synthesis failed: {e}") from e
+            raise ServiceError(ErrorKind.FAILED, "synthesis_failed", f"synthesis failed: {e}") from e
 
 
-def shutting_down(what: str, retry_after: int) -> ApiError:
-    return ApiError(503, "shutting_down", f"{what} (a restart or rollout); retry, and its replacement or "
-                    "another replica will answer", retry_after=retry_after)
+def shutting_down(what: str, retry_after: int) -> ServiceError:
+    return ServiceError(
+        ErrorKind.UNAVAILABLE,
+        "shutting_down",
+        f"{what} (a restart or rollout); retry, and its replacement or another replica will answer",
+        retry_after=retry_after,
+    )
 
 
-def _nothing_to_say(languages: tuple[str, ...] = ()) -> ApiError:
+def _nothing_to_say(languages: tuple[str, ...] = ()) -> ServiceError:
     scripts = {"en": "Latin letters or digits", "zh": "Chinese characters"}
     readable = " or ".join(scripts[lang] for lang in languages if lang in scripts)
-    return ApiError(400, "nothing_to_say", "the text has nothing speakable (only punctuation or symbols"
-                    + (f", or no {readable}" if readable else "") + "); send words")
+    return ServiceError(
+        ErrorKind.INVALID,
+        "nothing_to_say",
+        "the text has nothing speakable (only punctuation or symbols"
+        + (f", or no {readable}" if readable else "")
+        + "); send words",
+    )

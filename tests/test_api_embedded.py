@@ -44,8 +44,10 @@ def test_healthz_readyz_info(worker):
     assert all(startup[k] >= 0 for k in ("load_s", "warmup_s", "batch_alloc_s")) and startup["warmup_s"] > 0
     gauges = {line.split()[0]: float(line.split()[1]) for line in requests.get(f"{worker.url}/metrics").text
               .splitlines() if line.startswith("voxbox_startup_seconds{")}
-    assert gauges['voxbox_startup_seconds{phase="load"}'] == pytest.approx(startup["load_s"], abs=1e-3)
-    assert set(gauges) == {f'voxbox_startup_seconds{{phase="{p}"}}' for p in ("load", "warmup", "batch_alloc")}
+    assert gauges['voxbox_startup_seconds{model="embedded",phase="load"}'] == pytest.approx(startup["load_s"],
+                                                                                          abs=1e-3)
+    assert set(gauges) == {f'voxbox_startup_seconds{{model="embedded",phase="{p}"}}'
+                           for p in ("load", "warmup", "batch_alloc")}
 
 
 def test_tts_seed_contract(worker):

@@ -108,7 +108,7 @@ def test_speech_events_end_with_an_error_event_when_synthesis_fails_mid_stream()
         yield encoder.push(np.zeros(4410, np.float32))
         raise ApiError(504, "deadline_exceeded", "the request took longer than 30 s")
 
-    events = [json.loads(e.removeprefix("data: ")) for e in _events(chunks(), encoder, 5)]
+    events = [json.loads(e.removeprefix("data: ")) for e in _events(chunks(), encoder, 5, 6.25)]
     assert [e["type"] for e in events] == ["speech.audio.delta", "error"]
     assert events[1]["error"] == {"code": "deadline_exceeded", "message": "the request took longer than 30 s"}
     assert encoder.seconds == 0.1

@@ -260,7 +260,7 @@ def test_readyz_of_a_worker_started_by_the_entrypoint_shows_where_start_up_time_
     assert all(startup[k] >= 0 for k in ("load_s", "warmup_s", "batch_alloc_s")) and startup["warmup_s"] > 0
     # The worker began loading after the pull had finished (the entrypoint execs it then).
     assert startup["started_at"] >= boot["started_at"] + boot["timings"]["total_s"]
-    assert 'voxbox_startup_seconds{phase="warmup"}' in metrics
+    assert 'voxbox_startup_seconds{model="voxcpm-1.5",phase="warmup"}' in metrics
 
 
 def test_entrypoint_pulls_then_execs_gunicorn_with_model_dir_and_the_version_lock(s3_server, published, tmp_path):
@@ -313,3 +313,48 @@ def test_publish_can_create_the_bucket_of_a_fresh_store(s3_server, tmp_path):
     assert "created bucket" in r.stderr
     r = run_bootstrap(s3_server.env(), "publish", str(local), f"s3://{bucket}/m/", "--create-bucket")
     assert r.returncode == 0 and "created bucket" not in r.stderr, r.stderr  # existing: left alone
+
+
+def test_entrypoint_pulls_every_model_of_MODELS_into_its_own_folder(s3_server, published, tmp_path):
+    """MODELS entries with a uri are pulled like MODEL_URI, each into MODELS_DIR/models/<name>, and the
+    worker gets them as `dir` with each version's in-use lock held; other entries pass unchanged."""
+    uri, local = published
+    bucket = uri.split("/")[2]
+    other = make_model(tmp_path / "other-src", big_mb=6, seed=7)
+    uri2 = f"s3://{bucket}/other/v1/"
+    r = run_bootstrap(s3_server.env(), "publish", str(other), uri2, "--name", "other", "--version", "v1")
+    assert r.returncode == 0, r.stderr
+    models = tmp_path / "m"
+    fake = tmp_path / "bin" / "gunicorn"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{PYTHON}
+import fcntl, json, os
+from pathlib import Path
+entries = json.loads(os.environ["MODELS"])
+held = {{}}
+for e in entries:
+    if "dir" in e:
+        d = Path(e["dir"])
+        fd = os.open(d.parent.parent / ".voxbox" / "locks" / (d.name + ".inuse"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held[e["name"]] = False
+        except BlockingIOError:
+            held[e["name"]] = True
+print(json.dumps({{"models": entries, "held": held}}))
+""")
+    fake.chmod(0o755)
+    spec = [{"name": "first", "uri": uri, "default": True}, {"name": "second", "uri": uri2},
+            {"name": "fast", "engine": "embedded"}]
+    env = bootstrap_env(s3_server, models, "", PATH=f"{fake.parent}:{os.environ['PATH']}", MODELS=json.dumps(spec))
+    r = run_bootstrap(env, timeout=180)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    first, second, fast = out["models"]
+    assert "uri" not in first and Path(first["dir"]) == (models / "models" / "first" / "current").resolve()
+    assert Path(second["dir"]) == (models / "models" / "second" / "current").resolve()
+    assert files_of(Path(first["dir"])) == files_of(local) and files_of(Path(second["dir"])) == files_of(other)
+    assert fast == {"name": "fast", "engine": "embedded"} and first["default"] is True
+    assert out["held"] == {"first": True, "second": True}
+    bad = run_bootstrap({**env, "MODELS": json.dumps([{"name": "x", "uri": uri, "dir": "/m"}])}, timeout=60)
+    assert bad.returncode == 1 and "has both uri and dir" in bad.stderr

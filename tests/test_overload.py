@@ -98,7 +98,7 @@ def test_twice_the_capacity_is_shed_at_once_and_health_never_waits(stack):
     slowest_probe = max(probes, key=lambda p: p[2])
     assert slowest_probe[2] < FAST, f"{slowest_probe[0]} took {slowest_probe[2] * 1000:.0f} ms under load"
     metrics = requests.get(f"{worker.url}/metrics", timeout=5).text
-    assert f"voxbox_rejected_total {float(len(shed))}" in metrics
+    assert f'voxbox_rejected_total{{model="embedded"}} {float(len(shed))}' in metrics
     # Memory: flat from the first half of the run to the second (no per-request growth).
     half = len(rss) // 2
     assert max(rss[half:]) - max(rss[:half]) < 16 * 2**20, (max(rss[:half]), max(rss[half:]))

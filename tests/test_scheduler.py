@@ -25,7 +25,7 @@ def make_scheduler(engine):
     made = []
 
     def make(queue_size=2, warmup=False):
-        s = Scheduler(engine, Metrics(), queue_size=queue_size, retry_after_s=3, warmup=warmup)
+        s = Scheduler(engine, Metrics().for_model("test"), queue_size=queue_size, retry_after_s=3, warmup=warmup)
         s.engine.load = lambda: None  # the module fixture loaded it once already
         s.start()
         deadline = time.monotonic() + 10
@@ -48,7 +48,7 @@ def occupy(s):
 
 
 def sample(s, name, labels=None):
-    return s.metrics.registry.get_sample_value(name, labels or {})
+    return s.metrics.registry.get_sample_value(name, {"model": s.metrics.model, **(labels or {})})
 
 
 def job(sentences, timeout=60.0, stream=True):
@@ -57,7 +57,7 @@ def job(sentences, timeout=60.0, stream=True):
 
 
 def test_submit_before_ready_is_refused(engine):
-    s = Scheduler(engine, Metrics(), queue_size=2, retry_after_s=3)
+    s = Scheduler(engine, Metrics().for_model("test"), queue_size=2, retry_after_s=3)
     with pytest.raises(NotReady, match="phase: starting"):
         s.submit(job(["hi."]))
 

@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 from flask import request
 from pydantic import BaseModel, ValidationError
 
+from ..engines import SynthesisParams
 from .errors import ApiError, describe_validation_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -57,3 +58,9 @@ def client_gone_probe() -> Callable[[], bool]:
             return True
 
     return gone
+
+
+def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
+    """The generation knobs of any synthesis request body (schemas.VoxCPMKnobs)."""
+    return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
+                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)

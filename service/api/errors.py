@@ -1,4 +1,5 @@
 """JSON errors: every failure answers {"error": {"code", "message"}} with a status that says whose fault it is."""
+
 from __future__ import annotations
 
 import logging
@@ -8,12 +9,30 @@ from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from ..errors import ErrorKind, ServiceError
+
 log = logging.getLogger(__name__)
+
+# The one place a service error's kind becomes an HTTP status (WebSockets send the code instead).
+STATUS = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.OVERLOADED: 503,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.DEADLINE: 504,
+    ErrorKind.CLIENT_GONE: 499,
+    ErrorKind.FAILED: 500,
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: Optional[int] = None,
-                 headers: Optional[dict] = None):
+    """A refusal at the HTTP edge itself (handshakes, bodies, routes); the service layer raises ServiceError."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: Optional[int] = None, headers: Optional[dict] = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
         self.headers = headers or {}
@@ -55,21 +74,36 @@ def install(app: Flask) -> None:
         resp.headers.update(e.headers)
         return resp
 
+    @app.errorhandler(ServiceError)
+    def _service_error(e: ServiceError):
+        if e.kind is ErrorKind.FAILED:
+            log.error("%s: %s", e.code, e.message)
+        return error_response(STATUS[e.kind], e.code, e.message, e.retry_after)
+
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         status = e.code or 500
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                415: "unsupported_media_type"}.get(status, "http_error")
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }.get(status, "http_error")
         message = e.description or e.name
         if isinstance(e, MethodNotAllowed) and e.valid_methods:
             allowed = sorted(set(e.valid_methods) - {"HEAD", "OPTIONS"}) or sorted(e.valid_methods)
             message = f"{request.method} is not allowed on {request.path}; use {' or '.join(allowed)}"
         elif isinstance(e, RequestEntityTooLarge):
             limit = request.max_content_length
-            message = (f"the request body has {request.content_length or 'more than ' + str(limit)} bytes; "
-                       f"{request.path} takes at most {limit}" + (
-                           " (VOICE_MAX_BYTES plus form overhead)" if request.path.startswith("/v1/voices")
-                           else " (JSON requests; text is limited by MAX_TEXT_CHARS)"))
+            message = (
+                f"the request body has {request.content_length or 'more than ' + str(limit)} bytes; "
+                f"{request.path} takes at most {limit}"
+                + (
+                    " (VOICE_MAX_BYTES plus form overhead)"
+                    if request.path.startswith("/v1/voices")
+                    else " (JSON requests; text is limited by MAX_TEXT_CHARS)"
+                )
+            )
         resp = error_response(status, code, message)
         for name, value in e.get_headers():  # e.g. a 405's Allow
             if name.lower() != "content-type":
@@ -79,5 +113,8 @@ def install(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "the worker failed on this request; it is logged "
-                              "with its request id, and the worker keeps serving")
+        return error_response(
+            500,
+            "internal_error",
+            "the worker failed on this request; it is logged with its request id, and the worker keeps serving",
+        )

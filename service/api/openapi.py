@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from .. import text as textmod
 from ..encode import FORMATS, STREAMABLE
+from ..models import OPENAI_MODEL_NAMES
 from ..synthesis import OPENAI_VOICES
 from ..voices import VOICE_ID_PATTERN
 from .schemas import (Error, Health, Readiness, SpeechAudioDelta, SpeechAudioDone, SpeechError, SpeechRequest,
@@ -132,13 +133,19 @@ def _synthesis_errors() -> dict:
     }
 
 
-def build_openapi(version: str, settings, engine) -> dict:
+def build_openapi(version: str, settings, engine, model_names: list[str]) -> dict:
+    """The document for this worker; text, voices and languages are the default model's (`engine`)."""
     info = engine.info()
     presets = list(engine.presets())
     requests_ = {
         "TTSRequest": _request_schema(TTSRequest, settings, info.languages, presets, "text", "style"),
         "SpeechRequest": _request_schema(SpeechRequest, settings, info.languages, presets, "input", "voice"),
     }
+    for schema in requests_.values():  # the models this worker serves, by name, and OpenAI's aliases
+        schema["properties"]["model"] = {
+            "description": f"A served model (GET /v1/models); none, or OpenAI's {', '.join(OPENAI_MODEL_NAMES)}, "
+                           f"means the default one, {model_names[0]}",
+            "anyOf": [{"type": "string", "enum": [*model_names, *OPENAI_MODEL_NAMES]}, {"type": "null"}]}
     components = {name: m.model_json_schema(ref_template=_REF) for name, m in (
         ("TTSResponse", TTSResponse), ("Voice", Voice), ("VoiceList", VoiceList), ("VoiceDeleted", VoiceDeleted),
         ("Error", Error), ("Health", Health), ("Readiness", Readiness), ("SpeechAudioDelta", SpeechAudioDelta),
@@ -196,6 +203,12 @@ def build_openapi(version: str, settings, engine) -> dict:
                               "400": _error("A handshake without Sec-WebSocket-Key"),
                               "426": _error("Not a WebSocket handshake"), **_GATEWAY,
                               "503": _error("Too many WebSockets open, or shutting down", retry_after=True)}}},
+            "/v1/models": {"get": {
+                "summary": "The models this worker serves (OpenAI's list format, with family, phase, sample "
+                           "rate, languages and whether it clones)",
+                "responses": {"200": _json({"type": "object", "required": ["object", "data"], "properties": {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
+                    "Models"), **_GATEWAY}}},
             "/v1/voices": {
                 "get": {"summary": "Presets and uploaded voices",
                         "responses": {"200": _json(_ref("VoiceList"), "Voices"), **_GATEWAY}},

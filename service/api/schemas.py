@@ -32,6 +32,7 @@ class VoxCPMKnobs(_Strict):
 
 class TTSRequest(VoxCPMKnobs):
     """The seed contract: text in, base64 WAV out."""
+    model: Optional[StrictStr] = Field(None, description="A served model (GET /v1/models); default: the default one")
     text: StrictStr = Field(..., description="Text to speak")
     lang: Literal["auto", "en", "zh"] = Field("auto", description="Language of the text; auto detects Chinese")
     style: StrictStr = Field("default", description="Voice: a preset name (GET /v1/voices) or an uploaded voice id")
@@ -40,7 +41,8 @@ class TTSRequest(VoxCPMKnobs):
 
 class SpeechRequest(VoxCPMKnobs):
     """OpenAI-compatible /v1/audio/speech."""
-    model: StrictStr = Field("voxcpm-1.5", description="Accepted for compatibility: tts-1, tts-1-hd, voxcpm-1.5")
+    model: Optional[StrictStr] = Field(None, description="A served model (GET /v1/models); tts-1, tts-1-hd and "
+                                                         "gpt-4o-mini-tts mean the default one")
     input: StrictStr = Field(..., description="Text to speak")
     voice: StrictStr = Field("default", description="Preset name, uploaded voice id, or an OpenAI voice name")
     response_format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "mp3"
@@ -69,6 +71,7 @@ class Voice(BaseModel):
     duration: float
     sample_rate: int
     created_at: float
+    family: str = Field(..., description="The model family it was made for; models of other families refuse it")
 
 
 class VoiceEntry(BaseModel):
@@ -82,6 +85,7 @@ class VoiceEntry(BaseModel):
     duration: Optional[float] = None
     sample_rate: Optional[int] = None
     created_at: Optional[float] = None
+    family: Optional[str] = None
 
 
 class VoiceList(BaseModel):
@@ -125,7 +129,7 @@ class SpeechAudioDelta(BaseModel):
 
 class SpeechUsage(BaseModel):
     input_tokens: int = Field(..., description="Characters of input")
-    output_tokens: int = Field(..., description="Audio tokens at 6.25 per second")
+    output_tokens: int = Field(..., description="Audio tokens of the model (6.25 per second for VoxCPM)")
     total_tokens: int
 
 

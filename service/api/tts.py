@@ -11,34 +11,26 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
 from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
-from ..engines import SynthesisParams
-from .common import client_gone_probe, parse_json
+from .common import client_gone_probe, parse_json, synthesis_params
+from ..errors import ServiceError
 from .errors import ApiError
+from .models import model_or_400
 from .schemas import SpeechRequest, TTSRequest
 
 bp = Blueprint("tts", __name__)
 log = logging.getLogger(__name__)
 
-# VoxCPM-1.5 makes 6.25 audio tokens per second; SSE usage counts output in those for every engine.
-AUDIO_TOKENS_PER_SECOND = 6.25
-
-
-def _service():
-    return current_app.extensions["voxbox"].synthesis
-
-
-def _params(req, speed: float = 1.0) -> SynthesisParams:
-    return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
-                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)
+def _service(model: str | None):
+    """The service layer of the model the request names (the default one when it names none)."""
+    return model_or_400(current_app.extensions["voxbox"], model).synthesis
 
 
 @bp.post("/tts")
 def tts():
     req = parse_json(TTSRequest)
-    svc = _service()
-    rate = svc.check_rate(req.sample_rate)
-    sentences = svc.prepare_text(req.text, req.lang)
-    prep = svc.submit(sentences, req.style, _params(req), rate, stream=False, endpoint="tts")
+    svc = _service(req.model)
+    prep = svc.start(req.text, req.lang, req.style, synthesis_params(req), req.sample_rate, stream=False,
+                     endpoint="tts")
     result = svc.collect(prep, client_gone_probe())
     return jsonify({
         "audio_base64": base64.b64encode(encode(result.audio, result.sample_rate, "wav")).decode("ascii"),
@@ -51,16 +43,16 @@ def tts():
 @bp.post("/v1/audio/speech")
 def speech():
     req = parse_json(SpeechRequest)
-    svc = _service()
-    rate = svc.check_rate(req.sample_rate)
+    svc = _service(req.model)
     sse = req.stream_format == "sse"
     if (req.stream or sse) and req.response_format not in STREAMABLE:
         how = "sent as server-sent events" if sse else "streamed"
         raise ApiError(400, "format_not_streamable", f"response_format '{req.response_format}' cannot be {how}; "
                        f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
-    sentences = svc.prepare_text(req.input, req.lang)
     stream = req.stream or sse
-    prep = svc.submit(sentences, req.voice, _params(req, req.speed), rate, stream=stream, endpoint="speech")
+    prep = svc.start(req.input, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
+                     stream=stream, endpoint="speech")
+    rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:
         encoder = StreamEncoder(req.response_format, svc.engine.sample_rate, rate)
@@ -72,7 +64,8 @@ def speech():
         first = next(chunks)  # errors before the first audio become JSON errors, not a broken 200
         chunks = itertools.chain([first], chunks)
         if sse:
-            return Response(stream_with_context(_events(chunks, encoder, len(req.input))), status=200,
+            token_rate = svc.engine.info().token_rate
+            return Response(stream_with_context(_events(chunks, encoder, len(req.input), token_rate)), status=200,
                             content_type="text/event-stream", headers=headers)
         return Response(stream_with_context(chunks), status=200, content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())
@@ -85,9 +78,9 @@ def speech():
     return Response(body, status=200, content_type=fmt.content_type, headers=headers)
 
 
-def _events(chunks: Iterator[bytes], encoder: StreamEncoder, input_chars: int) -> Iterator[str]:
+def _events(chunks: Iterator[bytes], encoder: StreamEncoder, input_chars: int, token_rate: float) -> Iterator[str]:
     """OpenAI's speech SSE: speech.audio.delta events with base64 pieces of one audio stream, then
-    speech.audio.done with usage (input in characters, output in audio tokens at 6.25 per second).
+    speech.audio.done with usage (input in characters, output in the model's audio tokens).
 
     A failure after the first event cannot change the status any more, so it becomes an `error`
     event the client can show, instead of a stream that just stops.
@@ -99,10 +92,10 @@ def _events(chunks: Iterator[bytes], encoder: StreamEncoder, input_chars: int) -
         for data in chunks:
             if data:
                 yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
-    except ApiError as e:
+    except (ApiError, ServiceError) as e:
         log.warning("speech SSE stopped: %s", e.message)
         yield event({"type": "error", "error": {"code": e.code, "message": e.message}})
         return
-    output = math.ceil(encoder.seconds * AUDIO_TOKENS_PER_SECOND)
+    output = math.ceil(encoder.seconds * token_rate)
     yield event({"type": "speech.audio.done", "usage": {"input_tokens": input_chars, "output_tokens": output,
                                                          "total_tokens": input_chars + output}})

@@ -5,8 +5,8 @@ import soundfile as sf
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..encode import encode
-from ..voices import VoiceError
 from .errors import ApiError
+from .models import model_or_400
 
 bp = Blueprint("voices", __name__)
 
@@ -21,26 +21,31 @@ def list_voices():
     presets = [{"id": p.name, "name": p.name, "type": "preset", "description": p.description,
                 "languages": list(p.languages)} for p in ctx.engine.presets().values()]
     uploaded = [{**v.public(), "type": "uploaded"} for v in ctx.voices.list()]
-    return jsonify({"voices": presets + uploaded, "supports_cloning": ctx.engine.info().supports_cloning})
+    return jsonify({"voices": presets + uploaded,
+                    "supports_cloning": any(rt.engine.info().supports_cloning for rt in ctx.models)})
 
 
 @bp.post("/v1/voices")
 def create_voice():
+    """Field 'model' (optional, default: the default model) says which model the voice is for: it is
+    stored at the rate that model's family encodes at, and only models of that family accept it."""
     ctx = _ctx()
-    engine = ctx.engine.info()
+    model = model_or_400(ctx, request.form.get("model"))
+    engine = model.engine.info()
     if not engine.supports_cloning:  # it would be stored, listed, and refused at every use
-        raise ApiError(400, "cloning_not_supported", f"the {engine.name} engine cannot clone voices, so an uploaded "
-                       "clip could never be used; deploy the VoxCPM engine (TTS_ENGINE=voxcpm) to upload voices, "
-                       f"or pick a preset: {', '.join(ctx.engine.presets())}")
+        cloners = [rt.name for rt in ctx.models if rt.engine.info().supports_cloning]
+        where = (f"name a model that can (field 'model': {', '.join(cloners)})" if cloners else
+                 "deploy the VoxCPM engine (TTS_ENGINE=voxcpm) to upload voices")
+        raise ApiError(400, "cloning_not_supported", f"the {engine.name} engine (model '{model.name}') cannot clone "
+                       f"voices, so an uploaded clip could never be used; {where}, "
+                       f"or pick a preset: {', '.join(model.engine.presets())}")
     upload = request.files.get("file") or request.files.get("audio")
     if upload is None:
         raise ApiError(400, "missing_file", "send the reference clip as multipart field 'file' "
                        "(with fields 'name' and 'text', its transcript)")
     data = upload.read(ctx.settings.voice_max_bytes + 1)
-    try:
-        voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data)
-    except VoiceError as e:
-        raise ApiError(e.status, e.code, str(e)) from None
+    voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data,
+                              family=engine.name, rate=engine.sample_rate)
     return jsonify(voice.public()), 201
 
 
@@ -69,5 +74,6 @@ def delete_voice(voice_id: str):
     ctx = _ctx()
     if not ctx.voices.delete(voice_id):
         raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}'")
-    ctx.engine.forget_voice(voice_id)
+    for rt in ctx.models:
+        rt.engine.forget_voice(voice_id)
     return jsonify({"id": voice_id, "deleted": True})

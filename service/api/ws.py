@@ -20,10 +20,11 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
-from ..engines import SynthesisParams
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, json_problem
+from .common import NESTED_TOO_DEEPLY, json_problem, synthesis_params
+from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
+from .models import model_or_400
 from .schemas import VoxCPMKnobs
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ _DRAIN_POLL_S = 0.5
 
 class StreamRequest(VoxCPMKnobs):
     type: Literal["synthesize"] = "synthesize"
+    model: Optional[StrictStr] = None
     text: StrictStr
     voice: StrictStr = "default"
     format: Literal["pcm16", "wav"] = "pcm16"
@@ -74,7 +76,7 @@ class _Connection:
         while True:
             raw = self.ws.receive(timeout=_DRAIN_POLL_S)
             if raw is None:  # nothing within the poll interval
-                if self.ctx.scheduler.draining:
+                if self.ctx.models.draining:
                     self.ws.close(1001, "the worker is shutting down; reconnect")
                     return
                 continue
@@ -88,7 +90,7 @@ class _Connection:
                 except ValidationError as e:
                     raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
                 self.synthesize(req)
-            except ApiError as e:
+            except (ApiError, ServiceError) as e:
                 _error(self.ws, e.code, e.message, e.retry_after)
             except ConnectionClosed:
                 raise
@@ -110,7 +112,7 @@ class _Connection:
             return False
         try:
             msg = _parse(raw)
-        except ApiError as e:
+        except (ApiError, ServiceError) as e:
             _error(self.ws, e.code, e.message)
             return False
         if msg.get("type") == "cancel":
@@ -121,13 +123,10 @@ class _Connection:
         return self.cancelled
 
     def synthesize(self, req: StreamRequest) -> None:
-        svc = self.ctx.synthesis
-        rate = svc.check_rate(req.sample_rate)
-        sentences = svc.prepare_text(req.text, req.lang)
-        params = SynthesisParams(speed=float(req.speed), cfg_value=req.cfg_value,
-                                 inference_timesteps=req.inference_timesteps, seed=req.seed,
-                                 normalize=req.normalize, max_len=req.max_len)
-        prep = svc.submit(sentences, req.voice, params, rate, stream=True, endpoint="websocket")
+        svc = model_or_400(self.ctx, req.model).synthesis
+        prep = svc.start(req.text, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
+                         stream=True, endpoint="websocket")
+        rate = prep.sample_rate
         encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
         self.cancelled = False
         chunks = svc.stream(prep, encoder, self.cancel_requested)
@@ -144,7 +143,7 @@ class _Connection:
                     break
                 self.ws.send(data)
                 sent += 1
-        except ApiError as e:
+        except (ApiError, ServiceError) as e:
             if e.code != "client_closed_request":
                 raise
         finally:
@@ -216,7 +215,7 @@ def register(app: Flask) -> None:
         if request.path != "/v1/stream" or isinstance(request.routing_exception, MethodNotAllowed):
             return  # other paths, and other methods than GET here (their 405 says which is allowed)
         _check_handshake()
-        if app.extensions["voxbox"].scheduler.draining:  # an open socket would hold the shutdown up
+        if app.extensions["voxbox"].models.draining:  # an open socket would hold the shutdown up
             raise shutting_down("this worker is shutting down and takes no new WebSockets", settings.retry_after_s)
         if not slots.take():
             raise ApiError(503, "too_many_streams", f"this worker already has {slots.limit} WebSockets open "

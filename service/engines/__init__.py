@@ -1,24 +1,20 @@
-"""Engine selection: TTS_ENGINE names exactly one; there is no silent fallback between engines."""
+"""Engines: one model on one device each. Which families exist and how each is built: registry.py."""
 from __future__ import annotations
 
-from ..settings import Settings
+from typing import TYPE_CHECKING
+
 from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
 
-__all__ = ["Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams", "VoicePrompt", "build_engine"]
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = ["Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams", "VoicePrompt",
+           "build_engine"]
 
 
-def build_engine(settings: Settings) -> Engine:
-    if settings.tts_engine == "voxcpm":
-        from .voxcpm.engine import VoxCPMEngine
+def build_engine(settings: "Settings") -> Engine:
+    """The default model's engine, built like the worker builds it (benchmarks, tools)."""
+    from .registry import family_for
 
-        return VoxCPMEngine(
-            model_dir=settings.model_dir, device=settings.tts_device, compile_mode=settings.tts_compile,
-            cfg_value=settings.voxcpm_cfg_value, inference_timesteps=settings.voxcpm_inference_timesteps,
-            max_len=settings.voxcpm_max_len, normalize=settings.voxcpm_normalize,
-            retry_badcase=settings.voxcpm_retry_badcase, max_chunk_chars=settings.max_chunk_chars,
-            fixed_tokens=settings.voxcpm_fixed_tokens, cuda_graphs=settings.voxcpm_cuda_graphs,
-            compile_step=settings.voxcpm_compile_step,
-            serial=settings.tts_max_batch.strip() == "1")
-    from .embedded import EmbeddedEngine
-
-    return EmbeddedEngine()
+    spec = next(s for s in settings.model_specs if s.default)
+    return family_for(spec).build(spec, settings)

@@ -50,6 +50,8 @@ class EngineInfo:
     sample_rate: int
     languages: tuple[str, ...]
     supports_cloning: bool
+    # Audio tokens per second of output: usage figures (OpenAI's output_tokens) count audio in them.
+    token_rate: float
     details: dict = field(default_factory=dict)
 
 

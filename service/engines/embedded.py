@@ -91,4 +91,7 @@ class EmbeddedEngine(Engine):
 
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model="piper:en_US-joe-medium", device="cpu",
-                          sample_rate=self.sample_rate, languages=("en",), supports_cloning=False)
+                          sample_rate=self.sample_rate, languages=("en",), supports_cloning=False,
+                          # Piper has no audio tokens: usage counts its audio at VoxCPM's 6.25 per second,
+                          # so figures compare across the models of one worker.
+                          token_rate=6.25)

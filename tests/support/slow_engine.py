@@ -80,7 +80,7 @@ class SlowEngine(Engine):
 
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model="timer", device="cpu", sample_rate=RATE, languages=("en",),
-                          supports_cloning=self.cloning)
+                          supports_cloning=self.cloning, token_rate=6.25)
 
     def batch_size(self, requested: str, cap: int) -> int:
         return min(cap, int(requested)) if requested.strip().isdigit() else cap

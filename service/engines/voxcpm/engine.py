@@ -48,7 +48,8 @@ class VoxCPMEngine(Engine):
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
                  normalize: bool = False, retry_badcase: bool = True, max_chunk_chars: int = 200,
-                 fixed_tokens: int = 0, cuda_graphs: bool = True, compile_step: bool = False, serial: bool = False):
+                 fixed_tokens: int = 0, cuda_graphs: bool = True, compile_step: bool = False, serial: bool = False,
+                 memory_share: float = 1.0):
         self.model_dir = Path(model_dir)
         self.requested_device = device
         self.compile_mode = compile_mode
@@ -58,6 +59,8 @@ class VoxCPMEngine(Engine):
         self.fixed_tokens = fixed_tokens
         self.cuda_graphs = cuda_graphs
         self.compile_step = compile_step
+        # This model's part of the GPU memory free when it loads (service/models.py: memory_share).
+        self.memory_share = memory_share
         # TTS_MAX_BATCH=1: the package's own loop serves every request (else the batched step does).
         self.serial = serial
         self.max_chunk_chars = max_chunk_chars
@@ -210,8 +213,10 @@ class VoxCPMEngine(Engine):
         from .batch import pick_max_batch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        size = pick_max_batch(free, self._model, cap=min(cap, 128), max_steps=self._max_steps)
-        log.info("voxcpm: batch size %d from %.1f GiB free GPU memory (thread budget %d)", size, free / 2**30, cap)
+        mine = int(free * self.memory_share)
+        size = pick_max_batch(mine, self._model, cap=min(cap, 128), max_steps=self._max_steps)
+        log.info("voxcpm: batch size %d from %.1f GiB of GPU memory (%.0f%% of the %.1f GiB free; thread budget %d)",
+                 size, mine / 2**30, self.memory_share * 100, free / 2**30, cap)
         return size
 
     @property
@@ -247,11 +252,17 @@ class VoxCPMEngine(Engine):
         """Every request can share a step with every other (each row has its own time grid)."""
         return None
 
+    def _samples_per_token(self) -> int:
+        m = self._model
+        return m.patch_size * m.chunk_size if m is not None else 4 * 1764  # VoxCPM-1.5's before the load
+
     def presets(self) -> dict[str, Preset]:
         return {"default": Preset("default", "The model's own voice (no prompt audio)", ("en", "zh"))}
 
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
                           sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
+                          token_rate=self.sample_rate / self._samples_per_token(),
                           details={**self.defaults, "cuda_graphs": self.cuda_graphs, "compile_step": self.compile_step,
+                                   "memory_share": round(self.memory_share, 4),
                                    **({"fixed_tokens": self.fixed_tokens} if self.fixed_tokens else {})})
