@@ -93,7 +93,10 @@ function button(label, onclick, title = "") {
 
 async function loadVoices(select) {
   const body = await (await api("v1/voices")).json();
-  const cloning = body.supports_cloning;
+  // The page speaks to the default model (/info's engine). A voice is stored for one model family and
+  // only that family's engines use it, and only if they clone at all.
+  const engine = state.info ? state.info.engine.name : null;
+  const usable = (v) => v.type === "preset" || (state.cloning && (!v.family || v.family === engine));
   const sel = $("voice");
   const keep = select || sel.value;
   sel.innerHTML = "";
@@ -101,18 +104,18 @@ async function loadVoices(select) {
   const mine = document.createElement("optgroup");
   // Voices stored under an engine that could clone stay listed (to preview or delete them), but one this
   // engine cannot use is never selectable: picking it could only end in an error.
-  mine.label = cloning ? "Uploaded" : "Uploaded (need the VoxCPM engine)";
+  mine.label = state.cloning ? "Uploaded" : "Uploaded (need the VoxCPM engine)";
   const list = $("voice-list");
   list.innerHTML = "";
   state.voices = new Map(body.voices.map((v) => [v.id, v]));
   for (const v of body.voices) {
     const opt = new Option(v.type === "preset" ? v.name : `${v.name} (${v.duration.toFixed(1)} s)`, v.id);
     if (v.type === "preset" && v.description) opt.title = v.description;
-    opt.disabled = v.type === "uploaded" && !cloning;
+    opt.disabled = !usable(v);
     (v.type === "preset" ? presets : mine).appendChild(opt);
     if (v.type === "uploaded") {
       const li = document.createElement("li");
-      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s${cloning ? "" : " (needs VoxCPM)"} `;
+      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s${usable(v) ? "" : ` (not usable by the ${engine} engine)`} `;
       li.append(button("▶ Play", () => preview(v.id), "The uploaded reference clip"), button("Delete", async () => {
         try { await api(`v1/voices/${encodeURIComponent(v.id)}`, { method: "DELETE" }); await loadVoices(); }
         catch (err) { showError(err.message); }
@@ -122,8 +125,7 @@ async function loadVoices(select) {
   }
   sel.appendChild(presets);
   if (mine.children.length) sel.appendChild(mine);
-  const usable = (id) => [...sel.options].some((o) => o.value === id && !o.disabled);
-  if (keep && usable(keep)) sel.value = keep;
+  if (keep && [...sel.options].some((o) => o.value === keep && !o.disabled)) sel.value = keep;
   else sel.value = presets.children.length ? presets.children[0].value : "";
   describeVoice();
 }
