@@ -111,10 +111,13 @@ class SynthesisService:
         langs = self.engine.info().languages
         wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
         if wanted not in langs:  # before the speakable check: "Chinese is not spoken here" says more
+            way_out = (" For Chinese, deploy the VoxCPM engine: TTS_ENGINE=voxcpm with MODEL_URI naming its "
+                       "weights, or a VoxCPM model in MODELS (README: \"Deploy on a GPU instance\")"
+                       if wanted == "zh" else "")
             raise ServiceError(
                 ErrorKind.INVALID,
                 "unsupported_language",
-                f"the {self.engine.name} engine speaks {', '.join(langs)} only; this text needs '{wanted}'",
+                f"the {self.engine.name} engine speaks {', '.join(langs)} only; this text needs '{wanted}'.{way_out}",
             )
         if not textmod.has_speakable(text, langs):
             raise _nothing_to_say(langs)

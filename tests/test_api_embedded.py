@@ -187,6 +187,11 @@ def test_bad_tts_input(worker, name, body, status, code):
     assert err["code"] == code and len(err["message"]) > 10
 
 
+def test_chinese_on_the_embedded_engine_says_how_to_get_chinese(worker):
+    msg = requests.post(f"{worker.url}/tts", json={"text": "你好世界"}).json()["error"]["message"]
+    assert "speaks en only" in msg and "TTS_ENGINE=voxcpm" in msg and "MODEL_URI" in msg, msg
+
+
 def test_bad_rate_lists_allowed(worker):
     msg = requests.post(f"{worker.url}/tts", json={"text": "hi", "sample_rate": 1}).json()["error"]["message"]
     assert "44100" in msg and "16000" in msg

@@ -56,8 +56,15 @@ def test_upload_list_get_delete(worker, fmt):
     assert voice["id"] in [v["id"] for v in listed["voices"] if v["type"] == "uploaded"]
     assert [v["id"] for v in listed["voices"] if v["type"] == "preset"] == ["default"] and listed["supports_cloning"]
     assert requests.get(f"{worker.url}/v1/voices/{voice['id']}").json()["transcript"] == "This is what the clip says."
+    # The stored clip, to preview the voice: 16-bit WAV (half the stored float), mono, 44.1 kHz, 3 s.
+    audio = requests.get(f"{worker.url}/v1/voices/{voice['id']}/audio")
+    assert audio.status_code == 200 and audio.headers["content-type"] == "audio/wav"
+    info = sf.info(io.BytesIO(audio.content))
+    assert (info.subtype, info.channels, info.samplerate) == ("PCM_16", 1, 44100) and abs(info.duration - 3.0) < 0.05
     assert requests.delete(f"{worker.url}/v1/voices/{voice['id']}").json() == {"id": voice["id"], "deleted": True}
     assert requests.get(f"{worker.url}/v1/voices/{voice['id']}").status_code == 404
+    gone = requests.get(f"{worker.url}/v1/voices/{voice['id']}/audio")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "voice_not_found"
 
 
 BAD = [

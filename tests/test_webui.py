@@ -1,5 +1,6 @@
 """The web UI in real headless Chromium against real gunicorn (and through real nginx with basic auth)."""
 import base64
+import io
 import os
 import shutil
 import time
@@ -16,15 +17,37 @@ from .support.browser import chromium
 from .support.gateway import start_gateway
 from .support.procs import REPO_ROOT
 from .support.worker import SLOW_APP, start_worker
+from service.voices import VoiceStore
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-ui.png"
+DOCS_SCREENSHOT_PHONE = REPO_ROOT / "docs" / "screenshot-ui-phone.png"
+AUTH = ("ui", "secret-password")
+
+
+def tone_wav(seconds: float = 3.0, rate: int = 22050) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), rate, format="WAV")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    with start_worker(tmp_path_factory.mktemp("ui"), {"MAX_TEXT_CHARS": "1000"}) as w:
+    tmp = tmp_path_factory.mktemp("ui")
+    # A voice uploaded while this server ran VoxCPM: the embedded engine lists it but cannot use it.
+    store = VoiceStore(tmp / "voices", 10 << 20, 2.0, 30.0)
+    old = store.create("Old VoxCPM voice", "A clip uploaded under another engine.", tone_wav())
+    with start_worker(tmp, {"MAX_TEXT_CHARS": "1000"}) as w:
+        w.unusable_voice = old
         yield w
+
+
+@pytest.fixture(scope="module")
+def gateway(worker, tmp_path_factory):
+    env = {"BASIC_AUTH_USERS": ":".join(AUTH)}
+    with start_gateway(tmp_path_factory.mktemp("ui-gw"), f"127.0.0.1:{worker.port}", env) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +104,7 @@ def test_generate_plays_audio_of_the_right_length(browser, worker):
     assert duration > 1.0 and abs(duration - shown) < 0.1 * shown
     assert browser.find_element(By.ID, "download").get_attribute("download") == "voxbox.wav"
     assert "45 / 1000" in browser.find_element(By.ID, "counter").text
-    assert "Generate:" in browser.find_element(By.ID, "history").text
+    assert "Generate · joe" in browser.find_element(By.ID, "history").text
     # The embedded engine has no VoxCPM knobs: they are hidden, not silently sent.
     assert not browser.find_element(By.ID, "cfg").is_enabled()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -133,6 +156,7 @@ def test_upload_voice_appears_in_picker(browser, cloning_worker, tmp_path):
     sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
     browser.find_element(By.ID, "voice-name").send_keys("Browser voice")
     browser.find_element(By.ID, "voice-file").send_keys(str(wav))
+    assert browser.find_element(By.ID, "voice-file-name").text == "reference.wav"
     # Without the transcript the API refuses, and the page says why.
     browser.find_element(By.ID, "upload").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
@@ -141,32 +165,40 @@ def test_upload_voice_appears_in_picker(browser, cloning_worker, tmp_path):
     browser.find_element(By.ID, "upload").click()
     wait(browser, lambda b: "Added" in b.find_element(By.ID, "voice-msg").text)
     assert not browser.find_element(By.ID, "error").is_displayed()
+    # The form is ready for the next voice.
+    assert [browser.find_element(By.ID, f).get_attribute("value") for f in ("voice-name", "voice-text", "voice-file")] \
+        == ["", "", ""]
+    assert browser.find_element(By.ID, "voice-file-name").text == "No file chosen"
     picker = Select(browser.find_element(By.ID, "voice"))
     assert picker.first_selected_option.text.startswith("Browser voice")
     # Deleting it from the list removes it from the picker and from the server.
     item = next(li for li in browser.find_elements(By.CSS_SELECTOR, "#voice-list li") if "Browser voice" in li.text)
-    item.find_element(By.TAG_NAME, "button").click()
+    item.find_element(By.XPATH, ".//button[contains(., 'Delete')]").click()
     wait(browser, lambda b: not any(o.text.startswith("Browser voice")
                                     for o in Select(b.find_element(By.ID, "voice")).options))
     names = [v["name"] for v in requests.get(f"{worker.url}/v1/voices").json()["voices"]]
     assert "Browser voice" not in names
 
 
-def test_upload_to_an_engine_that_cannot_clone_shows_what_to_do(browser, worker, tmp_path):
+def test_engine_that_cannot_clone_offers_no_upload_and_never_selects_a_cloned_voice(browser, worker):
     open_page(browser, worker.url + "/")
-    assert "uploads are refused" in browser.find_element(By.ID, "voice-help").text
-    t = np.arange(22050 * 3) / 22050
-    wav = tmp_path / "reference.wav"
-    sf.write(wav, (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
-    browser.find_element(By.ID, "voice-name").clear()
-    browser.find_element(By.ID, "voice-name").send_keys("Never stored")
-    browser.find_element(By.ID, "voice-text").clear()
-    browser.find_element(By.ID, "voice-text").send_keys("What the clip says.")
-    browser.find_element(By.ID, "voice-file").send_keys(str(wav))
-    browser.find_element(By.ID, "upload").click()
+    help_text = browser.find_element(By.ID, "voice-help").text
+    assert "cannot clone" in help_text and "TTS_ENGINE=voxcpm" in help_text, help_text
+    # Uploads would only be refused (400 cloning_not_supported): the form is off, not a trap.
+    assert not browser.find_element(By.ID, "upload").is_enabled()
+    assert not browser.find_element(By.ID, "voice-name").is_enabled()
+    old = worker.unusable_voice
+    picker = Select(browser.find_element(By.ID, "voice"))
+    option = next(o for o in picker.options if o.get_attribute("value") == old.id)
+    assert not option.is_enabled() and picker.first_selected_option.get_attribute("value") == "joe"
+    assert "Old VoxCPM voice" in browser.find_element(By.ID, "voice-list").text
+    # Should a request still name it (a stale selection), the error names the voice, not its id.
+    browser.execute_script("const s = document.getElementById('voice'); s.querySelector(`option[value='${arguments[0]}']`)"
+                           ".disabled = false; s.value = arguments[0];", old.id)
+    browser.find_element(By.ID, "generate").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
     error = browser.find_element(By.ID, "error").text
-    assert "Upload failed" in error and "cannot clone" in error and "TTS_ENGINE=voxcpm" in error, error
+    assert "voice “Old VoxCPM voice” is a cloned voice" in error and old.id not in error and "use a preset" in error, error
 
 
 def test_record_from_microphone_uploads_a_voice(browser, cloning_worker):
@@ -198,13 +230,86 @@ def test_record_from_microphone_uploads_a_voice(browser, cloning_worker):
     assert len(recorded) == 1 and 3.0 < recorded[0]["duration"] < 5.0
 
 
-def test_over_limit_text_shows_the_api_error(browser, worker):
+def test_a_failure_removes_the_previous_audio(browser, worker):
     open_page(browser, worker.url + "/")
+    set_text(browser, "First a result that works.")
+    before = browser.execute_script("return window.voxbox.generations")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+    assert browser.find_element(By.ID, "download").is_displayed()
     set_text(browser, "word " * 201)
     assert "over" in browser.find_element(By.ID, "counter").get_attribute("class")
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
     assert "has 1005 characters; the limit is 1000" in browser.find_element(By.ID, "error").text
+    # No stale answer under "Failed.": the player is empty and hidden, the download link gone.
+    assert browser.find_element(By.ID, "result-info").text == "Failed."
+    assert not browser.find_element(By.ID, "player").is_displayed()
+    assert not browser.find_element(By.ID, "download").is_displayed()
+    assert browser.execute_script("return document.getElementById('player').getAttribute('src')") is None
+
+
+def test_history_survives_a_reload_bounded_and_regenerates(browser, worker):
+    open_page(browser, worker.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    open_page(browser, worker.url + "/")
+    # Empty state: no player and no "Recent" until something was made.
+    assert not browser.find_element(By.ID, "player").is_displayed()
+    assert not browser.find_element(By.ID, "recent").is_displayed()
+    # 25 older entries in storage (and some junk): the list keeps the newest 20.
+    browser.execute_script("""
+        const old = [...Array(25).keys()].map((i) => ({id: `old-${i}`, kind: 'Generate', text: `Old entry ${i}`,
+          voice: 'joe', voiceName: 'joe', format: 'wav', sample_rate: 44100, speed: 1, duration: 1, latency: 1,
+          at: new Date(2026, 0, 1).toISOString()}));
+        // Junk under the key (another version, a hand edit) is skipped, not fatal.
+        localStorage.setItem('voxbox.history.v1', JSON.stringify([null, {text: 5}, {id: 'x', text: 'no numbers'}, ...old]));""")
+    browser.refresh()
+    open_page(browser, worker.url + "/")
+    Select(browser.find_element(By.ID, "voice")).select_by_value("joe-calm")
+    Select(browser.find_element(By.ID, "format")).select_by_value("flac")
+    set_text(browser, "Kept in the browser across a reload.")
+    before = browser.execute_script("return window.voxbox.generations")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+    browser.refresh()
+    open_page(browser, worker.url + "/")
+    items = browser.find_elements(By.CSS_SELECTOR, "#history li")
+    assert len(items) == 20 and "Kept in the browser across a reload." in items[0].text
+    assert "joe-calm" in items[0].text and "Old entry 0" in items[1].text
+    # Audio is not kept across pages (explained on the page); ↻ makes it again with the same settings.
+    assert not items[0].find_elements(By.XPATH, ".//button[contains(., 'Play')]")
+    set_text(browser, "Something else.")
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    items[0].find_element(By.XPATH, ".//button[contains(., 'Regenerate')]").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "Kept in the browser across a reload."
+    assert Select(browser.find_element(By.ID, "voice")).first_selected_option.get_attribute("value") == "joe-calm"
+    assert browser.find_element(By.ID, "download").get_attribute("download") == "voxbox.flac"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#history li")) == 20
+    browser.find_element(By.ID, "clear-history").click()
+    assert not browser.find_element(By.ID, "recent").is_displayed()
+    assert browser.execute_script("return localStorage.getItem('voxbox.history.v1')") == "[]"
+
+
+def test_voice_preview_plays_a_preset_sample_and_an_uploaded_clip(browser, worker):
+    open_page(browser, worker.url + "/")
+    Select(browser.find_element(By.ID, "voice")).select_by_value("joe-lively")
+    lively = next(v for v in requests.get(f"{worker.url}/v1/voices").json()["voices"] if v["id"] == "joe-lively")
+    assert browser.find_element(By.ID, "voice-note").text == lively["description"]
+    browser.find_element(By.ID, "preview").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.previews") == 1)
+    played = wait(browser, lambda b: b.execute_script(
+        "const a = window.voxboxPreview; return a && a.readyState >= 1 && isFinite(a.duration) ? a.duration : null"))
+    assert 1.0 < played < 6.0
+    # The uploaded voice's own clip (3 s), although this engine cannot speak with it.
+    item = next(li for li in browser.find_elements(By.CSS_SELECTOR, "#voice-list li") if "Old VoxCPM voice" in li.text)
+    item.find_element(By.XPATH, ".//button[contains(., 'Play')]").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.previews") == 2)
+    clip = wait(browser, lambda b: b.execute_script(
+        "const a = window.voxboxPreview; return a && a.readyState >= 1 && isFinite(a.duration) ? a.duration : null"))
+    assert abs(clip - 3.0) < 0.05
+    assert not browser.find_element(By.ID, "error").is_displayed()
 
 
 def test_phone_width_layout(worker):
@@ -219,21 +324,82 @@ def test_phone_width_layout(worker):
               .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 0.5)
               .map((el) => el.id || el.tagName);""")
         assert outside == []
+        box = lambda el_id: phone.execute_script(  # noqa: E731
+            "const r = document.getElementById(arguments[0]).getBoundingClientRect(); "
+            "return {top: r.top, left: r.left, width: r.width};", el_id)
+        # Format and sample rate share a row; the voice picker has its own, full width.
+        assert abs(box("format")["top"] - box("rate")["top"]) < 1 and box("rate")["left"] > box("format")["left"]
+        assert box("voice")["top"] < box("format")["top"] and box("voice")["width"] > 200
+        # The file picker's label is whole, and it says which file was chosen.
+        label = phone.find_element(By.CSS_SELECTOR, ".file-button")
+        assert phone.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", label)
+        assert label.text == "Choose a clip…"
         ARTIFACTS.mkdir(exist_ok=True)
         phone.set_window_size(390, phone.execute_script("return document.documentElement.scrollHeight") + 140)
-        phone.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
+        shot = ARTIFACTS / "ui-phone.png"
+        phone.save_screenshot(str(shot))
+        if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, DOCS_SCREENSHOT_PHONE)
 
 
-def test_through_the_gateway_with_basic_auth(worker, tmp_path):
-    env = {"BASIC_AUTH_USERS": "ui:secret-password"}
-    with start_gateway(tmp_path, f"127.0.0.1:{worker.port}", env) as gw, chromium() as b:
-        # What the browser sends after a user answers the basic-auth prompt (headless has no prompt).
+def test_through_the_gateway_with_basic_auth(gateway):
+    with chromium() as b:
         b.execute_cdp_cmd("Network.enable", {})
         b.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {
-            "Authorization": "Basic " + base64.b64encode(b"ui:secret-password").decode()}})
-        open_page(b, gw.url + "/")
+            "Authorization": "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()}})
+        open_page(b, gateway.url + "/")
         set_text(b, "Through the gateway.")
         b.find_element(By.ID, "stream").click()
         wait(b, lambda x: x.execute_script("return window.voxbox.streamDone"))
         assert b.execute_script("return window.voxbox.chunksReceived") >= 1
         assert not b.find_element(By.ID, "error").is_displayed()
+
+
+def test_page_opened_with_credentials_in_the_url(gateway):
+    """http://user:pass@host/: relative fetch() URLs would carry the credentials, which fetch() refuses."""
+    with chromium() as b:
+        b.get(gateway.url.replace("http://", "http://{}:{}@".format(*AUTH)) + "/")
+        wait(b, lambda x: x.find_element(By.ID, "status").text.endswith("ready"))
+        wait(b, lambda x: len(Select(x.find_element(By.ID, "voice")).options) >= 3)
+        assert len(Select(b.find_element(By.ID, "rate")).options) == 7
+        assert b.find_element(By.ID, "counter").text.endswith("/ 1000 characters")
+        set_text(b, "Credentials in the address bar.")
+        b.find_element(By.ID, "generate").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.generations") == 1)
+        b.find_element(By.ID, "stream").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.streamDone"))
+        vb = b.execute_script("return window.voxbox")
+        assert vb["lastError"] is None and vb["streamHeader"]["sample_rate"] == 44100
+        # The favicon is served (no 404), with a type browsers accept.
+        icon = b.execute_script("return document.querySelector('link[rel=icon]').href")
+        resp = requests.get(icon.replace("{}:{}@".format(*AUTH), ""), auth=AUTH)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_docs_and_voice_clips_are_behind_the_gateway(gateway, worker):
+    clip = f"/v1/voices/{worker.unusable_voice.id}/audio"
+    for path in ("/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", clip):
+        assert requests.get(gateway.url + path).status_code == 401, path
+        assert requests.get(gateway.url + path, auth=AUTH).status_code == 200, path
+
+
+def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
+    page = requests.get(gateway.url + "/docs", auth=AUTH)
+    assert page.status_code == 200 and "openapi.json" in page.text
+    slash = requests.get(gateway.url + "/docs/", auth=AUTH)
+    assert slash.url == gateway.url + "/docs" and slash.text == page.text
+    js = requests.get(gateway.url + "/docs/swagger-ui-bundle.js", auth=AUTH)
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    with chromium() as b:
+        b.get(gateway.url.replace("http://", "http://{}:{}@".format(*AUTH)) + "/docs")
+        # Rendered from /openapi.json under the gateway's Content-Security-Policy (no inline script).
+        wait(b, lambda x: "VoxBox TTS" in x.find_element(By.CSS_SELECTOR, "#swagger-ui").text)
+        wait(b, lambda x: "/v1/audio/speech" in x.find_element(By.CSS_SELECTOR, "#swagger-ui").text)
+        assert "/v1/voices/{voice_id}/audio" in b.find_element(By.CSS_SELECTOR, "#swagger-ui").text
+        # Everything it loaded came from the gateway itself: nothing from a CDN or a validator badge.
+        origins = b.execute_script("return [...new Set(performance.getEntriesByType('resource')"
+                                   ".map((e) => new URL(e.name).origin))]")
+        assert origins == [gateway.url], origins
+        assert b.find_element(By.ID, "spec").get_attribute("href") == gateway.url + "/openapi.json"
+        ARTIFACTS.mkdir(exist_ok=True)
+        b.save_screenshot(str(ARTIFACTS / "api-docs.png"))

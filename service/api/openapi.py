@@ -222,6 +222,12 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                 "delete": {"summary": "Delete an uploaded voice",
                            "responses": {"200": _json(_ref("VoiceDeleted"), "Deleted"), "404": not_found,
                                          **_GATEWAY}}},
+            "/v1/voices/{voice_id}/audio": {"get": {
+                "summary": "An uploaded voice's reference clip (16-bit WAV), to preview it",
+                "parameters": [voice_id],
+                "responses": {"200": {"description": "The clip", "content": {
+                    "audio/wav": {"schema": {"type": "string", "format": "binary"}}}},
+                              "404": not_found, **_GATEWAY}}},
             "/healthz": {"get": {"summary": "Process alive (open through the gateway)", "security": [],
                                  "responses": {"200": _json(_ref("Health"), "Alive"),
                                                "503": _json(_ref("Health"), "The model failed to load")}}},

@@ -1,8 +1,10 @@
 """Voices: presets of the engine plus uploaded reference clips for cloning."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+import soundfile as sf
+from flask import Blueprint, Response, current_app, jsonify, request
 
+from ..encode import encode
 from .errors import ApiError
 from .models import model_or_400
 
@@ -53,6 +55,18 @@ def get_voice(voice_id: str):
     if voice is None:
         raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}'")
     return jsonify(voice.public())
+
+
+@bp.get("/v1/voices/<voice_id>/audio")
+def voice_audio(voice_id: str):
+    """The stored reference clip, so a client can preview a voice before using it."""
+    voice = _ctx().voices.get(voice_id)
+    if voice is None:
+        raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}' (GET /v1/voices lists them)")
+    # Stored as float WAV for the engine (about 5 MB for 30 s); 16-bit PCM is half that and plays anywhere.
+    audio, rate = sf.read(voice.path / "audio.wav", dtype="float32")
+    return Response(encode(audio, rate, "wav"), mimetype="audio/wav",
+                    headers={"Cache-Control": "private, max-age=3600"})
 
 
 @bp.delete("/v1/voices/<voice_id>")

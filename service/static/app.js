@@ -1,20 +1,34 @@
-// VoxBox web UI: plain JS, relative URLs only (works behind the gateway's basic auth).
+// VoxBox web UI: plain JS, no build step.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { info: null, ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [] };
+const state = { info: null, ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [],
+                voices: new Map(), cloning: false, previews: new Map(), previewAudio: null };
 // Counters the browser tests read (times are performance.now() milliseconds).
 window.voxbox = { chunksReceived: 0, streamDone: false, streamHeader: null, lastError: null, generations: 0,
-                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0 };
+                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0, previews: 0 };
+
+// Every request URL is absolute, from location.origin and the page's directory (so a path prefix still
+// works): a page opened as http://user:pass@host/ resolves relative URLs to ones carrying the
+// credentials, and fetch() refuses those ("Request cannot be constructed from a URL that includes
+// credentials"). The browser keeps sending the basic auth it logged in with, per origin.
+const BASE = location.origin + location.pathname.replace(/[^/]*$/, "");
+const url = (path) => BASE + path;
+
+// The API names voices by id ("v_0123…"): say the name the user gave it.
+function withVoiceNames(message) {
+  return message.replace(/'?(v_[0-9a-f]{16})'?/g,
+    (quoted, id) => (state.voices.has(id) ? `“${state.voices.get(id).name}”` : quoted));
+}
 
 function showError(message) {
   const box = $("error");
-  box.textContent = message;
+  box.textContent = message ? withVoiceNames(message) : "";
   box.hidden = !message;
-  window.voxbox.lastError = message || null;
+  window.voxbox.lastError = message ? box.textContent : null;
 }
 
 async function api(path, options = {}) {
-  const resp = await fetch(path, options);
+  const resp = await fetch(url(path), options);
   if (!resp.ok) {
     let message = `${resp.status} ${resp.statusText}`;
     try { const body = await resp.json(); if (body.error) message = body.error.message; } catch (_) { /* not JSON */ }
@@ -23,12 +37,13 @@ async function api(path, options = {}) {
   return resp;
 }
 
-function limit() { return state.info ? state.info.limits.max_text_chars : 0; }
+function limit() { return state.info ? state.info.limits.max_text_chars : null; }
 
 function updateCounter() {
   const n = $("text").value.length;
-  $("counter").textContent = `${n} / ${limit()} characters`;
-  $("counter").classList.toggle("over", n > limit());
+  const max = limit();
+  $("counter").textContent = max === null ? `${n} characters` : `${n} / ${max} characters`;
+  $("counter").classList.toggle("over", max !== null && n > max);
 }
 
 async function loadInfo() {
@@ -51,82 +66,216 @@ async function loadInfo() {
       : "CFG and diffusion steps are VoxCPM settings; this server runs the embedded engine.";
     const [lo, hi] = state.info.limits.voice_seconds;
     const mb = (state.info.limits.voice_max_bytes / 1048576).toFixed(0);
-    $("voice-help").textContent = `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type ` +
-      "exactly what they say. It becomes a voice you can pick above." +
-      (e.supports_cloning ? "" : " This server's engine cannot clone voices: uploads are refused until it " +
-       "runs VoxCPM.");
+    state.cloning = e.supports_cloning;
+    // An engine that cannot clone refuses every upload (400 cloning_not_supported): say so and the way
+    // out before the user records or picks a clip, instead of failing after.
+    $("upload-form").disabled = !state.cloning;
+    $("voice-help").textContent = state.cloning
+      ? `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type exactly what they say. ` +
+        "It becomes a voice you can pick above."
+      : `The ${e.name} engine cannot clone voices, so uploads are off. To clone voices, deploy the VoxCPM ` +
+        "engine (TTS_ENGINE=voxcpm with MODEL_URI naming its weights; see the README).";
     updateCounter();
+    showError("");
+    return true;
   } catch (err) {
-    $("status").textContent = "not reachable";
+    $("status").textContent = "not reachable, retrying…";
     showError(`Cannot reach the server: ${err.message}`);
+    return false;
   }
+}
+
+function button(label, onclick, title = "") {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = label; b.title = title; b.onclick = onclick;
+  return b;
 }
 
 async function loadVoices(select) {
   const body = await (await api("v1/voices")).json();
+  // The page speaks to the default model (/info's engine). A voice is stored for one model family and
+  // only that family's engines use it, and only if they clone at all.
+  const engine = state.info ? state.info.engine.name : null;
+  const usable = (v) => v.type === "preset" || (state.cloning && (!v.family || v.family === engine));
   const sel = $("voice");
   const keep = select || sel.value;
   sel.innerHTML = "";
   const presets = document.createElement("optgroup"); presets.label = "Presets";
-  const mine = document.createElement("optgroup"); mine.label = "Uploaded";
+  const mine = document.createElement("optgroup");
+  // Voices stored under an engine that could clone stay listed (to preview or delete them), but one this
+  // engine cannot use is never selectable: picking it could only end in an error.
+  mine.label = state.cloning ? "Uploaded" : "Uploaded (need the VoxCPM engine)";
   const list = $("voice-list");
   list.innerHTML = "";
+  state.voices = new Map(body.voices.map((v) => [v.id, v]));
   for (const v of body.voices) {
     const opt = new Option(v.type === "preset" ? v.name : `${v.name} (${v.duration.toFixed(1)} s)`, v.id);
+    if (v.type === "preset" && v.description) opt.title = v.description;
+    opt.disabled = !usable(v);
     (v.type === "preset" ? presets : mine).appendChild(opt);
     if (v.type === "uploaded") {
       const li = document.createElement("li");
-      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s `;
-      const del = document.createElement("button");
-      del.textContent = "Delete";
-      del.onclick = async () => {
+      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s${usable(v) ? "" : ` (not usable by the ${engine} engine)`} `;
+      li.append(button("▶ Play", () => preview(v.id), "The uploaded reference clip"), button("Delete", async () => {
         try { await api(`v1/voices/${encodeURIComponent(v.id)}`, { method: "DELETE" }); await loadVoices(); }
         catch (err) { showError(err.message); }
-      };
-      li.appendChild(del);
+      }));
       list.appendChild(li);
     }
   }
   sel.appendChild(presets);
   if (mine.children.length) sel.appendChild(mine);
-  if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  if (keep && [...sel.options].some((o) => o.value === keep && !o.disabled)) sel.value = keep;
+  else sel.value = presets.children.length ? presets.children[0].value : "";
+  describeVoice();
+}
+
+function describeVoice() {
+  const v = state.voices.get($("voice").value);
+  $("voice-note").textContent = !v ? "" : v.type === "preset" ? v.description || ""
+    : `Cloned from your ${v.duration.toFixed(1)} s clip`;
+}
+
+// A preset has no stored audio: its sample is synthesised once (a short sentence) and kept for the page's
+// life. An uploaded voice plays its reference clip (GET /v1/voices/{id}/audio).
+async function preview(id = $("voice").value) {
+  const v = state.voices.get(id);
+  if (!v) return;
+  showError("");
+  try {
+    let src = state.previews.get(id);
+    if (!src) {
+      const resp = v.type === "uploaded" ? await api(`v1/voices/${encodeURIComponent(id)}/audio`)
+        : await api("v1/audio/speech", { method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ input: `Hello, this is the ${v.name} voice.`, voice: id, response_format: "wav" }) });
+      src = URL.createObjectURL(await resp.blob());
+      state.previews.set(id, src);
+    }
+    if (state.previewAudio) state.previewAudio.pause();
+    state.previewAudio = window.voxboxPreview = new Audio(src);
+    state.previewAudio.play().catch(() => { /* autoplay may be blocked; a second click plays */ });
+    window.voxbox.previews += 1;
+  } catch (err) {
+    showError(`Preview of “${v.name}” failed: ${err.message}`);
+  }
 }
 
 function requestBody() {
-  const body = { input: $("text").value, voice: $("voice").value, sample_rate: Number($("rate").value),
-                 speed: Number($("speed").value) || 1 };
+  const body = { input: $("text").value, voice: $("voice").value, speed: Number($("speed").value) || 1 };
+  // No rates listed means /info did not answer: let the server pick its default rather than send 0.
+  if ($("rate").value) body.sample_rate = Number($("rate").value);
   if (!$("cfg").disabled && $("cfg").value) body.cfg_value = Number($("cfg").value);
   if (!$("steps").disabled && $("steps").value) body.inference_timesteps = Number($("steps").value);
   return body;
 }
 
-function addHistory(kind, text, duration, latency, url, ext) {
-  const li = document.createElement("li");
-  const snippet = text.length > 60 ? `${text.slice(0, 57)}…` : text;
-  li.textContent = `${kind}: “${snippet}” — ${duration.toFixed(2)} s of audio in ${latency.toFixed(2)} s `;
-  if (url) {
-    const play = document.createElement("a");
-    play.href = url; play.textContent = "play";
-    play.onclick = (ev) => { ev.preventDefault(); showResult(url, ext, false); $("player").play().catch(() => {}); };
-    const save = document.createElement("a");
-    save.href = url; save.download = `voxbox.${ext}`; save.textContent = "download";
-    li.append(play, " · ", save);
+// History lives in localStorage as text and settings only: audio as base64 would fill its ~5 MB in a few
+// WAV results (44.1 kHz is ~88 kB a second), and object URLs die with the page. Audio made in this page
+// stays playable; an entry from an earlier visit is made again with ↻, with the settings it had.
+const HISTORY_KEY = "voxbox.history.v1";
+const HISTORY_MAX = 20;
+const sessionAudio = new Map();  // history id -> {url, ext}
+
+function loadHistory() {
+  try {
+    const items = JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]");
+    // Whatever else is stored under the key (another version, a hand edit) must not break the page.
+    const valid = (i) => i && typeof i.text === "string" && typeof i.id === "string" &&
+      Number.isFinite(i.duration) && Number.isFinite(i.latency);
+    return Array.isArray(items) ? items.filter(valid).slice(0, HISTORY_MAX) : [];
+  } catch (_) { return []; }  // unreadable or storage disabled: start empty
+}
+
+function saveHistory(items) {
+  try { localStorage.setItem(HISTORY_KEY, JSON.stringify(items.slice(0, HISTORY_MAX))); }
+  catch (_) { /* full or disabled (private mode): the list still works for this page */ }
+}
+
+function addHistory(kind, settings, duration, latency, audioUrl, ext) {
+  const voice = state.voices.get(settings.voice);
+  const item = { id: `${Date.now()}-${Math.random().toString(36).slice(2, 8)}`, kind, ...settings,
+                 voiceName: voice ? voice.name : settings.voice, duration, latency, at: new Date().toISOString() };
+  if (audioUrl) sessionAudio.set(item.id, { url: audioUrl, ext });
+  const items = [item, ...loadHistory()];
+  for (const old of items.slice(HISTORY_MAX)) {
+    const audio = sessionAudio.get(old.id);
+    if (audio && audio.url !== $("player").src) URL.revokeObjectURL(audio.url);
+    sessionAudio.delete(old.id);
   }
-  $("history").prepend(li);
-  while ($("history").children.length > 10) {
-    const old = $("history").lastChild;
-    const link = old.querySelector("a");
-    if (link && link.href !== $("player").src) URL.revokeObjectURL(link.href);
-    old.remove();
-  }
+  saveHistory(items);
+  renderHistory();
   window.voxbox.generations += 1;
 }
 
-function showResult(url, ext, autoplay) {
+function restoreSettings(item) {
+  $("text").value = item.text;
+  const option = [...$("voice").options].find((o) => o.value === item.voice && !o.disabled);
+  if (option) { $("voice").value = item.voice; describeVoice(); }
+  if (item.format) $("format").value = item.format;
+  if ([...$("rate").options].some((o) => Number(o.value) === item.sample_rate)) $("rate").value = item.sample_rate;
+  $("speed").value = item.speed || 1;
+  $("cfg").value = item.cfg_value || "";
+  $("steps").value = item.inference_timesteps || "";
+  updateCounter();
+}
+
+function renderHistory() {
+  const items = loadHistory();
+  const list = $("history");
+  list.innerHTML = "";
+  $("recent").hidden = items.length === 0;
+  for (const item of items) {
+    const li = document.createElement("li");
+    const snippet = item.text.length > 80 ? `${item.text.slice(0, 77)}…` : item.text;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = `${item.kind} · ${item.voiceName} · ${item.duration.toFixed(2)} s of audio in ` +
+      `${item.latency.toFixed(2)} s · ${new Date(item.at).toLocaleString()}`;
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    const audio = sessionAudio.get(item.id);
+    if (audio) {
+      const save = document.createElement("a");
+      save.href = audio.url; save.download = `voxbox.${audio.ext}`; save.textContent = "Download";
+      actions.append(button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); }),
+                     save);
+    }
+    actions.append(button("↻ Regenerate", () => {
+      if ($("generate").disabled) return;  // one request at a time, as with the form's own buttons
+      restoreSettings(item);
+      (item.kind === "Stream" ? stream : generate)();
+    },
+                          "Put this text and its settings back in the form and make it again"));
+    li.append(`“${snippet}”`, meta, actions);
+    list.append(li);
+  }
+}
+
+function clearHistory() {
+  for (const audio of sessionAudio.values()) if (audio.url !== $("player").src) URL.revokeObjectURL(audio.url);
+  sessionAudio.clear();
+  saveHistory([]);
+  renderHistory();
+}
+
+function showResult(audioUrl, ext, autoplay) {
   const player = $("player");
-  player.src = url;
-  $("download").href = url; $("download").download = `voxbox.${ext}`; $("download").hidden = false;
+  player.src = audioUrl;
+  $("download").href = audioUrl; $("download").download = `voxbox.${ext}`; $("download").hidden = false;
+  $("result").hidden = false;
   if (autoplay) player.play().catch(() => { /* autoplay may be blocked; the controls still work */ });
+}
+
+// After a failure the last audio must not stay under "Failed." as if it were the answer.
+function clearResult(message) {
+  const player = $("player");
+  player.pause();
+  player.removeAttribute("src");
+  player.load();
+  $("download").hidden = true;
+  $("download").removeAttribute("href");
+  $("result").hidden = true;
+  $("result-info").textContent = message;
 }
 
 async function generate() {
@@ -141,22 +290,29 @@ async function generate() {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       signal: state.abort.signal });
     const blob = await resp.blob();
-    const url = URL.createObjectURL(blob);
+    const audioUrl = URL.createObjectURL(blob);
     const ext = body.response_format === "opus" ? "ogg" : body.response_format;
     const duration = Number(resp.headers.get("X-Audio-Duration")) || 0;
     const latency = (performance.now() - t0) / 1000;
     $("result-info").textContent = `${duration.toFixed(2)} s of audio · made in ${latency.toFixed(2)} s · ${resp.headers.get("X-Sample-Rate")} Hz`;
-    addHistory("Generate", body.input, duration, latency, url, ext);
-    showResult(url, ext, true);
+    addHistory("Generate", settingsOf(body), duration, latency, audioUrl, ext);
+    showResult(audioUrl, ext, true);
   } catch (err) {
-    if (err.name === "AbortError") $("result-info").textContent = "Stopped.";
-    else { $("result-info").textContent = "Failed."; showError(err.message); }
+    if (err.name === "AbortError") clearResult("Stopped.");
+    else { clearResult("Failed."); showError(err.message); }
   } finally {
     state.abort = null;
     setBusy(false);
   }
 }
 
+// What history keeps of a request: enough to make it again.
+function settingsOf(body) {
+  return { text: body.input, voice: body.voice, format: body.response_format || "wav", sample_rate: body.sample_rate,
+           speed: body.speed, cfg_value: body.cfg_value, inference_timesteps: body.inference_timesteps };
+}
+
+// location.host never carries user:pass, so neither does this URL.
 function wsUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const base = location.pathname.replace(/[^/]*$/, "");
@@ -194,7 +350,8 @@ function wavBlob(chunks, rate) {
 function stream() {
   showError("");
   const body = requestBody();
-  const req = { text: body.input, voice: body.voice, format: "pcm16", sample_rate: body.sample_rate, speed: body.speed };
+  const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
+  if (body.sample_rate) req.sample_rate = body.sample_rate;
   if (body.cfg_value) req.cfg_value = body.cfg_value;
   if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
   Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
@@ -230,27 +387,31 @@ function stream() {
       window.voxbox.streamDone = true;
       const latency = (window.voxbox.doneAt - t0) / 1000;
       const rate = window.voxbox.streamHeader ? window.voxbox.streamHeader.sample_rate : req.sample_rate;
-      const url = state.pcm.length ? URL.createObjectURL(wavBlob(state.pcm, rate)) : null;
-      if (url) showResult(url, "wav", false);
+      const audioUrl = state.pcm.length ? URL.createObjectURL(wavBlob(state.pcm, rate)) : null;
+      if (audioUrl) showResult(audioUrl, "wav", false);
       if (msg.type === "done") {
         $("result-info").textContent = `Streamed ${msg.duration.toFixed(2)} s of audio · first audio after ` +
           `${Number(msg.ttfa).toFixed(2)} s · done in ${latency.toFixed(2)} s`;
-        addHistory("Stream", req.text, msg.duration, latency, url, "wav");
+        addHistory("Stream", settingsOf({ ...body, response_format: "wav" }), msg.duration, latency, audioUrl, "wav");
       } else {
         $("result-info").textContent = `Stream stopped after ${window.voxbox.chunksReceived} chunks.`;
       }
       ws.close();
     } else if (msg.type === "error") {
-      $("result-info").textContent = "Failed.";
+      clearResult("Failed.");
       showError(msg.message);
       ws.close();
     }
   };
-  ws.onerror = () => showError("The streaming connection failed (is the server reachable, are you logged in?).");
+  ws.onerror = () => {
+    clearResult("Failed.");
+    showError("The streaming connection failed (is the server reachable, are you logged in?).");
+  };
   ws.onclose = (ev) => {
     setBusy(false);
     state.ws = null;
     if (!window.voxbox.streamDone && !window.voxbox.lastError) {
+      clearResult("Failed.");
       showError(`The streaming connection closed early (code ${ev.code}); try again.`);
     }
   };
@@ -280,11 +441,24 @@ async function uploadVoice(fileOverride) {
   try {
     const voice = await (await api("v1/voices", { method: "POST", body: form })).json();
     $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
+    resetUploadForm();
     await loadVoices(voice.id);
   } catch (err) {
     $("voice-msg").textContent = "";
     showError(`Upload failed: ${err.message}`);
   }
+}
+
+function resetUploadForm() {
+  $("voice-name").value = "";
+  $("voice-text").value = "";
+  $("voice-file").value = "";
+  showFileName();
+}
+
+function showFileName() {
+  const file = $("voice-file").files[0];
+  $("voice-file-name").textContent = file ? file.name : "No file chosen";
 }
 
 // Browsers record WebM/Ogg Opus, which the server's decoder may not read: decode here, upload a WAV.
@@ -339,4 +513,16 @@ $("stop").addEventListener("click", stop);
 $("upload").addEventListener("click", () => uploadVoice());
 $("record").addEventListener("click", toggleRecording);
 $("record").hidden = !(navigator.mediaDevices && window.MediaRecorder);
-loadInfo().then(() => loadVoices()).catch((err) => showError(err.message));
+$("voice-file").addEventListener("change", showFileName);
+$("preview").addEventListener("click", () => preview());
+$("voice").addEventListener("change", describeVoice);
+$("clear-history").addEventListener("click", clearHistory);
+renderHistory();
+
+// The server may still be starting (or briefly away): keep asking instead of leaving empty lists.
+async function start() {
+  if (!(await loadInfo())) { setTimeout(start, 3000); return; }
+  try { await loadVoices(); } catch (err) { showError(err.message); }
+}
+updateCounter();
+start();
