@@ -1,6 +1,7 @@
 """The web UI in real headless Chromium against real gunicorn (and through real nginx with basic auth)."""
 import base64
 import io
+import json
 import os
 import shutil
 import time
@@ -403,3 +404,31 @@ def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
         assert b.find_element(By.ID, "spec").get_attribute("href") == gateway.url + "/openapi.json"
         ARTIFACTS.mkdir(exist_ok=True)
         b.save_screenshot(str(ARTIFACTS / "api-docs.png"))
+
+
+def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_factory):
+    """A worker with several models shows a picker (hidden with one model, as elsewhere here); Generate
+    and Stream go to the model picked, which its per-model metrics show."""
+    models = [{"name": "en-a", "engine": "embedded"}, {"name": "en-b", "engine": "embedded"}]
+    env = {"MODELS": json.dumps(models), "GUNICORN_THREADS": "32"}  # two queues and batches to carry
+    with start_worker(tmp_path_factory.mktemp("ui-models"), env) as w:
+        open_page(browser, w.url + "/")
+        assert browser.find_element(By.ID, "model-field").is_displayed()
+        picker = Select(browser.find_element(By.ID, "model"))
+        assert [o.get_attribute("value") for o in picker.options] == ["en-a", "en-b"]
+        assert picker.first_selected_option.get_attribute("value") == "en-a"  # the default
+        picker.select_by_value("en-b")
+        set_text(browser, "Picked the second model.")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+        browser.find_element(By.ID, "stream").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+        text = requests.get(f"{w.url}/metrics").text
+        served = {m: float(line.split()[-1]) for m in ("en-a", "en-b") for line in text.splitlines()
+                  if line.startswith(f'voxbox_audio_seconds_total{{model="{m}"}}')}
+        assert served["en-a"] == 0 and served["en-b"] > 1
+
+
+def test_one_model_shows_no_picker(browser, worker):
+    open_page(browser, worker.url + "/")
+    assert not browser.find_element(By.ID, "model-field").is_displayed()

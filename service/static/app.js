@@ -57,24 +57,16 @@ async function loadInfo() {
     for (const r of state.info.limits.sample_rates) {
       rates.add(new Option(`${r / 1000} kHz`, r, false, r === state.info.limits.default_sample_rate));
     }
-    const voxcpm = e.name === "voxcpm";
-    document.querySelectorAll(".voxcpm").forEach((el) => {
-      el.disabled = !voxcpm;
-      el.closest("label").hidden = !voxcpm;
-    });
-    $("knobs-note").textContent = voxcpm ? "CFG and steps: empty means the server's default."
-      : "CFG and diffusion steps are VoxCPM settings; this server runs the embedded engine.";
-    const [lo, hi] = state.info.limits.voice_seconds;
-    const mb = (state.info.limits.voice_max_bytes / 1048576).toFixed(0);
-    state.cloning = e.supports_cloning;
-    // An engine that cannot clone refuses every upload (400 cloning_not_supported): say so and the way
-    // out before the user records or picks a clip, instead of failing after.
-    $("upload-form").disabled = !state.cloning;
-    $("voice-help").textContent = state.cloning
-      ? `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type exactly what they say. ` +
-        "It becomes a voice you can pick above."
-      : `The ${e.name} engine cannot clone voices, so uploads are off. To clone voices, deploy the VoxCPM ` +
-        "engine (TTS_ENGINE=voxcpm with MODEL_URI naming its weights; see the README).";
+    // Several models: a picker (GET /info lists them); the knobs, cloning and voices follow the one picked.
+    const models = state.info.models || [];
+    const picker = $("model");
+    const keep = picker.value;
+    picker.innerHTML = "";
+    for (const m of models) picker.add(new Option(`${m.id} (${m.family}${m.default ? ", default" : ""})`, m.id));
+    const fallback = models.find((m) => m.default);
+    picker.value = models.some((m) => m.id === keep) ? keep : fallback ? fallback.id : "";
+    $("model-field").hidden = models.length < 2;
+    applyModel();
     updateCounter();
     showError("");
     return true;
@@ -85,6 +77,34 @@ async function loadInfo() {
   }
 }
 
+// The engine of the model requests go to: the picked one, else the worker's default.
+function engine() {
+  const m = (state.info.models || []).find((x) => x.id === $("model").value);
+  return m ? m.engine : state.info.engine;
+}
+
+function applyModel() {
+  const e = engine();
+  const voxcpm = e.name === "voxcpm";
+  document.querySelectorAll(".voxcpm").forEach((el) => {
+    el.disabled = !voxcpm;
+    el.closest("label").hidden = !voxcpm;
+  });
+  $("knobs-note").textContent = voxcpm ? "CFG and steps: empty means the server's default."
+    : `CFG and diffusion steps are VoxCPM settings; this model runs the ${e.name} engine.`;
+  const [lo, hi] = state.info.limits.voice_seconds;
+  const mb = (state.info.limits.voice_max_bytes / 1048576).toFixed(0);
+  state.cloning = e.supports_cloning;
+  // An engine that cannot clone refuses every upload (400 cloning_not_supported): say so and the way
+  // out before the user records or picks a clip, instead of failing after.
+  $("upload-form").disabled = !state.cloning;
+  $("voice-help").textContent = state.cloning
+    ? `Upload a clean ${lo}–${hi} s clip of one speaker (at most ${mb} MB) and type exactly what they say. ` +
+      "It becomes a voice you can pick above."
+    : `The ${e.name} engine cannot clone voices, so uploads are off. To clone voices, deploy the VoxCPM ` +
+      "engine (TTS_ENGINE=voxcpm with MODEL_URI naming its weights, or a VoxCPM entry in MODELS; see the README).";
+}
+
 function button(label, onclick, title = "") {
   const b = document.createElement("button");
   b.type = "button"; b.textContent = label; b.title = title; b.onclick = onclick;
@@ -93,10 +113,9 @@ function button(label, onclick, title = "") {
 
 async function loadVoices(select) {
   const body = await (await api("v1/voices")).json();
-  // The page speaks to the default model (/info's engine). A voice is stored for one model family and
-  // only that family's engines use it, and only if they clone at all.
-  const engine = state.info ? state.info.engine.name : null;
-  const usable = (v) => v.type === "preset" || (state.cloning && (!v.family || v.family === engine));
+  // A voice is stored for one model family and only that family's engines use it, if they clone at all.
+  const family = state.info ? engine().name : null;
+  const usable = (v) => v.type === "preset" || (state.cloning && (!v.family || v.family === family));
   const sel = $("voice");
   const keep = select || sel.value;
   sel.innerHTML = "";
@@ -115,7 +134,7 @@ async function loadVoices(select) {
     (v.type === "preset" ? presets : mine).appendChild(opt);
     if (v.type === "uploaded") {
       const li = document.createElement("li");
-      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s${usable(v) ? "" : ` (not usable by the ${engine} engine)`} `;
+      li.textContent = `${v.name} — ${v.duration.toFixed(1)} s${usable(v) ? "" : ` (not usable by the ${family} engine)`} `;
       li.append(button("▶ Play", () => preview(v.id), "The uploaded reference clip"), button("Delete", async () => {
         try { await api(`v1/voices/${encodeURIComponent(v.id)}`, { method: "DELETE" }); await loadVoices(); }
         catch (err) { showError(err.message); }
@@ -162,6 +181,7 @@ async function preview(id = $("voice").value) {
 
 function requestBody() {
   const body = { input: $("text").value, voice: $("voice").value, speed: Number($("speed").value) || 1 };
+  if ($("model").value) body.model = $("model").value;
   // No rates listed means /info did not answer: let the server pick its default rather than send 0.
   if ($("rate").value) body.sample_rate = Number($("rate").value);
   if (!$("cfg").disabled && $("cfg").value) body.cfg_value = Number($("cfg").value);
@@ -209,6 +229,10 @@ function addHistory(kind, settings, duration, latency, audioUrl, ext) {
 
 function restoreSettings(item) {
   $("text").value = item.text;
+  if (item.model && [...$("model").options].some((o) => o.value === item.model) && $("model").value !== item.model) {
+    $("model").value = item.model;
+    applyModel();
+  }
   const option = [...$("voice").options].find((o) => o.value === item.voice && !o.disabled);
   if (option) { $("voice").value = item.voice; describeVoice(); }
   if (item.format) $("format").value = item.format;
@@ -309,7 +333,8 @@ async function generate() {
 // What history keeps of a request: enough to make it again.
 function settingsOf(body) {
   return { text: body.input, voice: body.voice, format: body.response_format || "wav", sample_rate: body.sample_rate,
-           speed: body.speed, cfg_value: body.cfg_value, inference_timesteps: body.inference_timesteps };
+           speed: body.speed, cfg_value: body.cfg_value, inference_timesteps: body.inference_timesteps,
+           model: body.model };
 }
 
 // location.host never carries user:pass, so neither does this URL.
@@ -351,6 +376,7 @@ function stream() {
   showError("");
   const body = requestBody();
   const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
+  if (body.model) req.model = body.model;
   if (body.sample_rate) req.sample_rate = body.sample_rate;
   if (body.cfg_value) req.cfg_value = body.cfg_value;
   if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
@@ -437,6 +463,7 @@ async function uploadVoice(fileOverride) {
   form.append("file", file, file.name || "recording.wav");
   form.append("name", $("voice-name").value || (file.name || "My voice").replace(/\.[^.]*$/, ""));
   form.append("text", $("voice-text").value);
+  if ($("model").value) form.append("model", $("model").value);
   $("voice-msg").textContent = "Uploading…";
   try {
     const voice = await (await api("v1/voices", { method: "POST", body: form })).json();
@@ -516,6 +543,10 @@ $("record").hidden = !(navigator.mediaDevices && window.MediaRecorder);
 $("voice-file").addEventListener("change", showFileName);
 $("preview").addEventListener("click", () => preview());
 $("voice").addEventListener("change", describeVoice);
+$("model").addEventListener("change", async () => {
+  applyModel();
+  try { await loadVoices(); } catch (err) { showError(err.message); }
+});
 $("clear-history").addEventListener("click", clearHistory);
 renderHistory();
 
