@@ -18,7 +18,7 @@ from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import Settings
 from .synthesis import SynthesisService
-from .voices import VoiceStore
+from .voices import VoiceError, VoiceStore
 
 log = logging.getLogger("voxbox")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -45,9 +45,19 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     metrics = Metrics()
     scheduler = Scheduler(engine, metrics, settings.queue_size, settings.retry_after_s, settings.warmup,
                           settings.tts_max_batch, settings.batch_capacity)
+    storage = None
+    if settings.voices_uri:
+        from .voice_storage import S3VoiceStorage
+
+        storage = S3VoiceStorage(settings.voices_uri, settings.voices_dir)
+        log.info("voices: stored in %s, cached in %s", settings.voices_uri, settings.voices_dir)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
-                       settings.voice_max_seconds)
-    leftovers = store.remove_leftovers()
+                       settings.voice_max_seconds, storage)
+    try:
+        leftovers = store.remove_leftovers()
+    except VoiceError as e:  # the shared store is down: serve anyway (presets work), clean up next start
+        log.warning("voices: could not clean up leftovers: %s", e)
+        leftovers = []
     if leftovers:
         log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
     ctx = AppContext(settings, engine, scheduler, store, SynthesisService(settings, engine, scheduler, store),

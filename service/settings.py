@@ -65,6 +65,9 @@ class Settings(BaseSettings):
 
     # Voices
     voices_dir: Path = Path("/models/voices")
+    # s3://bucket/prefix/: voices shared by every worker (VOICES_DIR is then their local cache); empty:
+    # VOICES_DIR itself (one machine, or a volume all workers share).
+    voices_uri: str = ""
     voice_max_bytes: int = 10 * 1024 * 1024
     voice_min_seconds: float = 2.0
     voice_max_seconds: float = 30.0
@@ -148,6 +151,8 @@ class Settings(BaseSettings):
             raise ValueError(f"TTS_MAX_BATCH={batch} is more than the {self.batch_capacity} requests the threads "
                              f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
                              f"{self._threads_for(int(batch))} or lower TTS_MAX_BATCH")
+        if self.voices_uri and not self.voices_uri.startswith(("s3://", "oss://")):
+            raise ValueError(f"VOICES_URI={self.voices_uri!r} must be s3://bucket/prefix/ (or empty: VOICES_DIR)")
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 

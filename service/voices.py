@@ -1,17 +1,15 @@
-"""Uploaded voices for cloning: validated reference audio + transcript, stored on the models volume.
+"""Uploaded voices for cloning: validated reference audio + transcript.
 
-Each voice is a directory `<voices_dir>/<id>/` holding `audio.wav` (mono, float, 44.1 kHz) and
-`voice.json`. It is written under a temporary name and renamed into place, so a crash never leaves a
-half-written voice, and ids are generated here: a user-chosen name never becomes a path.
+Each voice is `audio.wav` (mono, float, 44.1 kHz) and `voice.json`, kept by a storage
+(service/voice_storage.py): a directory on the models volume by default, or an S3 prefix shared by all
+workers (VOICES_URI). A voice is never listed half-written, and ids are generated here: a user-chosen
+name never becomes a path.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,19 +21,10 @@ import soundfile as sf
 from . import text as textmod
 from .audio import resample
 from .engines import VoicePrompt
+from .voice_storage import _ID, STALE_TEMP_S, VOICE_ID_PATTERN, LocalVoiceStorage, VoiceError, VoiceStorage
 
-VOICE_ID_PATTERN = r"^v_[0-9a-f]{16}$"  # ids are generated here (secrets), never chosen by a client
-_ID = re.compile(VOICE_ID_PATTERN)
+__all__ = ["STALE_TEMP_S", "VOICE_ID_PATTERN", "Voice", "VoiceError", "VoiceStore", "is_voice_id"]
 STORE_RATE = 44100
-# An upload writes its directory in well under a second; one this old was left by a killed process.
-# Younger ones may belong to another worker on the same volume (a rollout runs two), so they stay.
-STALE_TEMP_S = 15 * 60
-
-
-class VoiceError(ValueError):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 @dataclass(frozen=True)
@@ -58,33 +47,16 @@ class Voice:
 
 
 class VoiceStore:
-    def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float):
+    def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float,
+                 storage: Optional[VoiceStorage] = None):
         self.root = Path(root)
         self.max_bytes, self.min_seconds, self.max_seconds = max_bytes, min_seconds, max_seconds
+        self.storage: VoiceStorage = storage or LocalVoiceStorage(self.root)
 
     def remove_leftovers(self, now: float | None = None) -> list[str]:
-        """Delete what killed processes left behind: `.tmp-*` uploads older than STALE_TEMP_S and
-        `.del-*` voices already renamed away for deletion. Returns the names removed (called at start)."""
-        if not self.root.is_dir():
-            return []
-        now = time.time() if now is None else now
-        removed = []
-        for d in self.root.iterdir():
-            try:
-                stale = d.name.startswith(".del-") or (
-                    d.name.startswith(".tmp-") and now - d.lstat().st_mtime > STALE_TEMP_S)
-            except FileNotFoundError:  # another worker removed it first
-                continue
-            if stale:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d.name)
-        return removed
-
-    def _ensure_root(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise VoiceError(500, "voices_dir_unwritable", f"cannot create VOICES_DIR {self.root}: {e}") from e
+        """Delete what killed processes left behind (half-written uploads older than STALE_TEMP_S,
+        half-done deletes). Returns the names removed (called at start)."""
+        return self.storage.remove_leftovers(time.time() if now is None else now)
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Mono float32 audio and its rate, decoding no more than VOICE_MAX_SECONDS (plus one frame).
@@ -142,67 +114,38 @@ class VoiceStore:
             audio = audio * (0.99 / peak)
         audio = resample(audio, rate, STORE_RATE)
         voice_id = "v_" + secrets.token_hex(8)
-        self._ensure_root()
-        tmp = self.root / f".tmp-{voice_id}"
-        tmp.mkdir()
-        try:
-            sf.write(tmp / "audio.wav", audio, STORE_RATE, subtype="FLOAT")
-            meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
-                    "sample_rate": STORE_RATE, "created_at": time.time()}
-            (tmp / "voice.json").write_text(json.dumps(meta, ensure_ascii=False))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)  # the files' names, before the voice becomes visible
-            os.rename(tmp, self.root / voice_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.root)  # the rename itself: without this a power loss can forget the voice
-        return self._load(self.root / voice_id)
+        wav = io.BytesIO()
+        sf.write(wav, audio, STORE_RATE, subtype="FLOAT", format="WAV")
+        meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
+                "sample_rate": STORE_RATE, "created_at": time.time()}
+        self.storage.put(voice_id, {"audio.wav": wav.getvalue(),
+                                    "voice.json": json.dumps(meta, ensure_ascii=False).encode()})
+        return self.get(voice_id)
 
-    def _load(self, d: Path) -> Optional[Voice]:
+    @staticmethod
+    def _load(meta_json: bytes, d: Path) -> Optional[Voice]:
         try:
-            meta = json.loads((d / "voice.json").read_text())
+            meta = json.loads(meta_json)
             return Voice(path=d, **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate",
                                                             "created_at")})
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None
 
     def get(self, voice_id: str) -> Optional[Voice]:
         if not _ID.match(voice_id or ""):
             return None
-        return self._load(self.root / voice_id)
+        found = self.storage.fetch(voice_id)
+        return self._load(*found) if found else None
 
     def list(self) -> list[Voice]:
-        if not self.root.is_dir():
-            return []
-        voices = [self._load(d) for d in self.root.iterdir() if _ID.match(d.name)]
+        voices = [self._load(meta, d) for _, meta, d in self.storage.metas()]
         return sorted((v for v in voices if v), key=lambda v: v.created_at)
 
     def delete(self, voice_id: str) -> bool:
         if not _ID.match(voice_id or ""):
             return False
-        trash = self.root / f".del-{voice_id}-{secrets.token_hex(4)}"
-        try:
-            # The rename is the check: of concurrent deletes (other threads, other replicas on the same
-            # volume) exactly one wins, and the voice disappears whole.
-            os.rename(self.root / voice_id, trash)
-        except FileNotFoundError:
-            return False
-        _fsync_dir(self.root)  # a deleted voice must not come back after a power loss
-        shutil.rmtree(trash, ignore_errors=True)
-        return True
+        return self.storage.delete(voice_id)
 
 
 def is_voice_id(name: str) -> bool:
     return bool(_ID.fullmatch(name or ""))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created, renamed files) durable: fsync on the directory itself."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

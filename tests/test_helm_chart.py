@@ -43,6 +43,8 @@ VALUE_SETS = {
         "worker": {"runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"}}},
     "keda": {**MINIMAL, "autoscaling": {"enabled": True, "type": "keda"}},
     "shared-rwx": {**MINIMAL, "models": {"type": "existingClaim", "existingClaim": "voxbox-models"}},
+    "s3-voices": {**MINIMAL, "voices": {"uri": "s3://voices/prod/"},
+                  "storeCredentials": {"accessKeyId": ACCESS_KEY, "secretAccessKey": SECRET_KEY}},
 }
 
 
@@ -205,6 +207,17 @@ def test_worker_requests_a_gpu_and_outlives_its_longest_request(helm, tmp_path):
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and env_of(objects, c)["TTS_DEVICE"] == "cpu"
 
 
+def test_s3_voices_are_configured_for_every_worker(helm, tmp_path):
+    from service.settings import Settings
+
+    _, objects = template(helm, VALUE_SETS["s3-voices"], tmp_path)
+    c = one(objects, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(objects, c)
+    assert env["VOICES_URI"] == "s3://voices/prod/"
+    Settings(voices_uri=env["VOICES_URI"], tts_engine="embedded").check()
+    assert {s["secretRef"]["name"] for s in c["envFrom"] if "secretRef" in s} == {"voxbox-store"}
+
+
 def test_shared_volume_uses_the_claim_and_never_the_flock_prune(helm, tmp_path):
     _, objects = template(helm, VALUE_SETS["shared-rwx"], tmp_path)
     worker = one(objects, "Deployment", "-worker")["spec"]["template"]["spec"]
@@ -282,6 +295,7 @@ def test_default_worker_environment_passes_the_workers_own_start_checks(helm, tm
         monkeypatch.setenv(k, v)
     s = Settings()
     s.check()
+    assert s.voices_uri == "" and s.voices_dir == Path("/models/voices")
     assert s.gunicorn_threads >= s.queue_size + s.ws_connection_limit + 4 + 1
     b = BootstrapSettings()
     assert b.models_dir == Path("/models") and b.keep_versions == 2

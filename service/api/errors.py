@@ -8,6 +8,8 @@ from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from ..voice_storage import VoiceError
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,11 @@ def install(app: Flask) -> None:
         resp = error_response(e.status, e.code, e.message, e.retry_after)
         resp.headers.update(e.headers)
         return resp
+
+    # The voice store failing on a lookup (S3 unreachable) is the store's 503, not the worker's 500.
+    @app.errorhandler(VoiceError)
+    def _voice_error(e: VoiceError):
+        return error_response(e.status, e.code, str(e), 5 if e.status == 503 else None)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
