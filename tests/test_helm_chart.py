@@ -314,8 +314,11 @@ def test_gateway_environment_renders_a_config_nginx_accepts(helm, tmp_path):
     assert env["GATEWAY_HEALTH_LISTEN"].startswith("127.0.0.1:")
     probe_cmd = c["livenessProbe"]["exec"]["command"]
     assert probe_cmd[-1] == f"http://{env['GATEWAY_HEALTH_LISTEN']}/", "probes ask nginx's own listener"
+    # The root fs is read-only: render.sh writes into an emptyDir, in a directory of its own below the mount
+    # (it chmods its prefix, and an emptyDir's root is root's).
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert "/etc/nginx/voxbox" in mounts and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(Path(env["NGINX_PREFIX"]).parent == Path(m) for m in mounts), (env["NGINX_PREFIX"], mounts)
     prefix = tmp_path / "nginx"
     run_env = {**os.environ, **env, **secret, "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(),
                "RESOLVER": "127.0.0.1", "GATEWAY_HEALTH_LISTEN": "127.0.0.1:16007", "ACCESS_LOG": "/dev/stdout"}
