@@ -18,7 +18,7 @@ from bootstrap.settings import BootstrapSettings
 from bootstrap.status import Status
 
 from .support.procs import PYTHON, REPO_ROOT, wait_until
-from .support.s3 import bootstrap_env, make_model, run_bootstrap, settings_from
+from .support.s3 import bootstrap_env, publish_versions, run_bootstrap, settings_from
 
 pytest_plugins = ["tests.support.s3"]
 DAY = 86400
@@ -130,14 +130,8 @@ time.sleep(60)
 def test_shared_grace_pulls_keep_what_other_pods_serve_and_prune_by_hand(s3_server, published, tmp_path,
                                                                         monkeypatch):
     """Real pulls from SeaweedFS into one volume, as pods on a shared claim do (no in-use flock held)."""
-    uri1, _ = published
-    bucket = uri1.split("/")[2]
     models = tmp_path / "m"
-    uris = []
-    for i in range(3):
-        uris.append(f"s3://{bucket}/grace/v{i}/")
-        src = make_model(tmp_path / f"p{i}", big_mb=1, seed=20 + i)
-        assert run_bootstrap(s3_server.env(), "publish", str(src), uris[-1]).returncode == 0
+    uris = publish_versions(s3_server, published[0], tmp_path, "grace", 3, seed=20)
 
     def env_for(i, **kw):
         return bootstrap_env(s3_server, models, uris[i], KEEP_VERSIONS=1, PRUNE="shared-grace", PRUNE_GRACE_S=5,
