@@ -1,6 +1,7 @@
 """The worker's one typed settings object, read from the environment (documented in .env.example)."""
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional
@@ -151,8 +152,14 @@ class Settings(BaseSettings):
             raise ValueError(f"TTS_MAX_BATCH={batch} is more than the {self.batch_capacity} requests the threads "
                              f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
                              f"{self._threads_for(int(batch))} or lower TTS_MAX_BATCH")
-        if self.voices_uri and not self.voices_uri.startswith(("s3://", "oss://")):
-            raise ValueError(f"VOICES_URI={self.voices_uri!r} must be s3://bucket/prefix/ (or empty: VOICES_DIR)")
+        if self.voices_uri:
+            from bootstrap.errors import FatalError
+            from bootstrap.uri import parse_uri
+
+            try:  # the pull's own parser: the same URIs, the same S3_ENDPOINT_URL rule for oss://
+                parse_uri(self.voices_uri, os.environ.get("S3_ENDPOINT_URL"), "VOICES_URI")
+            except FatalError as e:
+                raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 

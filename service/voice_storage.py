@@ -198,7 +198,8 @@ class S3VoiceStorage:
                     shutil.rmtree(d, ignore_errors=True)
                     return None
                 self._cache_file(voice_id, name, r["Body"].read())
-        self._cache_file(voice_id, META, meta)
+        if not (d / META).exists():  # immutable for an id: written once, for metas()
+            self._cache_file(voice_id, META, meta)
         return meta, d
 
     def _listing(self) -> dict[str, dict[str, float]]:

@@ -105,6 +105,17 @@ def test_an_unreachable_store_is_a_503_that_says_what_to_check(tmp_path):
         S3VoiceStorage("http://not-s3/", tmp_path, client, dead)
 
 
+def test_a_bad_voices_uri_stops_the_worker_at_start_saying_why(monkeypatch):
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match=r"VOICES_URI 'https://bucket/voices' is not s3://bucket/prefix/"):
+        Settings(voices_uri="https://bucket/voices", tts_engine="embedded").check()
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    with pytest.raises(ValueError, match="oss:// but S3_ENDPOINT_URL is not set"):
+        Settings(voices_uri="oss://bucket/voices/", tts_engine="embedded").check()
+    Settings(voices_uri="s3://bucket/voices/", tts_engine="embedded").check()
+
+
 def test_two_real_workers_share_voices_through_the_bucket(s3_server, voices_uri, tmp_path):
     env = {**s3_server.env(), "VOICES_URI": voices_uri}
     with start_worker(tmp_path / "w1", {**env, "VOICES_DIR": str(tmp_path / "c1")}) as w1, \
