@@ -170,3 +170,76 @@ def test_a_list_of_names_is_refused_saying_what_to_give_instead(tmp_path):
     assert r.returncode == 0, r.stderr
     conf = (tmp_path / "q" / "generated" / "upstream.conf").read_text()
     assert "server tts-1:8000 max_fails=1" in conf and "server tts-2:8000 max_fails=1" in conf and "least_conn;" in conf
+
+
+class DyingWorker:
+    """A worker that dies on every request: `after_bytes=None` closes the connection before answering,
+    otherwise it sends a 200 and the start of a chunked audio stream, then dies mid-stream."""
+
+    def __init__(self, after_bytes: bytes | None):
+        self.after_bytes, self.requests = after_bytes, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    head += data
+                rid = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"x-request-id:")), None)
+                self.requests.append(rid)
+                if self.after_bytes is not None:
+                    chunk = self.after_bytes
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: audio/pcm\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    time.sleep(0.2)  # the client has the first audio; then the worker dies
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_worker_dying_before_it_answers_is_retried_but_mid_stream_only_its_stream_ends(tmp_path):
+    with recording_server("ok") as ok:
+        before, midway = DyingWorker(None), DyingWorker(b"first-audio")
+        try:
+            for dying, retried in ((before, True), (midway, False)):
+                upstream = f"127.0.0.1:{dying.port},127.0.0.1:{ok.port}"
+                with start_gateway(tmp_path / str(dying.port), upstream, ENV) as g:
+                    outcomes = []
+                    deadline = time.monotonic() + 15
+                    while len(dying.requests) < 2 and time.monotonic() < deadline:
+                        rid = uuid.uuid4().hex
+                        got = b""
+                        try:
+                            with requests.post(f"{g.url}/v1/audio/speech", json={"input": "hi", "stream": True},
+                                               headers={**AUTH, "X-Request-ID": rid}, stream=True, timeout=10) as r:
+                                for piece in r.iter_content(None):
+                                    got += piece
+                            outcomes.append((rid, r.status_code, got, None))
+                        except requests.exceptions.RequestException as e:
+                            outcomes.append((rid, None, got, e))
+                        time.sleep(0.3)
+                    assert len(dying.requests) >= 2, "the dying worker was never picked"
+                    for rid, status, got, error in outcomes:
+                        if rid not in dying.requests:
+                            assert status == 200 and b'"served_by": "ok"' in got
+                        elif retried:  # nothing reached the client: the request went on to the other worker
+                            assert status == 200 and b'"served_by": "ok"' in got and rid in seen_ids(ok)
+                        else:  # audio had flowed: this stream ends, cut short, and is never repeated elsewhere
+                            assert got == b"first-audio" and error is not None, (got, status, error)
+                            assert rid not in seen_ids(ok)
+        finally:
+            before.close()
+            midway.close()
