@@ -85,7 +85,8 @@ def helm_run(helm: str, args: list[str], values: dict, tmp_path: Path) -> subpro
 
 
 def template(helm: str, values: dict, tmp_path: Path) -> tuple[str, list[dict]]:
-    r = helm_run(helm, ["template", "voxbox", "--namespace", NAMESPACE], values, tmp_path)
+    r = helm_run(helm, ["template", "voxbox", "--namespace", NAMESPACE, "--kube-version", K8S_VERSION], values,
+                 tmp_path)
     assert r.returncode == 0, r.stderr
     return r.stdout, [d for d in yaml.safe_load_all(r.stdout) if d]
 
@@ -117,7 +118,7 @@ def env_of(objects: list[dict], container: dict) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_chart_lints_and_every_object_matches_the_kubernetes_schema(helm, tmp_path, name):
     values = VALUE_SETS[name]
-    lint = helm_run(helm, ["lint", "--strict"], values, tmp_path)
+    lint = helm_run(helm, ["lint", "--strict", "--kube-version", K8S_VERSION], values, tmp_path)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     _, objects = template(helm, values, tmp_path)
     kinds = sorted({o["kind"] for o in objects})
@@ -318,6 +319,11 @@ def test_gateway_environment_renders_a_config_nginx_accepts(helm, tmp_path):
     # (it chmods its prefix, and an emptyDir's root is root's).
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # nginx drains on SIGQUIT (the image's STOPSIGNAL) within the pod's grace period.
+    dockerfile = (REPO_ROOT / "docker" / "gateway.Dockerfile").read_text()
+    assert "\nSTOPSIGNAL SIGQUIT\n" in dockerfile
+    gateway_pod = one(objects, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert gateway_pod["terminationGracePeriodSeconds"] > int(one(objects, "ConfigMap", "-worker")["data"]["REQUEST_TIMEOUT_S"])
     assert any(Path(env["NGINX_PREFIX"]).parent == Path(m) for m in mounts), (env["NGINX_PREFIX"], mounts)
     prefix = tmp_path / "nginx"
     run_env = {**os.environ, **env, **secret, "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(),
