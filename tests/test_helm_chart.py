@@ -333,6 +333,17 @@ def test_gateway_environment_renders_a_config_nginx_accepts(helm, tmp_path):
     assert f"upstream {upstream}, re-resolved" in r.stderr and "1 user(s), 1 API key(s)" in r.stderr
 
 
+def test_only_the_workers_account_carries_the_store_role(helm, tmp_path):
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/voxbox-models"}
+    _, objects = template(helm, {**MINIMAL, "serviceAccount": {"annotations": role}}, tmp_path)
+    accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    specs = {name.rsplit("-", 1)[1]: spec for name, spec in pod_specs(objects).items()}
+    worker_sa, gateway_sa = accounts[specs["worker"]["serviceAccountName"]], accounts[specs["gateway"]["serviceAccountName"]]
+    assert worker_sa["metadata"]["annotations"] == role
+    assert worker_sa is not gateway_sa and "annotations" not in gateway_sa["metadata"]
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+
+
 def test_network_policy_lets_only_the_gateway_reach_workers(helm, tmp_path):
     _, objects = template(helm, MINIMAL, tmp_path)
     policy = one(objects, "NetworkPolicy")["spec"]

@@ -41,7 +41,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "voxbox.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
-{{- default (include "voxbox.fullname" .) .Values.serviceAccount.name -}}
+{{- default (printf "%s-worker" (include "voxbox.fullname" .)) .Values.serviceAccount.name -}}
 {{- else -}}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
@@ -49,6 +49,15 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "voxbox.workerName" -}}{{ include "voxbox.fullname" . }}-worker{{- end -}}
 {{- define "voxbox.gatewayName" -}}{{ include "voxbox.fullname" . }}-gateway{{- end -}}
+
+{{/* The gateways' account: their own when the chart creates accounts (no store role), else the given one. */}}
+{{- define "voxbox.gatewayServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- include "voxbox.gatewayName" . -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.gatewayName -}}
+{{- end -}}
+{{- end -}}
 
 {{/* The Secret the gateway reads its credentials from: the existing one, or the chart's. */}}
 {{- define "voxbox.authSecretName" -}}
