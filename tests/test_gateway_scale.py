@@ -13,7 +13,7 @@ from collections import Counter
 import requests
 
 from .support.gateway import start_gateway
-from .support.procs import free_port, wait_until
+from .support.procs import free_port, read_head, wait_until
 from .support.upstream import dns_server, recording_server
 
 KEY = "vbx_" + "fedcba9876543210" * 3
@@ -191,12 +191,7 @@ class DyingWorker:
             except OSError:
                 return
             with conn:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    head += data
+                head = read_head(conn)
                 rid = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
                             if line.lower().startswith(b"x-request-id:")), None)
                 self.requests.append(rid)
