@@ -325,11 +325,13 @@ chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf" "$NGINX_
     "$NGINX_PREFIX/voxbox_retry.conf" "$upstream_conf" "$errors" "$health"
 echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, $how; listen $GATEWAY_LISTEN, $users user(s), $keys API key(s))" >&2
 
+# -e stderr: the error log nginx opens before it reads the config is fd 2 too, not a compiled-in path
+# that an unprivileged user (the Helm chart runs nginx as uid 101) may not open.
 case "${1:-}" in
     --render-only) exit 0 ;;
-    --test) exec "$NGINX_BIN" -t -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" ;;
+    --test) exec "$NGINX_BIN" -e stderr -t -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" ;;
     # What `docker compose exec gateway` runs to reload: a plain `nginx -s reload` reads the image's
     # default nginx.conf and looks for a pid file this config does not use.
-    --reload) exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -s reload ;;
+    --reload) exec "$NGINX_BIN" -e stderr -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -s reload ;;
 esac
-exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -g 'daemon off;'
+exec "$NGINX_BIN" -e stderr -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -g 'daemon off;'

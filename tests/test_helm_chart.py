@@ -344,6 +344,45 @@ def test_only_the_workers_account_carries_the_store_role(helm, tmp_path):
     assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
 
 
+def test_gateway_serves_as_an_unprivileged_user_from_the_charts_layout(helm, tmp_path):
+    """The chart's gateway pod, natively: not root, writing only below a directory it does not own (the
+    emptyDir), the worker found through DNS by the chart's name. As root, the test drops to nobody."""
+    import shutil
+    import tempfile
+
+    import requests
+
+    from .support.procs import free_port, port_open, running
+    from .support.upstream import dns_server, recording_server
+
+    _, objects = template(helm, VALUE_SETS["ingress-hpa-monitoring"], tmp_path)
+    c = one(objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    env = {**env_of(objects, c), **one(objects, "Secret", "-auth")["stringData"]}
+    host = env["UPSTREAM"].rsplit(":", 1)[0]
+    # The emptyDir: a world-writable directory owned by someone else (root when we can arrange it).
+    mount = Path(tempfile.mkdtemp(prefix="voxbox-emptydir-"))
+    mount.chmod(0o777)
+    prefix = mount / Path(env["NGINX_PREFIX"]).name
+    listen, health = free_port(), free_port()
+    drop = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.getuid() == 0 else []
+    try:
+        with recording_server("worker") as worker, \
+                dns_server(host, "127.0.0.1") as dns:
+            run_env = {**env, "UPSTREAM": f"{host}:{worker.port}", "RESOLVER": f"127.0.0.1:{dns.port}",
+                       "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(), "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
+                       "GATEWAY_HEALTH_LISTEN": f"127.0.0.1:{health}", "ACCESS_LOG": str(mount / "access.log"),
+                       "NGINX_WORKER_PROCESSES": "1"}
+            with running([*drop, "sh", str(RENDER)], tmp_path / "gateway.log", env=run_env,
+                         ready=lambda: port_open(listen), timeout=30, what="unprivileged gateway"):
+                assert requests.get(f"http://127.0.0.1:{health}/", timeout=5).status_code == 200
+                r = requests.get(f"http://127.0.0.1:{listen}/info", timeout=10,
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+                assert r.status_code == 200 and r.json()["served_by"] == "worker", r.text
+                assert prefix.stat().st_uid == (65534 if drop else os.getuid())  # render.sh made its own directory
+    finally:
+        shutil.rmtree(mount, ignore_errors=True)
+
+
 def test_network_policy_lets_only_the_gateway_reach_workers(helm, tmp_path):
     _, objects = template(helm, MINIMAL, tmp_path)
     policy = one(objects, "NetworkPolicy")["spec"]
