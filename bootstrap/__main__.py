@@ -1,4 +1,4 @@
-"""python -m bootstrap [pull | publish LOCAL_DIR URI | run]: the worker container's entrypoint.
+"""python -m bootstrap [pull | publish LOCAL_DIR URI | prune | run]: the worker container's entrypoint.
 
 With no command (the image's ENTRYPOINT), it pulls MODEL_URI into MODELS_DIR when set, sizes the
 worker for the GPU, and execs gunicorn with MODEL_DIR pointing at the verified version.
@@ -71,6 +71,8 @@ def _run(s: BootstrapSettings, status: Status) -> None:
         env["MODEL_DIR"] = str(result.model_dir.resolve())
         # gunicorn inherits the shared lock, so no other replica prunes this version while we serve it.
         os.set_inheritable(result.in_use_fd, True)
+        if s.prune != "local":
+            _start_heartbeat(s, result.digest)
     else:
         log.info("MODEL_URI is empty: no pull (TTS_ENGINE=%s, MODEL_DIR=%s)", env.get("TTS_ENGINE", "embedded"),
                  env.get("MODEL_DIR", "-"))
@@ -81,6 +83,29 @@ def _run(s: BootstrapSettings, status: Status) -> None:
     env["STATUS_FILE"] = str(status.path)
     log.info("handing off to gunicorn")
     os.execvpe(GUNICORN[0], GUNICORN, env)
+
+
+def _start_heartbeat(s: BootstrapSettings, digest: str) -> None:
+    """A companion process that names our version in a heartbeat file for as long as this process (gunicorn,
+    after the exec: the same pid) lives, so a shared-grace prune on another pod keeps it."""
+    import subprocess
+
+    from .heartbeat import heartbeat_path
+
+    subprocess.Popen([sys.executable, "-m", "bootstrap", "heartbeat", digest, str(os.getpid()),
+                      str(heartbeat_path(s.models_dir))], stdin=subprocess.DEVNULL, close_fds=True)
+
+
+def _prune_by_hand(s: BootstrapSettings, dry_run: bool) -> int:
+    from .puller import prune_versions
+
+    link = s.models_dir / "current"
+    current = link.resolve() if link.is_symlink() else None
+    removed = prune_versions(s, current, by_hand=True, dry_run=dry_run)
+    rule = "flock, KEEP_VERSIONS" if s.prune == "local" else f"unused for PRUNE_GRACE_S={s.prune_grace_s:g}s"
+    verb = "would remove" if dry_run else "removed"
+    print(f"prune ({rule}): {verb} {len(removed)} version(s){': ' + ', '.join(removed) if removed else ''}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--version")
     pub.add_argument("--create-bucket", action="store_true",
                      help="create the bucket first if it does not exist (a fresh MinIO, say)")
+    pr = sub.add_parser("prune", help="remove old model versions from MODELS_DIR now: with PRUNE=local as a pull "
+                        "does; otherwise those no heartbeat has named for PRUNE_GRACE_S")
+    pr.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    hb = sub.add_parser("heartbeat")  # internal: started by `run` with PRUNE=off / shared-grace
+    hb.add_argument("version")
+    hb.add_argument("parent_pid", type=int)
+    hb.add_argument("path", type=Path)
     args = ap.parse_args(argv)
 
     try:
@@ -112,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
             m = publish(args.local_dir, args.uri, s, args.name, args.version, create_bucket=args.create_bucket)
             print(f"published {m.name} {m.version} (digest {m.digest[:16]}) to {args.uri}")
+        elif args.cmd == "heartbeat":
+            from .heartbeat import keep_beating
+
+            keep_beating(args.path, args.version, args.parent_pid, s.heartbeat_interval_s)
+        elif args.cmd == "prune":
+            return _prune_by_hand(s, args.dry_run)
         elif args.cmd == "pull":
             result = _pull(s, status)
             print(result.model_dir)

@@ -25,6 +25,7 @@ from s3transfer.subscribers import BaseSubscriber
 from . import manifest as mf
 from .compile_cache import prune_compile_caches
 from .errors import FatalError
+from .heartbeat import beat, heartbeat_path, last_beats, remove_stale
 from .lock import shared_lock, volume_lock
 from .progress import Progress
 from .s3client import explain, make_client, transfer_config
@@ -118,6 +119,9 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
              manifest.version, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - t0)
 
     locks = s.models_dir / ".voxbox" / "locks"
+    if s.prune != "local":
+        # Before anything looks at the version: a shared-grace prune elsewhere then keeps it (flock may not).
+        beat(heartbeat_path(s.models_dir), digest)
     # Taken before anything else looks at the version, so another replica's prune cannot delete it
     # between our check and our use (pruning needs this lock exclusively and never waits for it).
     in_use = shared_lock(locks / f"{digest}.inuse")
@@ -148,7 +152,7 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
                     downloaded = _download_version(client, where, manifest, vdir, s, status, timings)
         with volume_lock(locks / "current.lock", s.pull_lock_timeout_s):
             _switch_current(s.models_dir, vdir)
-            _prune(s.models_dir, vdir, s.keep_versions, locks)
+            prune_versions(s, vdir)
     except BaseException:
         os.close(in_use)
         raise
@@ -504,11 +508,58 @@ def _switch_current(models_dir: Path, vdir: Path) -> None:
     os.utime(vdir / COMPLETE)  # its mtime is "last made current": pruning keeps the recently used ones
 
 
-def _prune(models_dir: Path, current: Path, keep: int, locks: Path) -> None:
+def prune_versions(s: BootstrapSettings, current: Path | None, by_hand: bool = False,
+                   dry_run: bool = False) -> list[str]:
+    """Prune old versions as PRUNE says; returns the versions removed (or that would be, with dry_run).
+
+    At a pull, PRUNE=off prunes nothing; by hand (`python -m bootstrap prune`) it applies the
+    shared-grace rule, the only one safe on a volume whose locks are not trusted.
+    """
+    locks = s.models_dir / ".voxbox" / "locks"
+    if s.prune == "local":
+        return _prune(s.models_dir, current, s.keep_versions, locks, dry_run)
+    if s.prune == "off" and not by_hand:
+        log.info("pull: PRUNE=off: old versions are kept (run `python -m bootstrap prune` to remove unused ones)")
+        return []
+    return _prune_grace(s.models_dir, current, s.keep_versions, s.prune_grace_s, dry_run)
+
+
+def _prune_grace(models_dir: Path, current: Path | None, keep: int, grace_s: float, dry_run: bool) -> list[str]:
+    now = time.time()
+    beats = last_beats(models_dir)
+    root = models_dir / "versions"
+    versions = [d for d in root.iterdir() if d.is_dir() and d != current] if root.is_dir() else []
+    versions.sort(key=lambda d: max(beats.get(d.name, 0.0), _last_used(d)), reverse=True)
+    removed = []
+    for old in versions[max(keep - 1, 0):]:
+        # Its last use: a heartbeat naming it, or being made current / written to (a pull under way).
+        last = max(beats.get(old.name, 0.0), _last_used(old), old.stat().st_mtime)
+        idle = now - last
+        if idle < grace_s:
+            log.info("prune: keeping %s beyond KEEP_VERSIONS=%d: used %.0fs ago (PRUNE_GRACE_S=%.0f)",
+                     old.name, keep, idle, grace_s)
+            continue
+        log.info("prune: %s %s, unused for %.0fs (PRUNE_GRACE_S=%.0f)", "would remove" if dry_run else "removing",
+                 old.name, idle, grace_s)
+        removed.append(old.name)
+        if not dry_run:
+            (old / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+    if not dry_run:
+        remove_stale(models_dir, grace_s, now)
+        prune_compile_caches(models_dir, {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set())
+    return removed
+
+
+def _prune(models_dir: Path, current: Path | None, keep: int, locks: Path, dry_run: bool = False) -> list[str]:
     # Abandoned partial downloads count too, or failed pulls of other versions would fill the volume.
+    removed: list[str] = []
+    if not (models_dir / "versions").is_dir():
+        return removed
+    locks.mkdir(parents=True, exist_ok=True)
     versions = [d for d in (models_dir / "versions").iterdir() if d.is_dir() and d != current]
     versions.sort(key=_last_used, reverse=True)
-    for old in versions[keep - 1:]:
+    for old in versions[max(keep - 1, 0):]:
         # Both locks, without waiting: one is held while a replica pulls that version, the other
         # for as long as a replica serves it (the server inherits it); either way, keep the version.
         fds = [os.open(locks / f"{old.name}{ext}", os.O_RDWR | os.O_CREAT, 0o644) for ext in (".lock", ".inuse")]
@@ -519,13 +570,18 @@ def _prune(models_dir: Path, current: Path, keep: int, locks: Path) -> None:
             log.info("pull: keeping old version %s beyond KEEP_VERSIONS=%d: a replica is using it", old.name, keep)
             continue
         else:
-            log.info("pull: pruning old version %s (KEEP_VERSIONS=%d)", old.name, keep)
-            (old / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
+            log.info("pull: %s old version %s (KEEP_VERSIONS=%d)", "would prune" if dry_run else "pruning",
+                     old.name, keep)
+            removed.append(old.name)
+            if not dry_run:
+                (old / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(old, ignore_errors=True)
         finally:
             for fd in fds:
                 os.close(fd)
-    prune_compile_caches(models_dir, {d.name for d in (models_dir / "versions").iterdir() if d.is_dir()})
+    if not dry_run:
+        prune_compile_caches(models_dir, {d.name for d in (models_dir / "versions").iterdir() if d.is_dir()})
+    return removed
 
 
 def _last_used(vdir: Path) -> float:

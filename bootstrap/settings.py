@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,10 +23,25 @@ class BootstrapSettings(BaseSettings):
     pull_retries: int = Field(5, ge=1)
     verify: Literal["fast", "full"] = "fast"
     keep_versions: int = Field(2, ge=1)
+    # local: prune at each pull beyond KEEP_VERSIONS, skipping versions a process holds a flock on (a
+    # per-pod or local volume); off: never prune automatically (`python -m bootstrap prune` by hand);
+    # shared-grace: prune only versions no heartbeat has named for PRUNE_GRACE_S (NFS/EFS, where flock
+    # is not to be trusted). off and shared-grace write heartbeats (bootstrap/heartbeat.py).
+    prune: Literal["off", "local", "shared-grace"] = "local"
+    prune_grace_s: float = Field(86400, gt=0)
+    heartbeat_interval_s: float = Field(60, gt=0)
     allow_unverified: bool = False
     pull_lock_timeout_s: float = Field(3600, gt=0)
     status_file: Optional[Path] = None
     progress_interval_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeats(self) -> "BootstrapSettings":
+        # A live server's version must never look unused between two of its beats.
+        if self.prune_grace_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(f"PRUNE_GRACE_S={self.prune_grace_s:g} must be at least 3 x HEARTBEAT_INTERVAL_S="
+                             f"{self.heartbeat_interval_s:g}, or a running server's version could be pruned")
+        return self
 
     @property
     def status_path(self) -> Path:

@@ -5,12 +5,16 @@
 # changed) and has the running nginx reload, re-resolving the worker's name at once.
 #
 #   NGINX_PREFIX      where the rendered config, generated files and temp dirs go
-#   UPSTREAM          the worker, host:port (or unix:/path). A name is re-resolved every few seconds
-#                     through RESOLVER, so a worker that restarts on a new IP is found again
+#   UPSTREAM          the worker(s): host:port (or unix:/path), or a comma-separated list of addresses
+#                     ("10.0.0.5:8000,10.0.0.6:8000"), spread by least connections. A name is re-resolved
+#                     every few seconds through RESOLVER, so a worker that restarts on a new IP is found
+#                     again, and requests are spread over all the addresses it resolves to (Compose
+#                     --scale, a Kubernetes headless Service)
 #   RESOLVER          DNS server(s) for that, "addr[:port] ..." (default: /etc/resolv.conf's nameservers,
 #                     127.0.0.11 under Docker); "off" resolves the name once at start (e.g. localhost)
 #   GATEWAY_HEALTH_LISTEN  address:port of a loopback listener that answers 200 while nginx runs, for
 #                     the container's health check (default 127.0.0.1:6007; "off": none)
+#   UPSTREAM_TRIES    workers tried per synthesis request when one refuses or answers 503 (default 3)
 #   GATEWAY_LISTEN    port or addr:port to listen on (default 6006)
 #   BASIC_AUTH_USERS  "user:password,user2:password2"   and/or BASIC_AUTH_FILE (htpasswd lines)
 #   API_KEYS          "key1,key2"                       and/or API_KEYS_FILE (one key per line)
@@ -36,6 +40,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${MAX_JSON_BODY:=256k}"
 : "${MAX_UPLOAD_BODY:=12m}"
 : "${PROXY_READ_TIMEOUT:=600s}"
+: "${UPSTREAM_TRIES:=3}"
 : "${ACCESS_LOG:=/dev/stdout}"
 : "${BASIC_AUTH_USERS:=}" "${BASIC_AUTH_FILE:=}" "${API_KEYS:=}" "${API_KEYS_FILE:=}"
 : "${ALLOW_CIDRS:=}" "${TLS_CERT:=}" "${TLS_KEY:=}" "${RESOLVER:=}" "${RESOLV_CONF:=/etc/resolv.conf}"
@@ -51,8 +56,10 @@ check RATE_LIMIT_BURST "$RATE_LIMIT_BURST" '[0-9]{1,6}' "a whole number of reque
 check MAX_STREAMS_PER_CLIENT "$MAX_STREAMS_PER_CLIENT" '[1-9][0-9]{0,5}' "a whole number, 1 or more"
 check MAX_JSON_BODY "$MAX_JSON_BODY" '[1-9][0-9]*[kKmMgG]?' "a size above 0 like 256k or 12m"
 check MAX_UPLOAD_BODY "$MAX_UPLOAD_BODY" '[1-9][0-9]*[kKmMgG]?' "a size above 0 like 256k or 12m"
+check UPSTREAM_TRIES "$UPSTREAM_TRIES" '[1-9][0-9]{0,2}' "a whole number of workers to try per synthesis request, 1 or more"
 check PROXY_READ_TIMEOUT "$PROXY_READ_TIMEOUT" '[1-9][0-9]*(ms|s|m|h|d)?' "a duration like 600s or 10m"
-check UPSTREAM "$UPSTREAM" '[A-Za-z0-9._-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}|unix:/[^ ;{}]+' "host:port"
+one_upstream='[A-Za-z0-9._-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}|unix:/[^ ,;{}]+'
+check UPSTREAM "$UPSTREAM" "($one_upstream)(,($one_upstream))*" "host:port, or a comma-separated list of them"
 check GATEWAY_LISTEN "$GATEWAY_LISTEN" '[0-9]{1,5}|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}' \
     "a port or address:port"
 # address:port only: a bare port would open the health listener on every interface.
@@ -185,18 +192,41 @@ else
     echo "listen $GATEWAY_LISTEN;" > "$gen/listen.conf"
 fi
 
-# --- the worker ------------------------------------------------------------------------------
-# An address gets an upstream block with keepalive. A name gets a resolver and a proxy_pass through a
-# variable, which nginx resolves at request time (cached for valid=): an upstream block's "server name"
-# is resolved once at start, and the open-source "resolve" parameter needs nginx 1.27.3 (Debian 12 has 1.22).
+# --- the worker(s) ---------------------------------------------------------------------------
+# Addresses get an upstream block: least_conn (a synthesis holds a worker for seconds, so the one with the
+# fewest open requests is the least loaded) and keepalive. A 503 or a refused connection counts as a failure
+# (synthesis routes retry elsewhere, see voxbox.conf): fail_timeout=2s keeps a full worker out of the
+# rotation only briefly. A single server is never taken out.
+# A name gets a resolver and a proxy_pass through a variable, which nginx resolves at request time (cached
+# for valid=): every request is spread over all the addresses the name has (nginx rotates them at random
+# on each lookup from its cache) and retried on another of them. An upstream block's "server name" is
+# resolved once at start, and its open-source "resolve" parameter (with least_conn on a re-resolved name)
+# needs nginx 1.27.3, while Debian 12 has 1.22; a variable proxy_pass cannot keep connections alive.
 upstream_conf="$gen/upstream.conf"
-upstream_host=${UPSTREAM%:*}
-if printf '%s' "$UPSTREAM" | grep -Eqx 'unix:.*|\[.*\]:[0-9]+' \
-        || printf '%s' "$upstream_host" | grep -Eqx '([0-9]{1,3}\.){3}[0-9]{1,3}' || [ "$RESOLVER" = off ]; then
+is_address() {
+    printf '%s' "$1" | grep -Eqx 'unix:.*|\[.*\]:[0-9]+' || printf '%s' "${1%:*}" | grep -Eqx '([0-9]{1,3}\.){3}[0-9]{1,3}'
+}
+case "$UPSTREAM" in *,*) list=1 ;; *) list=0 ;; esac
+all_addresses=1
+old_ifs=$IFS; IFS=','
+for one in $UPSTREAM; do is_address "$one" || all_addresses=0; done
+IFS=$old_ifs
+if [ "$all_addresses" = 1 ] || [ "$RESOLVER" = off ]; then
     VOXBOX_UPSTREAM=voxbox_worker
-    printf 'upstream voxbox_worker {\n    server %s;\n    keepalive 32;\n}\n' "$UPSTREAM" > "$upstream_conf"
-    how="address"; [ "$RESOLVER" != off ] || how="resolved once at start (RESOLVER=off)"
+    {
+        printf 'upstream voxbox_worker {\n    least_conn;\n'
+        old_ifs=$IFS; IFS=','
+        for one in $UPSTREAM; do printf '    server %s max_fails=1 fail_timeout=2s;\n' "$one"; done
+        IFS=$old_ifs
+        printf '    keepalive 32;\n}\n'
+    } > "$upstream_conf"
+    how="address"; [ "$list" = 0 ] || how="$(printf '%s\n' "$UPSTREAM" | awk -F, '{ print NF }') addresses, least_conn"
+    [ "$RESOLVER" != off ] || how="resolved once at start (RESOLVER=off)"
 else
+    [ "$list" = 0 ] || die "UPSTREAM='$UPSTREAM' lists names: a list must be IP addresses (or set RESOLVER=off to" \
+        "resolve the names once at start); for workers that come and go, give one name that resolves to all of" \
+        "them (a Compose service, a Kubernetes headless Service)"
+    upstream_host=${UPSTREAM%:*}
     if [ -z "$RESOLVER" ] && [ -r "$RESOLV_CONF" ]; then
         # IPv6 servers need brackets in nginx; a link-local one with a zone (%eth0) cannot be used.
         RESOLVER=$(awk '$1 == "nameserver" && $2 !~ /%/ { print ($2 ~ /:/ ? "[" $2 "]" : $2) }' "$RESOLV_CONF" \
@@ -285,20 +315,23 @@ fi
 VOXBOX_BURST=""
 [ "$RATE_LIMIT_BURST" -eq 0 ] || VOXBOX_BURST="burst=$RATE_LIMIT_BURST nodelay"
 export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPES VOXBOX_UPSTREAM RATE_LIMIT_RPS \
-    VOXBOX_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
-vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${VOXBOX_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
+    VOXBOX_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG UPSTREAM_TRIES
+vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${VOXBOX_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG} ${UPSTREAM_TRIES}'
 envsubst "$vars" < "$NGINX_TEMPLATES/nginx.conf.template" > "$NGINX_PREFIX/nginx.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox.conf.template" > "$NGINX_PREFIX/conf.d/voxbox.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_location.conf.template" > "$NGINX_PREFIX/voxbox_location.conf"
+envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_retry.conf.template" > "$NGINX_PREFIX/voxbox_retry.conf"
 chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf" "$NGINX_PREFIX/voxbox_location.conf" \
-    "$upstream_conf" "$errors" "$health"
+    "$NGINX_PREFIX/voxbox_retry.conf" "$upstream_conf" "$errors" "$health"
 echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, $how; listen $GATEWAY_LISTEN, $users user(s), $keys API key(s))" >&2
 
+# -e stderr: the error log nginx opens before it reads the config is fd 2 too, not a compiled-in path
+# that an unprivileged user (the Helm chart runs nginx as uid 101) may not open.
 case "${1:-}" in
     --render-only) exit 0 ;;
-    --test) exec "$NGINX_BIN" -t -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" ;;
+    --test) exec "$NGINX_BIN" -e stderr -t -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" ;;
     # What `docker compose exec gateway` runs to reload: a plain `nginx -s reload` reads the image's
     # default nginx.conf and looks for a pid file this config does not use.
-    --reload) exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -s reload ;;
+    --reload) exec "$NGINX_BIN" -e stderr -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -s reload ;;
 esac
-exec "$NGINX_BIN" -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -g 'daemon off;'
+exec "$NGINX_BIN" -e stderr -p "$NGINX_PREFIX" -c "$NGINX_PREFIX/nginx.conf" -g 'daemon off;'

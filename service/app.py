@@ -19,7 +19,7 @@ from .models import ModelSet, build_models
 from .scheduler import Scheduler
 from .settings import Settings
 from .synthesis import SynthesisService
-from .voices import VoiceStore
+from .voices import VoiceError, VoiceStore
 
 log = logging.getLogger("voxbox")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -54,9 +54,19 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     _install_request_id_logging()
 
     metrics = Metrics()
+    storage = None
+    if settings.voices_uri:
+        from .voice_storage import S3VoiceStorage
+
+        storage = S3VoiceStorage(settings.voices_uri, settings.voices_dir)
+        log.info("voices: stored in %s, cached in %s", settings.voices_uri, settings.voices_dir)
     store = VoiceStore(settings.voices_dir, settings.voice_max_bytes, settings.voice_min_seconds,
-                       settings.voice_max_seconds)
-    leftovers = store.remove_leftovers()
+                       settings.voice_max_seconds, storage)
+    try:
+        leftovers = store.remove_leftovers()
+    except VoiceError as e:  # the shared store is down: serve anyway (presets work), clean up next start
+        log.warning("voices: could not clean up leftovers: %s", e)
+        leftovers = []
     if leftovers:
         log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
     models = build_models(settings, metrics, store, engine)

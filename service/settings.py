@@ -1,6 +1,7 @@
 """The worker's one typed settings object, read from the environment (documented in .env.example)."""
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
 
     # Voices
     voices_dir: Path = Path("/models/voices")
+    # s3://bucket/prefix/: voices shared by every worker (VOICES_DIR is then their local cache); empty:
+    # VOICES_DIR itself (one machine, or a volume all workers share).
+    voices_uri: str = ""
     voice_max_bytes: int = 10 * 1024 * 1024
     voice_min_seconds: float = 2.0
     voice_max_seconds: float = 30.0
@@ -163,6 +167,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{what} is more than the {self.batch_capacity} requests the threads "
                                  f"can run at once ({self._thread_budget()}); raise GUNICORN_THREADS to at least "
                                  f"{self._threads_for(int(batch))} or lower it")
+        if self.voices_uri:
+            from bootstrap.errors import FatalError
+            from bootstrap.uri import parse_uri
+
+            try:  # the pull's own parser: the same URIs, the same S3_ENDPOINT_URL rule for oss://
+                parse_uri(self.voices_uri, os.environ.get("S3_ENDPOINT_URL"), "VOICES_URI")
+            except FatalError as e:
+                raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 

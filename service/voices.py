@@ -1,18 +1,15 @@
-"""Uploaded voices for cloning: validated reference audio + transcript, stored on the models volume.
+"""Uploaded voices for cloning: validated reference audio + transcript.
 
-Each voice is a directory `<voices_dir>/<id>/` holding `audio.wav` (mono, float, 44.1 kHz) and
-`voice.json`. It is written under a temporary name and renamed into place, so a crash never leaves a
-half-written voice, and ids are generated here: a user-chosen name never becomes a path.
+Each voice is `audio.wav` (mono, float, 44.1 kHz) and `voice.json`, kept by a storage
+(service/voice_storage.py): a directory on the models volume by default, or an S3 prefix shared by all
+workers (VOICES_URI). A voice is never listed half-written, and ids are generated here: a user-chosen
+name never becomes a path.
 """
-
 from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,20 +21,13 @@ import soundfile as sf
 from . import text as textmod
 from .audio import resample
 from .engines import VoicePrompt
-from .errors import ErrorKind, ServiceError
+from .errors import ErrorKind
+from .voice_storage import _ID, STALE_TEMP_S, VOICE_ID_PATTERN, LocalVoiceStorage, VoiceError, VoiceStorage
 
-VOICE_ID_PATTERN = r"^v_[0-9a-f]{16}$"  # ids are generated here (secrets), never chosen by a client
-_ID = re.compile(VOICE_ID_PATTERN)
+__all__ = ["STALE_TEMP_S", "VOICE_ID_PATTERN", "Voice", "VoiceError", "VoiceStore", "is_voice_id"]
 STORE_RATE = 44100  # when the caller names none
 # Voices stored before they recorded a family were made for VoxCPM-1.5 (at its 44.1 kHz).
 LEGACY_FAMILY = "voxcpm"
-# An upload writes its directory in well under a second; one this old was left by a killed process.
-# Younger ones may belong to another worker on the same volume (a rollout runs two), so they stay.
-STALE_TEMP_S = 15 * 60
-
-
-class VoiceError(ServiceError):
-    """A clip or its details the store cannot take (the kind says whose fault; the message what to do)."""
 
 
 @dataclass(frozen=True)
@@ -61,36 +51,16 @@ class Voice:
 
 
 class VoiceStore:
-    def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float):
+    def __init__(self, root: Path, max_bytes: int, min_seconds: float, max_seconds: float,
+                 storage: Optional[VoiceStorage] = None):
         self.root = Path(root)
         self.max_bytes, self.min_seconds, self.max_seconds = max_bytes, min_seconds, max_seconds
+        self.storage: VoiceStorage = storage or LocalVoiceStorage(self.root)
 
     def remove_leftovers(self, now: float | None = None) -> list[str]:
-        """Delete what killed processes left behind: `.tmp-*` uploads older than STALE_TEMP_S and
-        `.del-*` voices already renamed away for deletion. Returns the names removed (called at start)."""
-        if not self.root.is_dir():
-            return []
-        now = time.time() if now is None else now
-        removed = []
-        for d in self.root.iterdir():
-            try:
-                stale = d.name.startswith(".del-") or (
-                    d.name.startswith(".tmp-") and now - d.lstat().st_mtime > STALE_TEMP_S
-                )
-            except FileNotFoundError:  # another worker removed it first
-                continue
-            if stale:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d.name)
-        return removed
-
-    def _ensure_root(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise VoiceError(
-                ErrorKind.FAILED, "voices_dir_unwritable", f"cannot create VOICES_DIR {self.root}: {e}"
-            ) from e
+        """Delete what killed processes left behind (half-written uploads older than STALE_TEMP_S,
+        half-done deletes). Returns the names removed (called at start)."""
+        return self.storage.remove_leftovers(time.time() if now is None else now)
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Mono float32 audio and its rate, decoding no more than VOICE_MAX_SECONDS (plus one frame).
@@ -103,7 +73,7 @@ class VoiceStore:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 rate = f.samplerate
                 limit = int(self.max_seconds * rate) + 1
-                if f.frames > limit and f.frames < 2**62:  # some formats report "unknown" as huge
+                if f.frames > limit and f.frames < 2 ** 62:  # some formats report "unknown" as huge
                     raise self._bad_duration(f"{f.frames / rate:.1f}s long")
                 audio = f.read(frames=limit, dtype="float32", always_2d=True)
                 if len(audio) >= limit:
@@ -111,23 +81,16 @@ class VoiceStore:
         except VoiceError:
             raise
         except Exception:
-            raise VoiceError(
-                ErrorKind.UNSUPPORTED_MEDIA,
-                "unsupported_audio",
-                "the file is not audio this server can decode; upload WAV, FLAC, OGG or MP3",
-            ) from None
+            raise VoiceError(ErrorKind.UNSUPPORTED_MEDIA, "unsupported_audio", "the file is not audio this server can decode; "
+                             "upload WAV, FLAC, OGG or MP3") from None
         return audio.mean(axis=1), rate
 
     def _bad_duration(self, length: str) -> VoiceError:
-        return VoiceError(
-            ErrorKind.INVALID,
-            "bad_duration",
-            f"the clip is {length}; it must be between {self.min_seconds:g}s and {self.max_seconds:g}s",
-        )
+        return VoiceError(ErrorKind.INVALID, "bad_duration", f"the clip is {length}; it must be between {self.min_seconds:g}s "
+                          f"and {self.max_seconds:g}s")
 
-    def create(
-        self, name: str, transcript: str, data: bytes, family: str = LEGACY_FAMILY, rate: int = STORE_RATE
-    ) -> Voice:
+    def create(self, name: str, transcript: str, data: bytes, family: str = LEGACY_FAMILY,
+               rate: int = STORE_RATE) -> Voice:
         """Store a clip for `family`'s engines, resampled to `rate` (the rate that family encodes at)."""
         name = (name or "").strip()
         if not 1 <= len(name) <= 64 or not name.isprintable():
@@ -139,11 +102,8 @@ class VoiceStore:
         if len(transcript) > 1000:
             raise VoiceError(ErrorKind.INVALID, "invalid_transcript", "transcript must be at most 1000 characters")
         if len(data) > self.max_bytes:
-            raise VoiceError(
-                ErrorKind.TOO_LARGE,
-                "file_too_large",
-                f"the audio file has {len(data)} bytes; the limit is {self.max_bytes} (VOICE_MAX_BYTES)",
-            )
+            raise VoiceError(ErrorKind.TOO_LARGE, "file_too_large", f"the audio file has {len(data)} bytes; the limit is "
+                             f"{self.max_bytes} (VOICE_MAX_BYTES)")
         if not data:
             raise VoiceError(ErrorKind.INVALID, "empty_file", "the audio file is empty")
         audio, source_rate = self._decode(data)
@@ -153,86 +113,46 @@ class VoiceStore:
         finite = bool(np.isfinite(audio).all())
         if finite:
             audio = audio - audio.mean()  # a DC offset is not sound
-        if not finite or float(np.sqrt(np.mean(audio**2))) < 1e-4:
-            raise VoiceError(
-                ErrorKind.INVALID, "silent_audio", "the clip is silent or invalid; record someone speaking"
-            )
+        if not finite or float(np.sqrt(np.mean(audio ** 2))) < 1e-4:
+            raise VoiceError(ErrorKind.INVALID, "silent_audio", "the clip is silent or invalid; record someone speaking")
         peak = float(np.abs(audio).max())
         if peak > 1.0:  # float files may hold any scale; the model expects [-1, 1]
             audio = audio * (0.99 / peak)
         audio = resample(audio, source_rate, rate)
         voice_id = "v_" + secrets.token_hex(8)
-        self._ensure_root()
-        tmp = self.root / f".tmp-{voice_id}"
-        tmp.mkdir()
-        try:
-            sf.write(tmp / "audio.wav", audio, rate, subtype="FLOAT")
-            meta = {
-                "id": voice_id,
-                "name": name,
-                "transcript": transcript,
-                "duration": round(duration, 3),
-                "sample_rate": rate,
-                "created_at": time.time(),
-                "family": family,
-            }
-            (tmp / "voice.json").write_text(json.dumps(meta, ensure_ascii=False))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)  # the files' names, before the voice becomes visible
-            os.rename(tmp, self.root / voice_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.root)  # the rename itself: without this a power loss can forget the voice
-        return self._load(self.root / voice_id)
+        wav = io.BytesIO()
+        sf.write(wav, audio, rate, subtype="FLOAT", format="WAV")
+        meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
+                "sample_rate": rate, "created_at": time.time(), "family": family}
+        self.storage.put(voice_id, {"audio.wav": wav.getvalue(),
+                                    "voice.json": json.dumps(meta, ensure_ascii=False).encode()})
+        return self.get(voice_id)
 
-    def _load(self, d: Path) -> Optional[Voice]:
+    @staticmethod
+    def _load(meta_json: bytes, d: Path) -> Optional[Voice]:
         try:
-            meta = json.loads((d / "voice.json").read_text())
-            return Voice(
-                path=d,
-                family=meta.get("family", LEGACY_FAMILY),
-                **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate", "created_at")},
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            meta = json.loads(meta_json)
+            return Voice(path=d, family=meta.get("family", LEGACY_FAMILY),
+                         **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate",
+                                                            "created_at")})
+        except (ValueError, KeyError, TypeError):
             return None
 
     def get(self, voice_id: str) -> Optional[Voice]:
         if not _ID.match(voice_id or ""):
             return None
-        return self._load(self.root / voice_id)
+        found = self.storage.fetch(voice_id)
+        return self._load(*found) if found else None
 
     def list(self) -> list[Voice]:
-        if not self.root.is_dir():
-            return []
-        voices = [self._load(d) for d in self.root.iterdir() if _ID.match(d.name)]
+        voices = [self._load(meta, d) for _, meta, d in self.storage.metas()]
         return sorted((v for v in voices if v), key=lambda v: v.created_at)
 
     def delete(self, voice_id: str) -> bool:
         if not _ID.match(voice_id or ""):
             return False
-        trash = self.root / f".del-{voice_id}-{secrets.token_hex(4)}"
-        try:
-            # The rename is the check: of concurrent deletes (other threads, other replicas on the same
-            # volume) exactly one wins, and the voice disappears whole.
-            os.rename(self.root / voice_id, trash)
-        except FileNotFoundError:
-            return False
-        _fsync_dir(self.root)  # a deleted voice must not come back after a power loss
-        shutil.rmtree(trash, ignore_errors=True)
-        return True
+        return self.storage.delete(voice_id)
 
 
 def is_voice_id(name: str) -> bool:
     return bool(_ID.fullmatch(name or ""))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created, renamed files) durable: fsync on the directory itself."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,7 +20,7 @@ from bootstrap.status import Status
 
 from .support.faultproxy import FaultProxy
 from .support.procs import PYTHON, REPO_ROOT, free_port, running
-from .support.s3 import bootstrap_env, files_of, make_model, run_bootstrap, settings_from
+from .support.s3 import bootstrap_env, files_of, make_model, publish_versions, run_bootstrap, settings_from
 
 pytest_plugins = ["tests.support.s3"]
 
@@ -116,14 +116,8 @@ def test_rollback_to_an_earlier_version_downloads_nothing(s3_server, published, 
 
 
 def test_old_versions_are_pruned_keep_n_but_never_one_in_use(s3_server, published, tmp_path):
-    uri1, _ = published
-    bucket = uri1.split("/")[2]
     models = tmp_path / "m"
-    uris = []
-    for i in range(4):
-        uris.append(f"s3://{bucket}/prune/v{i}/")
-        src = make_model(tmp_path / f"p{i}", big_mb=1, seed=10 + i)
-        assert run_bootstrap(s3_server.env(), "publish", str(src), uris[-1]).returncode == 0
+    uris = publish_versions(s3_server, published[0], tmp_path, "prune", 4, seed=10)
 
     def pull_version(i, hold=False):
         env = bootstrap_env(s3_server, models, uris[i], KEEP_VERSIONS=2)

@@ -311,7 +311,7 @@ def test_resolver_override_and_address_upstreams(tmp_path):
         assert "keepalive 32;" in upstream_conf and "resolver" not in upstream_conf  # an address keeps keepalive
     r, upstream_conf = rendered(tmp_path / "off", "localhost:8000", {"RESOLVER": "off"})
     assert r.returncode == 0, r.stderr
-    assert "server localhost:8000;" in upstream_conf and "resolver" not in upstream_conf
+    assert "server localhost:8000 max_fails=1 fail_timeout=2s;" in upstream_conf and "resolver" not in upstream_conf
 
 
 @pytest.mark.parametrize("extra,message", [

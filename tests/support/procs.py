@@ -15,6 +15,17 @@ from typing import Callable, Iterator, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """Bytes from a socket up to and including the blank line that ends an HTTP head (or until EOF)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

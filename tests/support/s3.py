@@ -153,6 +153,18 @@ def run_bootstrap(env: dict, *args: str, timeout: float = 180):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def publish_versions(server: S3Server, published_uri: str, tmp_path: Path, label: str, count: int,
+                     seed: int) -> list[str]:
+    """`count` small model versions published with the CLI next to the `published` fixture's; their URIs."""
+    bucket = published_uri.split("/")[2]
+    uris = []
+    for i in range(count):
+        uris.append(f"s3://{bucket}/{label}/v{i}/")
+        src = make_model(tmp_path / f"{label}-src{i}", big_mb=1, seed=seed + i)
+        assert run_bootstrap(server.env(), "publish", str(src), uris[-1]).returncode == 0
+    return uris
+
+
 def settings_from(env: dict):
     """The settings object a process with `env` would build (credentials stay in the environment)."""
     from bootstrap.settings import BootstrapSettings

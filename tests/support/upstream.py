@@ -26,8 +26,13 @@ class _Recording(BaseHTTPRequestHandler):
             server.seen.append(seen)
         # A slow upstream, on request: how the tests hold requests open to count concurrent ones.
         time.sleep(float(self.headers.get("X-Test-Delay") or 0))
-        out = json.dumps({"served_by": server.name, "path": self.path}).encode()
-        self.send_response(200)
+        # A worker that is full, loading or draining answers 503 with its own JSON and Retry-After.
+        status = server.status
+        out = json.dumps({"served_by": server.name, "path": self.path} if status == 200 else
+                         {"error": {"code": "queue_full", "message": f"{server.name} is full"}}).encode()
+        self.send_response(status)
+        if status == 503:
+            self.send_header("Retry-After", "2")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -41,10 +46,11 @@ class _Recording(BaseHTTPRequestHandler):
 
 
 class RecordingServer:
-    """Answers every request with 200 {"served_by": name, "path": raw path} and records what it got."""
+    """Answers every request with 200 {"served_by": name, "path": raw path} (or `status`, set any time, with
+    a worker-style JSON error) and records what it got."""
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0):
-        self.name, self.lock, self.seen = name, threading.Lock(), []
+        self.name, self.lock, self.seen, self.status = name, threading.Lock(), [], 200
         self._httpd = ThreadingHTTPServer((host, port), _Recording)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.host, self.port = self._httpd.server_address[:2]
@@ -76,10 +82,11 @@ def recording_server(name: str, host: str = "127.0.0.1", port: int = 0) -> Itera
 
 
 class DnsServer:
-    """A UDP DNS server on 127.0.0.1 that knows one name: A queries get `address` (None: NXDOMAIN, as a
-    stopped container's name), AAAA queries an empty answer. TTL 0; counts the queries it answers."""
+    """A UDP DNS server on 127.0.0.1 that knows one name: A queries get `address` (a list: one record each,
+    as a scaled Compose service or a headless Service; None: NXDOMAIN, as a stopped container's name), AAAA
+    queries an empty answer. TTL 0; counts the queries it answers."""
 
-    def __init__(self, name: str, address: str | None):
+    def __init__(self, name: str, address: str | list[str] | None):
         self.name, self.address, self.queries = name.lower().rstrip("."), address, 0
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -111,12 +118,14 @@ class DnsServer:
         known = ".".join(labels).lower() == self.name
         address = self.address
         self.queries += 1
+        addresses = [address] if isinstance(address, str) else list(address or [])
         answers = b""
-        if known and qtype == 1 and address:
-            answers = struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(address)
-        rcode = 0 if known and (qtype != 1 or address) else 3
+        if known and qtype == 1:
+            answers = b"".join(struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a) for a in addresses)
+        count = len(addresses) if answers else 0
+        rcode = 0 if known and (qtype != 1 or addresses) else 3
         flags = 0x8180 | rcode  # a response, recursion desired and available
-        return query[:2] + struct.pack("!HHHHH", flags, 1, 1 if answers else 0, 0, 0) + question + answers
+        return query[:2] + struct.pack("!HHHHH", flags, 1, count, 0, 0) + question + answers
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,7 +134,7 @@ class DnsServer:
 
 
 @contextmanager
-def dns_server(name: str, address: str | None) -> Iterator[DnsServer]:
+def dns_server(name: str, address: str | list[str] | None) -> Iterator[DnsServer]:
     server = DnsServer(name, address)
     try:
         yield server
