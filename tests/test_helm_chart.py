@@ -402,13 +402,15 @@ def test_autoscaling_uses_a_metric_the_worker_exports(helm, tmp_path):
 
     from service.metrics import Metrics
 
-    exported = generate_latest(Metrics().registry).decode()
+    metrics = Metrics()
+    metrics.for_model("voxcpm-1.5").queue_depth.set(0)  # per-model gauges exist once a model has them
+    exported = generate_latest(metrics.registry).decode()
     _, objects = template(helm, VALUE_SETS["ingress-hpa-monitoring"], tmp_path)
     hpa = one(objects, "HorizontalPodAutoscaler")
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods", "queue depth, not CPU"
     name = metric["pods"]["metric"]["name"]
-    assert f"\n{name} " in exported, f"the worker exports no {name}"
+    assert f'\n{name}{{model="voxcpm-1.5"}} ' in exported, f"the worker exports no {name}"
     assert "replicas" not in one(objects, "Deployment", "-worker")["spec"], "the HPA owns the replica count"
     ingress = one(objects, "Ingress")
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
