@@ -345,14 +345,18 @@ class Registry:
 
 
 def start_registry(tmp: Path) -> Registry:
-    """Debian's docker-registry on a free loopback port (dockerd trusts 127.0.0.0/8 over plain HTTP)."""
+    """Debian's docker-registry on a free loopback port (dockerd trusts 127.0.0.0/8 over plain HTTP).
+
+    Its storage is kept in the cache: the worker image's 6 GB of base layers are compressed and
+    uploaded once per machine, later runs find them there ("Layer already exists")."""
     binary = shutil.which("docker-registry")
     if binary is None:
         raise DockerUnavailable("docker-registry is not installed: run `make test` (system-test installs it)")
     port = free_port()
-    (tmp / "registry").mkdir(parents=True, exist_ok=True)
+    storage = CACHE / "registry"
+    storage.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "registry.yml"
-    cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp / 'registry'}\n"
+    cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n"
                    f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
     log = tmp / "registry.log"
     proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
