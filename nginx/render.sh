@@ -3,7 +3,12 @@
 # foreground. The same script is the gateway image's entrypoint and what tests / `make run` use.
 #
 #   NGINX_PREFIX      where the rendered config, generated files and temp dirs go
-#   UPSTREAM          the worker, host:port
+#   UPSTREAM          the worker, host:port (or unix:/path). A name is re-resolved every few seconds
+#                     through RESOLVER, so a worker that restarts on a new IP is found again
+#   RESOLVER          DNS server(s) for that, "addr[:port] ..." (default: /etc/resolv.conf's nameservers,
+#                     127.0.0.11 under Docker); "off" resolves the name once at start (e.g. localhost)
+#   GATEWAY_HEALTH_LISTEN  address:port of a loopback listener that answers 200 while nginx runs, for
+#                     the container's health check (default 127.0.0.1:6007; "off": none)
 #   GATEWAY_LISTEN    port or addr:port to listen on (default 6006)
 #   BASIC_AUTH_USERS  "user:password,user2:password2"   and/or BASIC_AUTH_FILE (htpasswd lines)
 #   API_KEYS          "key1,key2"                       and/or API_KEYS_FILE (one key per line)
@@ -31,7 +36,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${PROXY_READ_TIMEOUT:=600s}"
 : "${ACCESS_LOG:=/dev/stdout}"
 : "${BASIC_AUTH_USERS:=}" "${BASIC_AUTH_FILE:=}" "${API_KEYS:=}" "${API_KEYS_FILE:=}"
-: "${ALLOW_CIDRS:=}" "${TLS_CERT:=}" "${TLS_KEY:=}"
+: "${ALLOW_CIDRS:=}" "${TLS_CERT:=}" "${TLS_KEY:=}" "${RESOLVER:=}" "${RESOLV_CONF:=/etc/resolv.conf}"
+: "${GATEWAY_HEALTH_LISTEN:=127.0.0.1:6007}"
 # Settings substituted into the config are checked first: a bad one is named here, not in an nginx
 # error about a generated file (and a ';' cannot inject directives).
 check() {  # VARIABLE VALUE EXTENDED-REGEX WHAT
@@ -47,8 +53,9 @@ check PROXY_READ_TIMEOUT "$PROXY_READ_TIMEOUT" '[1-9][0-9]*(ms|s|m|h|d)?' "a dur
 check UPSTREAM "$UPSTREAM" '[A-Za-z0-9._-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}|unix:/[^ ;{}]+' "host:port"
 check GATEWAY_LISTEN "$GATEWAY_LISTEN" '[0-9]{1,5}|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}' \
     "a port or address:port"
-export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPES UPSTREAM RATE_LIMIT_RPS \
-    RATE_LIMIT_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
+# address:port only: a bare port would open the health listener on every interface.
+check GATEWAY_HEALTH_LISTEN "$GATEWAY_HEALTH_LISTEN" 'off|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9a-fA-F:]+\]:[0-9]{1,5}' \
+    "a loopback address:port like 127.0.0.1:6007, or off"
 
 gen="$NGINX_PREFIX/generated"
 mkdir -p "$NGINX_PREFIX/conf.d" "$gen" "$NGINX_PREFIX/tmp"
@@ -101,8 +108,9 @@ add_key() {
     case "$seen_ids" in *" $id "*) echo "gateway: API key $id is listed twice; using it once" >&2; return ;; esac
     seen_ids="$seen_ids$id "
     # A regex entry ("~"), because nginx compares plain map strings without regard to case: a key
-    # must match exactly. '.' and '+' are the only key characters special in a regex.
-    pattern="^Bearer $(printf '%s' "$key" | sed 's/[.+]/[&]/g')\$"
+    # must match exactly, while the scheme is case-insensitive and may be followed by several spaces
+    # (RFC 9110, 11.1 and 11.4). '.' and '+' are the only key characters special in a regex.
+    pattern="^[Bb][Ee][Aa][Rr][Ee][Rr] +$(printf '%s' "$key" | sed 's/[.+]/[&]/g')\$"
     printf '"~%s" 1;\n' "$pattern" >> "$keys_map.tmp"
     printf '"~%s" "%s";\n' "$pattern" "$id" >> "$ids_map.tmp"
     keys=$((keys + 1))
@@ -175,12 +183,112 @@ else
     echo "listen $GATEWAY_LISTEN;" > "$gen/listen.conf"
 fi
 
+# --- the worker ------------------------------------------------------------------------------
+# An address gets an upstream block with keepalive. A name gets a resolver and a proxy_pass through a
+# variable, which nginx resolves at request time (cached for valid=): an upstream block's "server name"
+# is resolved once at start, and the open-source "resolve" parameter needs nginx 1.27.3 (Debian 12 has 1.22).
+upstream_conf="$gen/upstream.conf"
+upstream_host=${UPSTREAM%:*}
+if printf '%s' "$UPSTREAM" | grep -Eqx 'unix:.*|\[.*\]:[0-9]+' \
+        || printf '%s' "$upstream_host" | grep -Eqx '([0-9]{1,3}\.){3}[0-9]{1,3}' || [ "$RESOLVER" = off ]; then
+    VOXBOX_UPSTREAM=voxbox_worker
+    printf 'upstream voxbox_worker {\n    server %s;\n    keepalive 32;\n}\n' "$UPSTREAM" > "$upstream_conf"
+    how="address"; [ "$RESOLVER" != off ] || how="resolved once at start (RESOLVER=off)"
+else
+    if [ -z "$RESOLVER" ] && [ -r "$RESOLV_CONF" ]; then
+        # IPv6 servers need brackets in nginx; a link-local one with a zone (%eth0) cannot be used.
+        RESOLVER=$(awk '$1 == "nameserver" && $2 !~ /%/ { print ($2 ~ /:/ ? "[" $2 "]" : $2) }' "$RESOLV_CONF" \
+            | tr '\n' ' ' | sed 's/ *$//')
+    fi
+    [ -n "$RESOLVER" ] || die "UPSTREAM host '$upstream_host' is a name, and no DNS server was found in $RESOLV_CONF to re-resolve it: set RESOLVER (e.g. 127.0.0.11 under Docker), RESOLVER=off to resolve it once at start, or use an IP address"
+    server='([A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?)'
+    check RESOLVER "$RESOLVER" "$server( +$server)*" \
+        "DNS server addresses like '127.0.0.11' or '10.0.0.2:53 [::1]', or off"
+    VOXBOX_UPSTREAM=$UPSTREAM
+    # valid=5s overrides the record's TTL (Docker's DNS says 600 s): a worker on a new IP is reached
+    # again within seconds, with no reload of the gateway.
+    printf 'resolver %s valid=5s;\nresolver_timeout 3s;\n' "$RESOLVER" > "$upstream_conf"
+    how="re-resolved through $RESOLVER"
+fi
+
+# --- JSON for every error nginx answers itself -------------------------------------------------
+# A URI error page, never a named location: a request that failed in its request line has no URI
+# yet, and nginx answers a redirect to a named location with a 500 ("empty URI in redirect").
+errors="$gen/errors.conf"
+: > "$errors"
+error_json() {  # NAME "STATUSES" SENT-STATUS CODE MESSAGE [HEADER...]
+    name=$1 statuses=$2 sent=$3 code=$4 message=$5
+    shift 5
+    {
+        printf 'error_page %s = /__voxbox/error/%s;\n' "$statuses" "$name"
+        # No body limit here: an error about a request with a large body must still be answered.
+        printf 'location = /__voxbox/error/%s {\n    internal;\n    client_max_body_size 0;\n' "$name"
+        printf '    include %s;\n' "$headers"
+        for header in "$@"; do printf '    add_header %s always;\n' "$header"; done
+        printf '    default_type application/json;\n'
+        printf "    return %s '{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}%s';\n}\n" "$sent" "$code" "$message" '\n'
+    } >> "$errors"
+}
+error_json bad_request 400 400 bad_request \
+    "the gateway could not parse the request (malformed request line, path, header or chunked body, or no Host header); send a well-formed HTTP/1.1 request"
+error_json headers_too_large 494 400 bad_request \
+    "the request headers are too large for the gateway (cookies or a huge header?); send smaller headers"
+error_json https_port 497 400 bad_request "plain HTTP was sent to the HTTPS port of the gateway; use https://"
+error_json unauthorized 401 401 unauthorized \
+    "log in (HTTP basic auth) or send Authorization: Bearer <API key>" \
+    "WWW-Authenticate 'Basic realm=\"VoxBox\", charset=\"UTF-8\"'" "WWW-Authenticate 'Bearer realm=\"VoxBox\"'"
+error_json forbidden 403 403 forbidden "your address is not in the gateway allowlist (ALLOW_CIDRS)"
+error_json not_found 404 404 not_found "nothing is served at this path; see /openapi.json for the API"
+error_json method_not_allowed 405 405 method_not_allowed \
+    "the gateway does not pass TRACE or CONNECT; use one of the methods in the Allow header" \
+    "Allow 'GET, HEAD, POST, DELETE'"
+error_json request_timeout 408 408 request_timeout "the request was not sent in time; send it again without pausing"
+error_json length_required 411 411 length_required "send a Content-Length header or a chunked body"
+error_json payload_too_large 413 413 payload_too_large \
+    "the request body is over the gateway limit ($MAX_JSON_BODY for JSON, $MAX_UPLOAD_BODY for voice uploads)"
+error_json uri_too_long 414 414 uri_too_long \
+    "the request URL is too long for the gateway; send long input in a JSON body instead"
+error_json rate_limited 429 429 rate_limited \
+    "too many requests or open streams from this client; retry after the Retry-After delay" "Retry-After 1"
+error_json internal_error 500 500 internal_error \
+    "the gateway failed on this request; retry, and if it persists see the gateway log for this X-Request-ID"
+error_json not_implemented 501 501 not_implemented \
+    "the gateway does not support this Transfer-Encoding (only chunked) or method; send a plain or chunked body"
+error_json worker_unavailable "502 503 504" 503 worker_unavailable \
+    "the TTS worker is not reachable (starting, pulling weights or restarting); retry shortly" "Retry-After 5"
+error_json http_version_not_supported 505 505 http_version_not_supported \
+    "the gateway speaks HTTP/1.0 and HTTP/1.1 on this port; send an HTTP/1.1 request"
+
+health="$gen/health_server.conf"
+if [ "$GATEWAY_HEALTH_LISTEN" = off ]; then
+    : > "$health"
+else
+    cat > "$health" <<HLT
+server {
+    listen $GATEWAY_HEALTH_LISTEN;
+    access_log off;
+    include $errors;
+    location / {
+        default_type application/json;
+        return 200 '{"status":"ok","checks":"the gateway (nginx) only; the worker answers /healthz on the main port"}\n';
+    }
+}
+HLT
+fi
+
 # --- templates ------------------------------------------------------------------------------
-vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${UPSTREAM} ${RATE_LIMIT_RPS} ${RATE_LIMIT_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
+# nginx refuses "burst=0": no burst is written as none.
+VOXBOX_BURST=""
+[ "$RATE_LIMIT_BURST" -eq 0 ] || VOXBOX_BURST="burst=$RATE_LIMIT_BURST nodelay"
+export NGINX_PREFIX NGINX_WORKER_PROCESSES NGINX_ERROR_LOG_LEVEL NGINX_MIME_TYPES VOXBOX_UPSTREAM RATE_LIMIT_RPS \
+    VOXBOX_BURST MAX_STREAMS_PER_CLIENT MAX_JSON_BODY MAX_UPLOAD_BODY PROXY_READ_TIMEOUT ACCESS_LOG
+vars='${NGINX_PREFIX} ${NGINX_WORKER_PROCESSES} ${NGINX_ERROR_LOG_LEVEL} ${NGINX_MIME_TYPES} ${VOXBOX_UPSTREAM} ${RATE_LIMIT_RPS} ${VOXBOX_BURST} ${MAX_STREAMS_PER_CLIENT} ${MAX_JSON_BODY} ${MAX_UPLOAD_BODY} ${PROXY_READ_TIMEOUT} ${ACCESS_LOG}'
 envsubst "$vars" < "$NGINX_TEMPLATES/nginx.conf.template" > "$NGINX_PREFIX/nginx.conf"
 envsubst "$vars" < "$NGINX_TEMPLATES/voxbox.conf.template" > "$NGINX_PREFIX/conf.d/voxbox.conf"
-chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf"
-echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, listen $GATEWAY_LISTEN, $users user(s), $keys API key(s))" >&2
+envsubst "$vars" < "$NGINX_TEMPLATES/voxbox_proxy.conf.template" > "$NGINX_PREFIX/voxbox_proxy.conf"
+chmod 644 "$NGINX_PREFIX/nginx.conf" "$NGINX_PREFIX/conf.d/voxbox.conf" "$NGINX_PREFIX/voxbox_proxy.conf" \
+    "$upstream_conf" "$errors" "$health"
+echo "gateway: rendered $NGINX_PREFIX (upstream $UPSTREAM, $how; listen $GATEWAY_LISTEN, $users user(s), $keys API key(s))" >&2
 
 case "${1:-}" in
     --render-only) exit 0 ;;

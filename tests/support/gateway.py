@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,17 @@ def nginx_binary() -> str:
 @dataclass
 class Gateway(Served):
     prefix: Path = Path()
+    health_port: int = 0
 
 
-def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None) -> dict:
+def render_env(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
+               health_port: Optional[int] = None) -> dict:
+    # The health listener gets a port of its own too: gateways of parallel tests must not collide on 6007.
+    health = f"127.0.0.1:{health_port or free_port()}"
     return {
         "NGINX_PREFIX": str(prefix), "NGINX_BIN": nginx_binary(), "UPSTREAM": upstream,
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "NGINX_WORKER_PROCESSES": "1", "ACCESS_LOG": "/dev/stdout",
-        **(extra or {}),
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "GATEWAY_HEALTH_LISTEN": health, "NGINX_WORKER_PROCESSES": "1",
+        "ACCESS_LOG": "/dev/stdout", **(extra or {}),
     }
 
 
@@ -44,18 +49,20 @@ def render(prefix: Path, upstream: str, port: int, extra: Optional[dict] = None,
 
 @contextmanager
 def start_gateway(tmp_dir: Path, upstream: str, env: Optional[dict] = None) -> Iterator[Gateway]:
-    # nginx's workers run as nobody when started by root: the prefix must be traversable by them.
-    prefix = Path(tmp_dir) / "nginx"
-    prefix.mkdir(parents=True, exist_ok=True)
-    for p in [prefix, *prefix.parents]:
-        if str(p).startswith(("/tmp", str(REPO_ROOT))) and p != Path("/tmp"):
-            p.chmod(p.stat().st_mode | 0o055)
-    port = free_port()
+    # nginx's workers run as nobody when started by root, so they must be able to read the prefix. It gets
+    # a directory of its own under /tmp: any pytest run on the machine resets /tmp/pytest-of-<user> to
+    # 0700, and a prefix below it turned every request that reads the htpasswd into a 500.
+    prefix = Path(tempfile.mkdtemp(prefix="voxbox-nginx-"))
+    prefix.chmod(0o755)
+    port, health_port = free_port(), free_port()
     log = Path(tmp_dir) / f"nginx-{port}.log"
     cmd = ["sh", str(RENDER)]
-    with running(cmd, log, env=render_env(prefix, upstream, port, env), ready=lambda: port_open(port),
-                 timeout=30, what=f"nginx on :{port}"):
-        yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log)
+    try:
+        with running(cmd, log, env=render_env(prefix, upstream, port, env, health_port),
+                     ready=lambda: port_open(port), timeout=30, what=f"nginx on :{port}"):
+            yield Gateway(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix, log=log, health_port=health_port)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 def wait_ready_through(gw: Gateway, auth) -> None:
