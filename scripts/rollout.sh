@@ -5,8 +5,9 @@
 #   scripts/rollout.sh rollback [--dry-run]  go back to the tag before the last rollout
 #
 # Steps: pull TAG; create a new worker container on TAG beside the running one(s) and check it runs
-# TAG's image; wait until Docker reports it healthy (/readyz: weights pulled, model loaded, warm-up
-# passed); reload the gateway; stop the old worker(s) gracefully (in-flight requests finish within
+# TAG's image; start it without the service name `tts` (so the gateway sends it nothing yet); wait
+# until Docker reports it healthy (/readyz: weights pulled, model loaded, warm-up passed); give it the
+# name `tts` and reload the gateway; stop the old worker(s) gracefully (in-flight requests finish within
 # the stop grace period); then recreate the gateway on TAG; finally record TAG in .env.
 # The previous tag is kept in .rollout-state for `rollback`. A failed or never-healthy new worker is
 # removed and the old one keeps serving. Stopped or never-started tts containers (an old replica, a
@@ -22,7 +23,7 @@ ARGS=()
 for a in "$@"; do
     case "$a" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) ARGS+=("$a") ;;
     esac
 done
@@ -110,7 +111,21 @@ remove_new() {
     done
 }
 
-if ! run "$COMPOSE up -d --no-deps --no-recreate --scale tts=$((n_old + 1)) tts"; then
+# The gateway re-resolves the name `tts` every few seconds: a worker carrying that name gets requests
+# at once, before its model is loaded. So the new worker is created without it (reachable only by its
+# container name while it starts), and takes the name once it is healthy.
+networks_of() {
+    docker inspect -f '{{range $net, $_ := .NetworkSettings.Networks}}{{$net}} {{end}}' "$1"
+}
+set_service_name() {  # ID on|off: (re)join the container's networks with or without the alias `tts`
+    local net
+    for net in $(networks_of "$1"); do
+        docker network disconnect "$net" "$1" >/dev/null
+        if [ "$2" = on ]; then docker network connect --alias tts "$net" "$1"; else docker network connect "$net" "$1"; fi
+    done
+}
+
+if ! run "$COMPOSE up --no-start --no-deps --no-recreate --scale tts=$((n_old + 1)) tts"; then
     remove_new
     echo "rollout: starting a worker on $target failed (see above); removed what it created, $previous keeps serving" >&2
     exit 1
@@ -133,6 +148,11 @@ if [ "$DRY" = 0 ]; then
         echo "rollout: the new worker $new_id runs $got_image, not $want_image; removed, $previous keeps serving" >&2
         exit 1
     fi
+    if ! { set_service_name "$new_id" off && docker start "$new_id" >/dev/null; }; then
+        remove_new
+        echo "rollout: the new worker $new_id did not start; removed, $previous keeps serving" >&2
+        exit 1
+    fi
     echo "rollout: waiting for worker $new_id ($got_image) to be healthy (up to ${HEALTH_TIMEOUT_S}s)"
     deadline=$((SECONDS + HEALTH_TIMEOUT_S))
     while :; do
@@ -146,8 +166,11 @@ if [ "$DRY" = 0 ]; then
         fi
         sleep 2
     done
+    echo "rollout: worker $new_id is healthy; it takes the name tts"
+    set_service_name "$new_id" on
 else
-    echo "+ check the new tts container runs $want_image and wait until its health status is healthy"
+    echo "+ check the new tts container runs $want_image; start it without the name tts"
+    echo "+ wait until its health status is healthy; then give it the name tts"
 fi
 
 # The gateway sends new requests to the healthy worker(s) it resolves; a reload makes it look now.

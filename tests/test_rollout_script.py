@@ -26,10 +26,12 @@ def test_dry_run_plans_start_wait_switch_drain(tmp_path):
     assert steps[0] == "true pull tts gateway"
     assert steps[1].startswith("remove tts containers that are not running")  # never reused as "the new one"
     # one more than the running workers (none in a dry run), so compose creates exactly one new container
-    assert steps[2] == "true up -d --no-deps --no-recreate --scale tts=1 tts"
-    assert steps[3].startswith("check the new tts container runs") and "healthy" in steps[3]
+    assert steps[2] == "true up --no-start --no-deps --no-recreate --scale tts=1 tts"
+    # the gateway re-resolves `tts`: the new worker takes that name only once it is healthy
+    assert steps[3].startswith("check the new tts container runs") and "without the name tts" in steps[3]
+    assert steps[4] == "wait until its health status is healthy; then give it the name tts"
     reload = "true exec -T gateway sh -c 'exec nginx -p \"$NGINX_PREFIX\" -c \"$NGINX_PREFIX/nginx.conf\" -s reload'"
-    assert steps[4] == reload and steps[-3] == reload  # a reload in place, never `kill` (a "manual stop")
+    assert steps[5] == reload and steps[-3] == reload  # a reload in place, never `kill` (a "manual stop")
     assert steps[-2] == "true up -d --no-deps gateway"
     assert "record 1.0.0" in steps[-1] and "VOXBOX_TAG=1.1.0" in steps[-1]
     assert not any("kill" in s or "--time " in s for s in steps)

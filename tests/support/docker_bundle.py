@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +132,25 @@ def restart_dockerd(env: dict, timeout: float = 120) -> None:
     start_dockerd(env, cmdline)
 
 
+@contextmanager
+def machine_lock(name: str, timeout: float) -> Iterator[None]:
+    """An exclusive lock across processes on this machine (a file lock in the cache)."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process held {CACHE / (name + '.lock')} for {timeout:.0f}s") from None
+                time.sleep(1)
+        yield
+
+
 def docker(env: dict, *args: str, timeout: float = 600, check: bool = True, input: bytes | None = None,
            cwd: Path | None = None) -> str:
     return sh(["docker", *args], env=env, timeout=timeout, check=check, input=input, cwd=cwd).stdout.decode()
@@ -166,10 +187,13 @@ def _standin_sources() -> bytes:
     return b"".join(p.name.encode() + p.read_bytes() for p in sorted(STANDINS.iterdir()) if p.is_file())
 
 
+CLEANED = ["var/lib/apt/lists/*", "var/cache/apt/archives/*", "var/cache/apt/*.bin"]
+
+
 def build_debian(env: dict, log: list[str]) -> str:
     """A minimal Debian bookworm image from the mirror, by debootstrap + docker import."""
     mirror = _debian_mirror()
-    recipe = _recipe_hash("debootstrap --variant=minbase --include=ca-certificates bookworm", mirror)
+    recipe = _recipe_hash("debootstrap --variant=minbase --include=ca-certificates bookworm", mirror, *CLEANED)
     if image_label(env, DEBIAN_IMAGE) == recipe:
         return recipe
     if shutil.which("debootstrap") is None:
@@ -179,8 +203,8 @@ def build_debian(env: dict, log: list[str]) -> str:
         sh(["debootstrap", "--variant=minbase", "--include=ca-certificates", "bookworm", root, mirror],
            timeout=1200)
         # Keep the image lean, as the real bases are: no apt lists or caches in the layer.
-        for d in ["var/lib/apt/lists", "var/cache/apt/archives"]:
-            for p in Path(root, d).glob("*"):
+        for pattern in CLEANED:
+            for p in Path(root).glob(pattern):
                 if p.is_file():
                     p.unlink()
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
@@ -400,7 +424,7 @@ class Project:
         """Rewrite .env with `changes`, keeping what is there (rollout.sh records VOXBOX_TAG in it)."""
         if (self.root / ".env").exists():
             self.settings.update(self.read_env())
-        self.settings.update(changes)
+        self.settings.update(changes)  # None: leave the setting out
         text = "".join(f"{k}={v}\n" for k, v in self.settings.items() if v is not None)
         (self.root / ".env").write_text(text)
 

@@ -6,7 +6,7 @@ ARG DEBIAN_IMAGE
 FROM ${DEBIAN_IMAGE}
 RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light gettext-base wget \
-    && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /etc/nginx/sites-enabled/* \
     && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
 COPY apk /sbin/apk
 EXPOSE 80
