@@ -86,7 +86,7 @@ run "$COMPOSE pull tts gateway"
 reload_gateway() {
     run "$COMPOSE exec -T gateway sh -c 'exec nginx -p \"\$NGINX_PREFIX\" -c \"\$NGINX_PREFIX/nginx.conf\" -s reload'"
 }
-tts_ids() {  # $1: ps filter (e.g. status=running); ids of this project's tts containers
+tts_ids() {  # STATUS (running, exited, ...): ids of the project's tts containers in that state
     $COMPOSE ps -q -a --status "$1" tts 2>/dev/null || true
 }
 
@@ -167,7 +167,11 @@ if [ "$DRY" = 0 ]; then
         sleep 2
     done
     echo "rollout: worker $new_id is healthy; it takes the name tts"
-    set_service_name "$new_id" on
+    if ! set_service_name "$new_id" on; then
+        remove_new
+        echo "rollout: could not give worker $new_id the name tts; removed, $previous keeps serving" >&2
+        exit 1
+    fi
 else
     echo "+ check the new tts container runs $want_image; start it without the name tts"
     echo "+ wait until its health status is healthy; then give it the name tts"

@@ -116,16 +116,40 @@ def ensure_engine(env: dict) -> None:
     start_dockerd(env)
 
 
+def _exited(pid: int) -> bool:
+    """True once pid has exited; reaps it when it is our child (a dockerd these tests started stays
+    a zombie, with its /proc entry, until its parent waits for it)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def restart_dockerd(env: dict, timeout: float = 120) -> None:
     """Like a reboot for the containers: stop dockerd (it stops every container), start it again with
     the same command line. Containers come back only through their restart policies."""
+    if Path("/run/systemd/system").is_dir() and sh(["systemctl", "is-active", "--quiet", "docker"],
+                                                   check=False).returncode == 0:
+        # Under systemd a killed dockerd may be restarted by it too: let systemd do the restart.
+        sh(["systemctl", "restart", "docker"], timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not engine_up(env):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd did not come back within {timeout:.0f}s of `systemctl restart docker`")
+            time.sleep(0.5)
+        return
     pid = dockerd_pid()
     if pid is None:
         raise RuntimeError("no dockerd process to restart")
     cmdline = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
+    while not _exited(pid):
         if time.monotonic() > deadline:
             raise RuntimeError(f"dockerd (pid {pid}) did not stop within {timeout:.0f}s")
         time.sleep(0.2)
