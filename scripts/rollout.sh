@@ -40,6 +40,7 @@ if [ -z "${COMPOSE:-}" ]; then
     fi
 fi
 STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-45}
+SWITCH_WAIT_S=${SWITCH_WAIT_S:-7}
 HEALTH_TIMEOUT_S=${HEALTH_TIMEOUT_S:-1800}
 
 run() {
@@ -179,6 +180,10 @@ fi
 
 # The gateway sends new requests to the healthy worker(s) it resolves; a reload makes it look now.
 reload_gateway
+# Before the old worker goes, every gateway process must know the new one: nginx workers of the config
+# before the reload still take connections for a moment, with the name resolved when only the old
+# worker had it (cached up to 5 s, the resolver's valid=). Stopping the old one sooner fails those.
+run "sleep $SWITCH_WAIT_S"
 for id in $old_ids; do
     run "docker stop --timeout $STOP_TIMEOUT_S $id"
     run "docker rm $id"

@@ -286,7 +286,7 @@ class Load:
     def __init__(self, url: str):
         self.url = url
         self.counts: Counter = Counter()
-        self.failures: list[str] = []
+        self.failures: list[tuple[float, str]] = []
         self.unanswered: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -308,7 +308,7 @@ class Load:
                     continue
                 self.counts[r.status_code] += 1
                 if r.status_code != 200:
-                    self.failures.append(f"{time.monotonic():.1f} {path}: {r.status_code} {r.text[:300]}")
+                    self.failures.append((time.monotonic(), f"{path}: {r.status_code} {r.text[:200]}"))
                 break
 
     def __enter__(self):
@@ -330,6 +330,10 @@ def rollout_under_load(project: db.Project, *args: str) -> tuple[int, str, Load]
     never answered fell in the gateway's replacement (from its `up` line to the script's end)."""
     import subprocess
 
+    (gateway,) = project.containers("gateway", all=False)
+    # The gateway's own log (the container is replaced at the end, taking its log with it).
+    gw_log = subprocess.Popen(["docker", "logs", "-f", "-t", "--since", "1s", gateway], env=project.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with Load(_http(project)) as load:
         t0 = time.monotonic()
         proc = subprocess.Popen(["bash", "scripts/rollout.sh", *args], env=project.env, cwd=project.root,
@@ -345,10 +349,18 @@ def rollout_under_load(project: db.Project, *args: str) -> tuple[int, str, Load]
     log = "\n".join(lines)
     print(f"rollout {' '.join(args)}: {ended - t0:.1f}s; answers: {dict(load.counts)}; "
           f"unanswered (retried): {len(load.unanswered)}")
+    failed = [f"{t - t0:6.1f}s {what}" for t, what in load.failures]
+    early = [f"{t - t0:6.1f}s {what}" for t, what in load.unanswered if gateway_swap is None or t < gateway_swap]
+    gw_log.terminate()
+    gw_lines = gw_log.communicate(timeout=30)[0].splitlines()
+    if proc.returncode or failed or early:
+        print(f"rollout.sh, timed:\n{log}\nfailed requests:\n" + "\n".join(failed[:20])
+              + "\nunanswered before the gateway's replacement:\n" + "\n".join(early[:20])
+              + "\nthe replaced gateway's errors:\n"
+              + "\n".join(ln for ln in gw_lines if '"status":200' not in ln)[-6000:])
     assert proc.returncode == 0, log
-    assert not load.failures, (load.failures[:10], log)
-    early = [f"{t - t0:.1f}s {what}" for t, what in load.unanswered if gateway_swap is None or t < gateway_swap]
-    assert not early, (early[:10], log)
+    assert not failed, failed[:20]
+    assert not early, early[:20]
     assert load.counts[200] > 10
     return proc.returncode, log, load
 

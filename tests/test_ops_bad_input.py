@@ -290,7 +290,8 @@ def _rollout(tmp_path, *args, env_text=None, state=None, fake_docker=False):
             'exit 0\n')
         for f in bin_dir.iterdir():
             f.chmod(0o755)
-        env.update(COMPOSE=str(bin_dir / "compose"), PATH=f"{bin_dir}:{env['PATH']}", HEALTH_TIMEOUT_S="5")
+        env.update(COMPOSE=str(bin_dir / "compose"), PATH=f"{bin_dir}:{env['PATH']}", HEALTH_TIMEOUT_S="5",
+                   SWITCH_WAIT_S="0")
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
 
 

@@ -32,6 +32,8 @@ def test_dry_run_plans_start_wait_switch_drain(tmp_path):
     assert steps[4] == "wait until its health status is healthy; then give it the name tts"
     reload = "true exec -T gateway sh -c 'exec nginx -p \"$NGINX_PREFIX\" -c \"$NGINX_PREFIX/nginx.conf\" -s reload'"
     assert steps[5] == reload and steps[-3] == reload  # a reload in place, never `kill` (a "manual stop")
+    assert steps[6] == "sleep 7"  # every gateway process has re-resolved the name before the old worker stops
+    assert steps[7].startswith("docker stop --timeout 45 ") or steps[7] == reload
     assert steps[-2] == "true up -d --no-deps gateway"
     assert "record 1.0.0" in steps[-1] and "VOXBOX_TAG=1.1.0" in steps[-1]
     assert not any("kill" in s or "--time " in s for s in steps)
