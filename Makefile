@@ -54,11 +54,15 @@ system-run:
 		command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		$(SUDO) apt-get install -y -qq nginx-light gettext-base openssl curl >/dev/null; }
 
-# Real nginx and Chromium for the gateway and browser tests (Debian packages).
+# Real nginx and Chromium for the gateway and browser tests, and a Docker engine (dockerd,
+# containerd, runc), debootstrap and a registry for the bundle tests (Debian packages). The bundle
+# tests start dockerd themselves when none runs (tests/support/docker_bundle.py).
 system-test:
 	@if ! command -v nginx >/dev/null || ! command -v envsubst >/dev/null || ! command -v chromium >/dev/null || \
-		! command -v chromedriver >/dev/null; then \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light gettext-base chromium chromium-driver apache2-utils >/dev/null; \
+		! command -v chromedriver >/dev/null || ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || \
+		! command -v docker-registry >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light gettext-base \
+			chromium chromium-driver apache2-utils docker.io debootstrap docker-registry >/dev/null; \
 	fi
 
 bench-overhead: deps-test

@@ -104,13 +104,21 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
     where = parse_uri(s.model_uri, s.s3_endpoint_url)
     _check_models_dir(s.models_dir)
     status.update(phase="listing", error=None, started_at=started_at)
+    fallback = _verified_current(s)
     try:
-        client = make_client(s)
+        # With a verified version on the volume a store outage must not hold the start for minutes:
+        # a few quick tries, then serve what is there (below). Without one, retry as long as a pull does.
+        client = make_client(s, quick=fallback is not None)
         manifest = _fetch_manifest(client, where, s)
-    except (BotoCoreError, ValueError) as e:  # no credentials, unreachable or invalid endpoint, bad region
-        fatal = explain(e, where) if isinstance(e, BotoCoreError) else None
-        raise (fatal or FatalError(f"cannot read {where}{mf.MANIFEST}: {' '.join(str(e).split())}; check "
-                                   "S3_ENDPOINT_URL, S3_REGION and the network")) from None
+    except (BotoCoreError, ValueError, ClientError) as e:  # unreachable or invalid endpoint, no credentials
+        fatal = explain(e, where) if isinstance(e, (BotoCoreError, ClientError)) else None
+        reason = ' '.join(str(e).split())
+        if fatal is None and fallback is not None and not isinstance(e, ValueError):
+            return _serve_offline(s, status, where, fallback, reason, timings)
+        raise (fatal or FatalError(f"cannot read {where}{mf.MANIFEST}: {reason}; check S3_ENDPOINT_URL, "
+                                   "S3_REGION and the network"
+                                   + ("" if fallback else " (no verified model on the volume to start from)"))
+               ) from None
     digest = manifest.digest[:16]
     vdir = s.models_dir / "versions" / digest
     status.update(model=f"{manifest.name}:{manifest.version}", digest=digest, bytes_total=manifest.total_bytes)
@@ -164,6 +172,45 @@ def _pull(s: BootstrapSettings, status: Status) -> PullResult:
     return PullResult(vdir, digest, downloaded, warm, took, in_use)
 
 
+def _verified_current(s: BootstrapSettings) -> tuple[Path, mf.Manifest] | None:
+    """The version `current` points at, if it is complete and every file still checks out against the
+    manifest stored with it (size + mtime as recorded when hashed; sha256 too with VERIFY=full)."""
+    link = s.models_dir / "current"
+    try:
+        vdir = link.resolve(strict=True)
+        manifest = mf.parse((vdir / mf.MANIFEST).read_bytes())
+    except (OSError, FatalError, ValueError):
+        return None
+    if any(f.sha256 is None for f in manifest.files) and not s.allow_unverified:
+        return None  # pulled under ALLOW_UNVERIFIED, which is no longer set: not verified
+    return (vdir, manifest) if _is_verified(vdir, manifest, s.verify) else None
+
+
+def _serve_offline(s: BootstrapSettings, status: Status, where: ObjectPrefix, fallback: tuple[Path, mf.Manifest],
+                   reason: str, timings: _Timings) -> PullResult:
+    """The store is unreachable: start from the verified `current` version instead of failing.
+
+    Whether it is still MODEL_URI's latest cannot be known; the warning says so in the log and in the
+    status file (/readyz shows it), and the next start with the store reachable pulls as usual.
+    """
+    vdir, manifest = fallback
+    digest = vdir.name
+    locks = s.models_dir / ".voxbox" / "locks"
+    in_use = shared_lock(locks / f"{digest}.inuse")
+    if not _is_verified(vdir, manifest, "fast"):  # pruned by another replica before we took the lock
+        os.close(in_use)
+        raise FatalError(f"cannot read {where}{mf.MANIFEST} ({reason}) and the verified version on the volume "
+                         "was removed meanwhile; check S3_ENDPOINT_URL and the network")
+    warning = (f"store unreachable ({reason}); starting from the verified version on the volume "
+               f"({manifest.name} {manifest.version}, {digest}), which may not be MODEL_URI's latest")
+    log.warning("pull: %s", warning)
+    took = time.monotonic() - timings.t0
+    status.update(phase="ready", model=f"{manifest.name}:{manifest.version}", digest=digest,
+                  bytes_total=manifest.total_bytes, bytes_done=manifest.total_bytes, error=None, warm=True,
+                  offline=True, warning=warning, timings=timings.rounded(total=True))
+    return PullResult(vdir, digest, 0, True, took, in_use)
+
+
 def _check_models_dir(models_dir: Path) -> None:
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +234,8 @@ def _fetch_manifest(client, where: ObjectPrefix, s: BootstrapSettings) -> mf.Man
         fatal = explain(e, where)
         if fatal:
             raise fatal from None
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise  # the store is failing, not the request: the caller may start from the volume
         if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
             raise FatalError(f"cannot read {where}{mf.MANIFEST}: {e}") from None
     if not s.allow_unverified:

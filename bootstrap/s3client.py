@@ -13,12 +13,13 @@ from .uri import ObjectPrefix
 MB = 1024 * 1024
 
 
-def make_client(s: BootstrapSettings):
+def make_client(s: BootstrapSettings, quick: bool = False):
+    """quick: few attempts and short timeouts, for when there is a fallback (a verified version on the volume)."""
     config = Config(
         s3={"addressing_style": s.s3_addressing_style},
         # "adaptive" backs off on throttling (503 SlowDown) and retries 5xx and connection errors.
-        retries={"max_attempts": s.pull_retries + 5, "mode": "adaptive"},
-        connect_timeout=10, read_timeout=60, max_pool_connections=max(10, s.pull_concurrency * 2),
+        retries={"max_attempts": 3 if quick else s.pull_retries + 5, "mode": "adaptive"},
+        connect_timeout=5 if quick else 10, read_timeout=60, max_pool_connections=max(10, s.pull_concurrency * 2),
     )
     return boto3.client("s3", endpoint_url=s.s3_endpoint_url or None, region_name=s.s3_region or None,
                         config=config)

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # VoxBox TTS worker: gunicorn + Flask, VoxCPM on CUDA (CPU fallback). No weights inside: the
 # entrypoint (python -m bootstrap) pulls them into the /models volume, then execs gunicorn.
 # The base carries the same torch as requirements/runtime.txt, so pip adds no second copy.
@@ -15,13 +14,6 @@ RUN pip install --no-cache-dir --prefix=/deps -r requirements/runtime.txt \
     && if [ "$WITH_EMBEDDED" = 1 ]; then pip install --no-cache-dir --prefix=/deps -r requirements/embedded.txt; fi
 
 FROM ${BASE_IMAGE}
-ARG VERSION=dev
-ARG GIT_REVISION=unknown
-LABEL org.opencontainers.image.title="voxbox-worker" \
-      org.opencontainers.image.description="VoxBox TTS worker (VoxCPM-1.5, gunicorn + Flask)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODELS_DIR=/models \
@@ -41,3 +33,11 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30m --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["python", "-m", "bootstrap"]
+# Last: these change with every release, so everything above stays cached (and is not pushed again).
+ARG VERSION=dev
+ARG GIT_REVISION=unknown
+LABEL org.opencontainers.image.title="voxbox-worker" \
+      org.opencontainers.image.description="VoxBox TTS worker (VoxCPM-1.5, gunicorn + Flask)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"

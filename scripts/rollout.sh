@@ -4,11 +4,17 @@
 #   scripts/rollout.sh TAG [--dry-run]       roll out TAG
 #   scripts/rollout.sh rollback [--dry-run]  go back to the tag before the last rollout
 #
-# Steps: pull TAG; start a second worker on TAG beside the running one; wait until Docker reports
-# it healthy (/readyz: weights pulled, model loaded, warm-up passed); reload the gateway so it
-# sends traffic to the new worker; stop the old worker gracefully (in-flight requests finish within
-# its stop_grace_period); then the same for the gateway image; finally record TAG in .env.
-# The previous tag is kept in .rollout-state for `rollback`.
+# Steps: pull TAG; create a new worker container on TAG beside the running one(s) and check it runs
+# TAG's image; start it without the service name `tts` (so the gateway sends it nothing yet); wait
+# until Docker reports it healthy (/readyz: weights pulled, model loaded, warm-up passed); give it the
+# name `tts` and reload the gateway; stop the old worker(s) gracefully (in-flight requests finish within
+# the stop grace period); then recreate the gateway on TAG; finally record TAG in .env.
+# The previous tag is kept in .rollout-state for `rollback`. A failed or never-healthy new worker is
+# removed and the old one keeps serving. Stopped or never-started tts containers (an old replica, a
+# failed earlier attempt) are removed first: they are not serving, and compose would reuse them.
+#
+# COMPOSE is the compose command (default: `docker compose`, plus `-f compose.yaml -f compose.cpu.yaml`
+# when COMPOSE_FILE is unset and the engine has no nvidia runtime, i.e. a CPU-only host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +23,7 @@ ARGS=()
 for a in "$@"; do
     case "$a" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) ARGS+=("$a") ;;
     esac
 done
@@ -25,7 +31,16 @@ done
 
 ENV_FILE=${ENV_FILE:-.env}
 STATE_FILE=${STATE_FILE:-.rollout-state}
-COMPOSE=${COMPOSE:-docker compose}
+if [ -z "${COMPOSE:-}" ]; then
+    COMPOSE="docker compose"
+    # compose.yaml reserves an NVIDIA GPU for the worker; without the nvidia runtime that `up` fails
+    # ("could not select device driver"), so a CPU host needs compose.cpu.yaml as well.
+    if [ -z "${COMPOSE_FILE:-}" ] && ! docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia; then
+        COMPOSE="docker compose -f compose.yaml -f compose.cpu.yaml"
+    fi
+fi
+STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-45}
+SWITCH_WAIT_S=${SWITCH_WAIT_S:-7}
 HEALTH_TIMEOUT_S=${HEALTH_TIMEOUT_S:-1800}
 
 run() {
@@ -63,45 +78,117 @@ previous=$(current_tag)
 [ "$previous" != "$target" ] || { echo "rollout: $target is already running"; exit 0; }
 
 export VOXBOX_TAG=$target
+echo "rollout: compose command: $COMPOSE"
 run "$COMPOSE pull tts gateway"
+# Bind-mounted into the gateway: made here, owned by whoever runs the rollout (Docker would make it root's).
+[ -d secrets ] || run "mkdir -p secrets"
 
-old_ids=$($COMPOSE ps -q tts 2>/dev/null || true)
-run "$COMPOSE up -d --no-deps --no-recreate --scale tts=2 tts"
+# The gateway is reloaded in place (a signal to PID 1 would count as a manual stop for `restart:`).
+reload_gateway() {  # renders again (key and password files may have changed), then reloads in place
+    run "$COMPOSE exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
+}
+tts_ids() {  # STATUS (running, exited, ...): ids of the project's tts containers in that state
+    $COMPOSE ps -q -a --status "$1" tts 2>/dev/null || true
+}
+
+if [ "$DRY" = 0 ]; then
+    for status in exited created dead paused restarting; do
+        for id in $(tts_ids "$status"); do
+            echo "rollout: removing tts container $id ($status, not serving)"
+            docker rm -f "$id" >/dev/null
+        done
+    done
+else
+    echo "+ remove tts containers that are not running (stopped replicas, leftovers of a failed rollout)"
+fi
+old_ids=$(tts_ids running)
+n_old=$(echo "$old_ids" | wc -w)
+want_image=$($COMPOSE config --images tts 2>/dev/null || echo "?")
+
+# Remove whatever this attempt created, so a later rollout never finds (and compose never reuses) it.
+remove_new() {
+    for id in $($COMPOSE ps -q -a tts 2>/dev/null); do
+        case " $(echo $old_ids) " in *" $id "*) ;; *) docker rm -f "$id" >/dev/null 2>&1 || true ;; esac
+    done
+}
+
+# The gateway re-resolves the name `tts` every few seconds: a worker carrying that name gets requests
+# at once, before its model is loaded. So the new worker is created without it (reachable only by its
+# container name while it starts), and takes the name once it is healthy.
+networks_of() {
+    docker inspect -f '{{range $net, $_ := .NetworkSettings.Networks}}{{$net}} {{end}}' "$1"
+}
+set_service_name() {  # ID on|off: (re)join the container's networks with or without the alias `tts`
+    local net
+    for net in $(networks_of "$1"); do
+        docker network disconnect "$net" "$1" >/dev/null
+        if [ "$2" = on ]; then docker network connect --alias tts "$net" "$1"; else docker network connect "$net" "$1"; fi
+    done
+}
+
+if ! run "$COMPOSE up --no-start --no-deps --no-recreate --scale tts=$((n_old + 1)) tts"; then
+    remove_new
+    echo "rollout: starting a worker on $target failed (see above); removed what it created, $previous keeps serving" >&2
+    exit 1
+fi
 new_id=""
 if [ "$DRY" = 0 ]; then
-    for id in $($COMPOSE ps -q tts); do
-        case " $old_ids " in *" $id "*) ;; *) new_id=$id ;; esac
+    new_ids=""
+    for id in $($COMPOSE ps -q -a tts); do
+        case " $(echo $old_ids) " in *" $id "*) ;; *) new_ids="$new_ids $id" ;; esac
     done
-    [ -n "$new_id" ] || { echo "rollout: the new worker did not start" >&2; exit 1; }
-    echo "rollout: waiting for worker $new_id ($target) to be healthy (up to ${HEALTH_TIMEOUT_S}s)"
+    new_id=$(echo $new_ids)
+    if [ -z "$new_id" ] || [ "$(echo "$new_ids" | wc -w)" -ne 1 ]; then
+        remove_new
+        echo "rollout: expected one new worker container, found '${new_id}'; removed, $previous keeps serving" >&2
+        exit 1
+    fi
+    got_image=$(docker inspect -f '{{.Config.Image}}' "$new_id")
+    if [ "$got_image" != "$want_image" ]; then
+        remove_new
+        echo "rollout: the new worker $new_id runs $got_image, not $want_image; removed, $previous keeps serving" >&2
+        exit 1
+    fi
+    if ! { set_service_name "$new_id" off && docker start "$new_id" >/dev/null; }; then
+        remove_new
+        echo "rollout: the new worker $new_id did not start; removed, $previous keeps serving" >&2
+        exit 1
+    fi
+    echo "rollout: waiting for worker $new_id ($got_image) to be healthy (up to ${HEALTH_TIMEOUT_S}s)"
     deadline=$((SECONDS + HEALTH_TIMEOUT_S))
     while :; do
         status=$(docker inspect -f '{{.State.Health.Status}}' "$new_id" 2>/dev/null || echo gone)
         [ "$status" = healthy ] && break
         if [ "$status" = unhealthy ] || [ "$status" = gone ] || [ $SECONDS -ge $deadline ]; then
+            [ $SECONDS -lt $deadline ] || status="not healthy after ${HEALTH_TIMEOUT_S}s"
             echo "rollout: new worker is $status; removing it, $previous keeps serving" >&2
-            docker rm -f "$new_id" >/dev/null
-            $COMPOSE up -d --no-deps --no-recreate --scale tts=1 tts >/dev/null
+            remove_new
             exit 1
         fi
-        sleep 5
+        sleep 2
     done
+    echo "rollout: worker $new_id is healthy; it takes the name tts"
+    if ! set_service_name "$new_id" on; then
+        remove_new
+        echo "rollout: could not give worker $new_id the name tts; removed, $previous keeps serving" >&2
+        exit 1
+    fi
 else
-    echo "+ wait until the new tts container's health status is healthy"
+    echo "+ check the new tts container runs $want_image; start it without the name tts"
+    echo "+ wait until its health status is healthy; then give it the name tts"
 fi
 
-# The gateway re-resolves the worker's name every few seconds by itself; a reload makes it see both
-# workers now. A reload from inside the container, not `compose kill -s HUP`: Docker counts a
-# signalled container as stopped by hand, and `unless-stopped` would then not restart it after a
-# reboot (moby#41302).
-RELOAD="exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
-run "$COMPOSE $RELOAD"
+# The gateway sends new requests to the healthy worker(s) it resolves; a reload makes it look now.
+reload_gateway
+# Before the old worker goes, every gateway process must know the new one: nginx workers of the config
+# before the reload still take connections for a moment, with the name resolved when only the old
+# worker had it (cached up to 5 s, the resolver's valid=). Stopping the old one sooner fails those.
+run "sleep $SWITCH_WAIT_S"
 for id in $old_ids; do
-    run "docker stop --time 45 $id"
+    run "docker stop --timeout $STOP_TIMEOUT_S $id"
     run "docker rm $id"
 done
-run "$COMPOSE up -d --no-deps --no-recreate --scale tts=1 tts"
-run "$COMPOSE $RELOAD"
+reload_gateway
 run "$COMPOSE up -d --no-deps gateway"
 
 if [ "$DRY" = 0 ]; then

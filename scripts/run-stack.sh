@@ -50,13 +50,19 @@ NGINX_PREFIX=$NGINX_PREFIX UPSTREAM=127.0.0.1:$WORKER_PORT GATEWAY_LISTEN=$HOST:
 pids+=($!)
 
 url="http://$HOST:$GATEWAY_PORT"
-for _ in $(seq 1 300); do
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-300}
+ready=0
+for _ in $(seq 1 "$READY_TIMEOUT_S"); do
     for pid in "${pids[@]}"; do
         kill -0 "$pid" 2>/dev/null || { echo "run-stack: a process exited during start-up (see above)" >&2; exit 1; }
     done
-    if curl -fsS -u "$VOXBOX_USER:$VOXBOX_PASSWORD" "$url/readyz" >/dev/null 2>&1; then break; fi
+    if curl -fsS -u "$VOXBOX_USER:$VOXBOX_PASSWORD" "$url/readyz" >/dev/null 2>&1; then ready=1; break; fi
     sleep 1
 done
+if [ "$ready" != 1 ]; then
+    echo "run-stack: not ready after ${READY_TIMEOUT_S}s ($url/readyz; see the log above); stopping" >&2
+    exit 1
+fi
 cat <<MSG
 
   VoxBox is up:  $url/

@@ -2,6 +2,7 @@
 (one line on stderr, exit status 1, nothing half-written at a final path)."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from bootstrap.puller import pull
 from bootstrap.status import Status
 
 from .support.faultproxy import FaultProxy
-from .support.s3 import MB, bootstrap_env, files_of, run_bootstrap, settings_from
+from .support.s3 import MB, bootstrap_env, files_of, make_model, run_bootstrap, settings_from
 
 pytest_plugins = ["tests.support.s3"]
 
@@ -113,3 +114,49 @@ def test_fatal_when_a_file_keeps_breaking_off(s3_server, published, tmp_path):
     line = _fatal(r)
     assert "downloading audiovae.pth from" in line and "failed 1 times" in line and "S3_ENDPOINT_URL" in line
     assert not (tmp_path / "m" / "current").exists() and not list((tmp_path / "m").rglob("audiovae.pth"))
+
+
+# -- the store is down at a warm start ------------------------------------------------------------
+@pytest.fixture
+def store_went_down(tmp_path):
+    """A model pulled into a volume from a store that is then stopped; returns (env, models dir, result)."""
+    from .support.s3 import seaweedfs
+
+    models = tmp_path / "m"
+    with seaweedfs(tmp_path / "store") as server:
+        server.client().create_bucket(Bucket="models")
+        uri = "s3://models/voxcpm-1.5/v1/"
+        assert run_bootstrap(server.env(), "publish", str(make_model(tmp_path / "src")), uri).returncode == 0
+        env = bootstrap_env(server, models, uri)
+        first = run_bootstrap(env, "pull")
+        assert first.returncode == 0, first.stderr
+    return env, models, first.stdout.strip()
+
+
+def test_warm_start_with_the_store_down_serves_the_verified_version(store_went_down):
+    env, models, first_dir = store_went_down
+    r = run_bootstrap(env, "pull", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == first_dir
+    assert "WARNING" in r.stderr and "store unreachable" in r.stderr
+    status = _status(models)
+    assert status["phase"] == "ready" and status["offline"] is True and status["warm"] is True
+    assert "store unreachable" in status["warning"] and status["digest"] == Path(first_dir).name
+
+
+def test_store_down_and_the_verified_version_changed_on_disk_is_fatal(store_went_down):
+    env, models, first_dir = store_went_down
+    target = Path(first_dir) / "config.json"
+    target.write_text(target.read_text().replace("voxcpm", "VOXCPM"))  # same size, new content and mtime
+    line = _fatal(run_bootstrap(env, "pull", timeout=180))
+    assert "cannot read" in line and "no verified model on the volume" in line
+
+
+def test_store_down_and_nothing_on_the_volume_is_fatal(s3_server, tmp_path):
+    from .support.procs import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = bootstrap_env(s3_server, tmp_path / "m", "s3://models/voxcpm-1.5/v1/", dead, PULL_RETRIES="1")
+    line = _fatal(run_bootstrap(env, "pull", timeout=180))
+    assert "no verified model on the volume" in line
+    assert _status(tmp_path / "m")["phase"] == "failed"

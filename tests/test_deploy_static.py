@@ -140,3 +140,31 @@ def test_every_compose_variable_is_documented_in_env_example():
     compose_vars = set(re.findall(r"\$\{([A-Z0-9_]+)", (REPO_ROOT / "compose.yaml").read_text()))
     documented = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", (REPO_ROOT / ".env.example").read_text(), re.M))
     assert compose_vars - documented == set()
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/worker.Dockerfile", "docker/gateway.Dockerfile"])
+def test_no_frontend_fetch_and_the_version_comes_last(dockerfile):
+    """A `# syntax=` line makes BuildKit fetch a frontend image (offline builds fail); the release's
+    ARG/LABEL lines come after every layer, so a new version rebuilds and pushes none of them
+    (test_bundle_docker checks the built layers too)."""
+    lines = [ln for ln in (REPO_ROOT / dockerfile).read_text().splitlines() if ln.strip()]
+    assert not any(ln.lstrip("# ").lower().startswith("syntax=") for ln in lines)
+    instructions = [ln.split()[0] for ln in lines if not ln.startswith((" ", "#"))]
+    assert instructions[-3:] == ["ARG", "ARG", "LABEL"]
+    assert "VERSION" not in "\n".join(ln for ln in lines[:lines.index("ARG VERSION=dev")])
+
+
+def test_secrets_stay_out_of_git_and_images():
+    r = run(["git", "check-ignore", "-q", "secrets/api_keys"])
+    assert r.returncode == 0, "./secrets is not git-ignored"
+    assert "secrets" in (REPO_ROOT / ".dockerignore").read_text().split()
+
+
+def test_local_s3_restarts_with_the_host(env_file):
+    import json
+
+    r = run([compose_binary(), "--env-file", str(env_file), "-f", "compose.yaml", "--profile", "local-s3",
+             "config", "--format", "json"])
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert {cfg["services"][s]["restart"] for s in ("tts", "gateway", "local-s3")} == {"unless-stopped"}

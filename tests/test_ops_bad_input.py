@@ -274,17 +274,24 @@ def _rollout(tmp_path, *args, env_text=None, state=None, fake_docker=False):
         state_file.write_text(state)
     env = {**os.environ, "ENV_FILE": str(env_file), "STATE_FILE": str(state_file), "COMPOSE": "true"}
     if fake_docker:
-        # A docker/compose stand-in: one old worker, a second one after --scale tts=2, always healthy.
+        # A docker/compose stand-in: one running old worker, a second one created by --scale tts=2 on
+        # the image compose names, always healthy; every other command succeeds.
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         ids = tmp_path / "ids"
         ids.write_text("old1\n")
         (bin_dir / "compose").write_text(
-            f'#!/bin/sh\ncase "$*" in\n "ps -q tts") cat {ids} ;;\n *"--scale tts=2"*) echo new1 >> {ids} ;;\nesac\n')
-        (bin_dir / "docker").write_text('#!/bin/sh\n[ "$1" = inspect ] && echo healthy\nexit 0\n')
+            f'#!/bin/sh\ncase "$*" in\n "ps -q -a --status running tts"|"ps -q -a tts") cat {ids} ;;\n'
+            f' "config --images tts") echo ghcr.io/voxbox/voxbox-worker:new ;;\n'
+            f' *"--scale tts=2"*) echo new1 >> {ids} ;;\nesac\n')
+        (bin_dir / "docker").write_text(
+            '#!/bin/sh\ncase "$*" in\n *.Config.Image*) echo ghcr.io/voxbox/voxbox-worker:new ;;\n'
+            ' *.State.Health.Status*) echo healthy ;;\n *.NetworkSettings.Networks*) echo voxbox_default ;;\nesac\n'
+            'exit 0\n')
         for f in bin_dir.iterdir():
             f.chmod(0o755)
-        env.update(COMPOSE=str(bin_dir / "compose"), PATH=f"{bin_dir}:{env['PATH']}", HEALTH_TIMEOUT_S="5")
+        env.update(COMPOSE=str(bin_dir / "compose"), PATH=f"{bin_dir}:{env['PATH']}", HEALTH_TIMEOUT_S="5",
+                   SWITCH_WAIT_S="0")
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
 
 
