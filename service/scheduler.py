@@ -21,6 +21,7 @@ import numpy as np
 from .admission import Waiting, choose_admissions
 from .audio import resample, time_stretch
 from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
+from .engines.base import BatchingEngine, GenerationBatch
 from .metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,9 @@ class Scheduler:
             self.engine.load()
             self._took("load_s", t0)
             log.info("model loaded in %.1fs", self.startup["load_s"])
+            if self.engine.supports_batching and not isinstance(self.engine, BatchingEngine):
+                raise TypeError(f"the {self.engine.name} engine says it batches but lacks the batching contract "
+                                "(service/engines/base.py: BatchingEngine)")
             t0 = time.monotonic()
             self.batch_size = (self.engine.batch_size(self.max_batch, self.batch_cap)
                                if self.engine.supports_batching else 1)
@@ -384,7 +388,7 @@ class BatchLoop:
     whose rows finish leaves, and waiting jobs take the freed rows at the next step.
     """
 
-    def __init__(self, sched: Scheduler, batch):
+    def __init__(self, sched: Scheduler, batch: GenerationBatch):
         self.s = sched
         self.batch = batch
         self.rows: dict[int, tuple[Job, int]] = {}  # row -> (job, sentence index)

@@ -294,3 +294,17 @@ def test_compiled_step_parts_equal_eager_across_buckets(model):
     from service.engines.voxcpm.batch import Join
 
     assert np.abs(run("eager") - run(None)).max() < TOL
+
+
+def test_both_batches_keep_the_declared_contract(model, tmp_path_factory):
+    """The scheduler's batch loop drives any GenerationBatch from a BatchingEngine (service/engines/base.py):
+    VoxCPM's and the fake engine's the fast tests use."""
+    from service.engines.base import BatchingEngine, GenerationBatch
+    from service.engines.voxcpm.engine import VoxCPMEngine
+
+    from .support.slow_engine import SlowEngine
+
+    assert isinstance(BatchedGenerator(model, max_batch=2, max_length=64), GenerationBatch)
+    assert isinstance(VoxCPMEngine(tmp_path_factory.mktemp("none")), BatchingEngine)
+    fake = SlowEngine(0.001, 2)
+    assert isinstance(fake, BatchingEngine) and isinstance(fake.make_batch(2), GenerationBatch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Hashable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -90,3 +90,53 @@ class Engine(ABC):
 
     def forget_voice(self, voice_id: str) -> None:
         """Drop anything cached for a deleted voice."""
+
+
+# -- continuous batching: the contract between an engine's batch and the scheduler's batch loop --------
+class StepResult(Protocol):
+    """One row's part of a generation step: unpacks as (row, audio, done)."""
+    row: int
+    audio: np.ndarray
+    done: bool
+
+
+@runtime_checkable
+class GenerationBatch(Protocol):
+    """Rows generated together, one step at a time; rows join and leave between steps.
+
+    Not thread-safe: the scheduler's inference thread is its only caller.
+    """
+    max_batch: int  # rows one step can hold
+
+    def active(self) -> int:
+        """Rows generating now."""
+
+    def free_slots(self) -> int:
+        """Rows that can join before the next step."""
+
+    def step(self) -> Sequence[StepResult]:
+        """One generation step for every row: each row's new audio, and whether it finished (and left)."""
+
+    def cancel(self, row: int) -> None:
+        """Drop a row between steps (its client went away, or its deadline passed); unknown rows are ignored."""
+
+
+@runtime_checkable
+class BatchingEngine(Protocol):
+    """What an engine with supports_batching = True provides (see Engine.supports_batching)."""
+    batch_single: bool  # even a batch of 1 goes through the batch (its fast path on this device)
+
+    def batch_size(self, requested: str, cap: int) -> int:
+        """Rows per step: TTS_MAX_BATCH (a number or auto, decided here after the model is loaded), at most cap."""
+
+    def make_batch(self, max_batch: int) -> GenerationBatch: ...
+
+    def prepare_batch(self, batch: GenerationBatch) -> None:
+        """Whatever the batch needs before serving (kernels compiled, graphs captured)."""
+
+    def batch_add(self, batch: GenerationBatch,
+                  requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
+        """Join (sentence, voice, params) requests, prefilled together; returns their rows."""
+
+    def batch_key(self, params: SynthesisParams) -> Optional[Hashable]:
+        """Requests whose keys differ cannot share a step (None everywhere: every request can)."""

@@ -24,7 +24,7 @@ def _tone(seconds: float) -> np.ndarray:
 
 
 class SlowBatch:
-    """The batch interface of service/engines/voxcpm/batch.py's BatchedGenerator, with a sleep per step."""
+    """A GenerationBatch (service/engines/base.py), like VoxCPM's BatchedGenerator, with a sleep per step."""
 
     def __init__(self, max_batch: int, step_s: float, steps: int):
         self.max_batch, self.step_s, self.steps = max_batch, step_s, steps
@@ -33,6 +33,9 @@ class SlowBatch:
 
     def active(self) -> int:
         return len(self.rows)
+
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.rows)
 
     def cancel(self, row: int) -> None:
         self.rows.pop(row, None)
