@@ -6,8 +6,8 @@ events; when the queue is full they get `Overloaded` (HTTP 503 + Retry-After) at
 """
 from __future__ import annotations
 
-import gc
 import enum
+import gc
 import logging
 import queue
 import threading

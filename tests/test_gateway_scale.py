@@ -77,6 +77,19 @@ def test_synthesis_is_retried_on_another_worker_after_503_or_a_refused_connectio
             assert r.status_code == 200 and r.json()["served_by"] == "ok"
 
 
+def test_readiness_through_the_gateway_asks_another_worker_when_one_is_draining(tmp_path):
+    """A rollout's old worker answers /readyz 503 while it drains; the service is still ready."""
+    with recording_server("draining") as draining, recording_server("ok") as ok:
+        draining.status = 503
+        upstream = f"127.0.0.1:{draining.port},127.0.0.1:{ok.port}"
+        with start_gateway(tmp_path, upstream, ENV) as g:
+            results = [call(g, "GET", "/readyz")[1] for _ in range(8)]
+            assert [r.status_code for r in results] == [200] * 8 and {r.json()["served_by"] for r in results} == {"ok"}
+            assert draining.seen and all(req["path"] == "/readyz" for req in draining.seen)  # asked, then passed over
+        with start_gateway(tmp_path / "alone", f"127.0.0.1:{draining.port}", ENV) as g:
+            assert call(g, "GET", "/readyz")[1].status_code == 503  # the only worker: its answer stands
+
+
 def test_voice_uploads_and_deletes_are_never_repeated_on_another_worker(tmp_path):
     dead = free_port()
     with recording_server("full") as full, recording_server("ok") as ok:

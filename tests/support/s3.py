@@ -84,7 +84,11 @@ def seaweedfs(tmp_dir: Path) -> Iterator[S3Server]:
     cmd = [weed_binary(), "mini", f"-dir={tmp_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
            f"-admin.port={admin}", f"-webdav.port={webdav}", "-webdav=false", "-admin.ui=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}"]
+           "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+           # Every bucket is a collection with volumes of its own; the automatic limit (free disk / 128 MB)
+           # runs out after a few dozen buckets on a fuller disk ("no free volumes left"). Volumes are
+           # sparse files, so a fixed generous count costs nothing.
+           "-volume.max=2000"]
     (tmp_dir / "data").mkdir(exist_ok=True)
     log = tmp_dir / "weed.log"
     server = S3Server(f"http://127.0.0.1:{s3}", s3, log)
