@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(5000, ge=1)
     max_chunk_chars: int = Field(200, ge=20)
     crossfade_ms: float = Field(15.0, ge=0)
+    # Streamed requests start with a short first chunk (its first sentence or clause) on engines that
+    # make a chunk's audio all at once (the embedded one), so the first audio comes early.
+    stream_short_first_chunk: bool = True
 
     # Scheduling
     # Requests waiting for the inference thread; one more gets 503 at once. Each waits on a request

@@ -96,7 +96,9 @@ class SynthesisService:
             )
         return rate
 
-    def prepare_text(self, raw: str, lang: str) -> list[str]:
+    def prepare_text(self, raw: str, lang: str, stream: bool = False) -> list[str]:
+        """Checked, normalised text in chunks; a stream starts with a short chunk where the engine makes a
+        chunk's audio all at once (Engine.first_chunk_chars; STREAM_SHORT_FIRST_CHUNK)."""
         if len(raw) > self.settings.max_text_chars:
             raise ServiceError(
                 ErrorKind.TOO_LARGE,
@@ -121,14 +123,16 @@ class SynthesisService:
             )
         if not textmod.has_speakable(text, langs):
             raise _nothing_to_say(langs)
-        return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars))
+        short_first = stream and self.settings.stream_short_first_chunk
+        return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars),
+                                       first_max=self.engine.first_chunk_chars if short_first else 0)
 
     # -- execution ---------------------------------------------------------------------------
     def start(self, text: str, lang: str, voice: str, params: SynthesisParams, rate: Optional[int], stream: bool,
               endpoint: str) -> Prepared:
         """The one way a request becomes a queued job, for every endpoint: output rate, text, voice, queue."""
         rate = self.check_rate(rate)
-        return self.submit(self.prepare_text(text, lang), voice, params, rate, stream, endpoint)
+        return self.submit(self.prepare_text(text, lang, stream), voice, params, rate, stream, endpoint)
 
     def submit(
         self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str

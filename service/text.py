@@ -68,8 +68,12 @@ def speakable_char(ch: str, languages: tuple[str, ...] = ("en", "zh")) -> bool:
             or any(lo <= ch <= hi for lang in languages for lo, hi in SCRIPTS[lang]))
 
 
-def split_sentences(text: str, max_chars: int) -> list[str]:
-    """Split into sentence-sized chunks of at most `max_chars`, merging short neighbours."""
+def split_sentences(text: str, max_chars: int, first_max: int = 0) -> list[str]:
+    """Split into sentence-sized chunks of at most `max_chars`, merging short neighbours.
+
+    first_max > 0: the first chunk is at most that long (its first sentence, else its first clause or
+    words), so a stream's first audio comes after a short chunk, not a long one.
+    """
     pieces: list[str] = []
     for sentence in _SENTENCE_END.split(text):
         sentence = sentence.strip()
@@ -79,7 +83,19 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
             pieces.append(sentence)
         else:
             pieces.extend(_split_long(sentence, max_chars))
-    return _merge_short(pieces, max_chars)
+    chunks = _merge_short(pieces, max_chars)
+    if first_max and chunks and len(chunks[0]) > first_max:
+        chunks[:1] = _split_head(chunks[0], first_max)
+    return chunks
+
+
+def _split_head(chunk: str, first_max: int) -> list[str]:
+    """The chunk's first sentence (or, when longer than first_max, its first clause or words), and the rest."""
+    first = next(s.strip() for s in _SENTENCE_END.split(chunk) if s.strip())
+    if len(first) > first_max:
+        first = _split_long(first, first_max)[0]
+    rest = chunk[chunk.index(first) + len(first):].lstrip("\"'”’）)] ,，、:：")
+    return [first, rest] if rest else [first]
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:

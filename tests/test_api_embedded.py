@@ -263,3 +263,23 @@ def test_embedded_speech_is_intelligible(worker):
     audio, rate = decode_wav(base64.b64decode(body["audio_base64"]))
     heard = transcribe(audio, rate)
     assert word_error_rate(text, heard) <= 0.25, heard
+
+
+def test_a_short_text_streams_its_first_audio_early(worker):
+    """Two sentences (150 characters) streamed: the first audio comes from a short first chunk (the
+    greeting), long before the end, instead of all at once after the whole text."""
+    text = ("Hello! This is VoxBox, a text to speech service running on your own machine, "
+            "and it starts speaking right away.")
+    t0 = time.perf_counter()
+    arrivals = []
+    with requests.post(f"{worker.url}/v1/audio/speech", json={"input": text, "response_format": "pcm",
+                                                              "stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_content(chunk_size=None):
+            if chunk:
+                arrivals.append(time.perf_counter() - t0)
+    first, last = arrivals[0], arrivals[-1]
+    assert first < 0.5 * last, (first, last)
+    # Not streamed: one chunk as before (the short first chunk is for streams only).
+    body = requests.post(f"{worker.url}/tts", json={"text": text}).json()
+    assert body["duration"] > 3

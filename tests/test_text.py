@@ -61,3 +61,29 @@ def test_line_breaks_end_chunks():
 
 def test_has_cjk():
     assert has_cjk("hello 世界") and not has_cjk("hello world")
+
+
+def test_a_streams_first_chunk_is_short():
+    from service.text import split_sentences
+
+    text = ("Hello! This is VoxBox, a text to speech service running on your own machine. "
+            "It speaks every sentence you give it.")
+    # Without a limit the short greeting is merged into the next sentence.
+    assert split_sentences(text, 200)[0].startswith("Hello! This is VoxBox")
+    chunks = split_sentences(text, 200, first_max=40)
+    assert chunks[0] == "Hello!" and " ".join(chunks) == text
+    # A long first sentence: its first clause; with no comma in reach, whole words up to the limit.
+    long = "The quick brown fox, which was very quick indeed, jumps over the lazy dog. Then it rests."
+    chunks = split_sentences(long, 200, first_max=40)
+    assert chunks[0] == "The quick brown fox," and " ".join(chunks) == long
+    words = "Unbroken words keep on going well past any limit we set here today. Done."
+    chunks = split_sentences(words, 200, first_max=40)
+    assert chunks[0] == "Unbroken words keep on going well past" and len(chunks[0]) <= 40
+    assert " ".join(chunks) == words
+    # Short enough already, or no limit: unchanged.
+    assert split_sentences("Short text.", 200, first_max=40) == ["Short text."]
+    assert split_sentences(long, 200, first_max=0) == split_sentences(long, 200)
+    # Chinese: the first sentence, cut at its clause mark.
+    zh = "你好，欢迎使用语音合成服务，这是一段比较长的中文句子。第二句。"
+    chunks = split_sentences(zh, 200, first_max=8)
+    assert chunks[0] == "你好，" and "".join(chunks).replace(" ", "") == zh

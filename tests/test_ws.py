@@ -18,7 +18,10 @@ PARAGRAPHS = " ".join(
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    with start_worker(tmp_path_factory.mktemp("ws"), {"MAX_TEXT_CHARS": "3000"}) as w:
+    # Room for a few sockets at once: a closed one frees its slot only when the server sees the close,
+    # so the next test's handshake could meet the default cap (threads / 8 = 2) and get 503.
+    env = {"MAX_TEXT_CHARS": "3000", "GUNICORN_THREADS": "32", "WS_MAX_CONNECTIONS": "8"}
+    with start_worker(tmp_path_factory.mktemp("ws"), env) as w:
         yield w
 
 

@@ -63,6 +63,9 @@ class Engine(ABC):
     max_chunk_chars: int = 200
     supports_batching = False  # engines that can share generation steps override make_batch/batch_add
     batch_single = False  # True: even a batch size of 1 runs through the batched step (its fast path)
+    # Engines that make a chunk's audio all at once: a streamed request's first chunk is at most this long,
+    # so its first audio comes early (0: the engine streams within a chunk, any first chunk starts fast).
+    first_chunk_chars = 0
 
     @abstractmethod
     def load(self) -> None:
