@@ -26,6 +26,7 @@ run-worker: deps-runtime
 		BIND=$(HOST):$${WORKER_PORT:-8000} $(VENV)/bin/gunicorn -c service/gunicorn.conf.py 'service.app:create_app()'
 
 test: deps-test system-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The venv directory is named by the requirements' hash, so a stamp inside it is valid for exactly
