@@ -46,7 +46,9 @@ def worker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(worker, tmp_path_factory):
-    env = {"BASIC_AUTH_USERS": ":".join(AUTH)}
+    # Rate limits out of the way: one user's pages load a dozen files at once (the API docs page's
+    # bundle, styles, script and document) right after the other tests' pages; they are not under test here.
+    env = {"BASIC_AUTH_USERS": ":".join(AUTH), "RATE_LIMIT_RPS": "200", "RATE_LIMIT_BURST": "400"}
     with start_gateway(tmp_path_factory.mktemp("ui-gw"), f"127.0.0.1:{worker.port}", env) as gw:
         yield gw
 
