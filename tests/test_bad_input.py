@@ -13,7 +13,7 @@ import requests
 import soundfile as sf
 import websocket
 
-from .support.procs import read_head
+from .support.procs import read_head, read_response
 from .support.voxcpm_checkpoint import build_checkpoint
 from .support.worker import SLOW_APP, start_worker, ws_collect
 
@@ -306,7 +306,7 @@ def test_clients_that_never_finish_their_body_do_not_hang_the_worker(worker):
         assert r.status_code == 200 and time.monotonic() - t0 < BODY_READ_TIMEOUT_S + 3
         s = socks[0]
         s.settimeout(10)
-        answer = s.recv(65536).decode("latin-1")
+        answer = read_response(s).decode("latin-1")
         assert answer.startswith("HTTP/1.1 408"), answer[:200]
         assert '"request_timeout"' in answer and "BODY_READ_TIMEOUT_S" in answer
     finally:
