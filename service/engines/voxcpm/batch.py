@@ -1,4 +1,4 @@
-"""Continuous batching for VoxCPM: many requests share each generation step of one model.
+"""Continuous batching for VoxCPM (1.5 and VoxCPM2): many requests share each generation step of one model.
 
 The package generates one request at a time (a batch-1 KV cache held by the model, one position for
 the whole batch). This generator keeps its own batched state and runs the package's own modules
@@ -21,9 +21,13 @@ The step is built to be captured in CUDA graphs (one replay instead of thousands
 The VAE decode is streamed with carried convolution state (vae_stream.py): each step decodes
 only its own patch, and the audio equals decoding the whole sequence at once.
 
+The two families share this step; where VoxCPM2's model differs (its residual LM's input fusion, DiT
+conditioning, reference-clip prompts, 48 kHz decoder) family.py says how.
+
 Numerically each row follows the package's generation loop step for step: the same stop rule and
 length clamp, the same solver arithmetic, and noise from a generator seeded like the package's global
-RNG (tests/test_voxcpm_batching.py checks equality with the package generating each request alone).
+RNG (tests/test_voxcpm_batching.py and tests/test_voxcpm2_batching.py check equality with the package
+generating each request alone).
 
 Not thread-safe: the scheduler's inference thread is the only caller (CUDA graphs are thread-local).
 """
@@ -38,18 +42,19 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
+from .family import Family
 from .vae_stream import StreamingDecoder
 
 log = logging.getLogger(__name__)
 
-_STREAMING_PREFIX = 3  # the package's streaming_prefix_len: a prompt's last 2 patches prime the decoder
 _SWAY = 1.0  # the package's sway_sampling_coef
 _MIN_LENGTH_BUCKET = 256  # KV positions attention reads at least (the smallest length bucket)
 
 
 @dataclass
 class Join:
-    """A request joining the batch (the arguments of the package's generate)."""
+    """A request joining the batch (the arguments of the package's generate; prompt_cache as its
+    build_prompt_cache makes it for the model's family, see family.py)."""
     text: str
     prompt_cache: Optional[dict] = None
     max_len: int = 2000
@@ -147,6 +152,7 @@ class BatchedGenerator:
         compile_backend: torch.compile the step's parts with it ("inductor": fused kernels, then
         captured in the CUDA graphs like the eager ones; None: eager kernels)."""
         self.m = model
+        self.family = Family(model)
         # Eager modules: the package's torch.compile'd ones (reduce-overhead, CUDA graphs) are built
         # for batch 1 and would recompile for every batch size.
         self.feat_encoder = _eager(model.feat_encoder)
@@ -185,7 +191,7 @@ class BatchedGenerator:
         self.pred = torch.zeros(b, p, d, device=dev, dtype=dt)
         self.curr = torch.zeros(b, h, device=dev, dtype=dt)
         self.stop = torch.zeros(b, dtype=torch.long, device=dev)
-        self.audio = torch.zeros(b, p * model.chunk_size, device=dev, dtype=torch.float32)
+        self.audio = torch.zeros(b, self.family.samples_per_token, device=dev, dtype=torch.float32)
         self.decoder = StreamingDecoder(model.audio_vae, b, dev)
         # Per-row tensors moved together when rows are repacked (KV caches move separately).
         self._row_tensors = [self.lm_hidden, self.res_hidden, self.cond, self.pos, self.step_idx, self.live,
@@ -199,7 +205,7 @@ class BatchedGenerator:
         self._handles = itertools.count()
         pinned = dev.type == "cuda"
         self._stop_host = torch.zeros(b, dtype=torch.long, pin_memory=pinned)
-        self._audio_host = torch.zeros(b, p * model.chunk_size, dtype=torch.float32, pin_memory=pinned)
+        self._audio_host = torch.zeros(b, self.family.samples_per_token, dtype=torch.float32, pin_memory=pinned)
 
     def _alloc(self, lm) -> torch.Tensor:
         cfg = lm.config
@@ -261,14 +267,16 @@ class BatchedGenerator:
         causal, so a real token never sees the padding, and each row's KV cache takes only its own
         positions (padding slots are overwritten by generated tokens before they are ever attended).
         """
+        if not joins:
+            return []
         if len(joins) > self.free_slots():
             raise RuntimeError(f"no free batch slot for {len(joins)} request(s) ({self.free_slots()} free); "
                                "wait for rows to finish")
         for j in joins:
             if not 1 <= j.inference_timesteps <= self.max_timesteps:
                 raise ValueError(f"inference_timesteps must be between 1 and {self.max_timesteps}")
-        inputs = [self._inputs(j.text, j.prompt_cache) for j in joins]
-        lengths = [x[0].shape[1] for x in inputs]
+        inputs = [self.family.inputs(j.text, j.prompt_cache, self.device, self.dtype) for j in joins]
+        lengths = [x.tokens.shape[1] for x in inputs]
         if max(lengths) >= self.max_length:
             raise ValueError(f"text and prompt take {max(lengths)} tokens; the cache holds {self.max_length}")
         m = self.m
@@ -281,7 +289,8 @@ class BatchedGenerator:
         combined = text_mask.unsqueeze(-1) * text_embed + feat_mask.unsqueeze(-1) * feat_embed
         enc_out, kv = m.base_lm(inputs_embeds=combined, is_causal=True)
         enc_out = m.fsq_layer(enc_out) * feat_mask.unsqueeze(-1) + enc_out * text_mask.unsqueeze(-1)
-        res_out, res_kv = m.residual_lm(inputs_embeds=enc_out + feat_mask.unsqueeze(-1) * feat_embed, is_causal=True)
+        res_in = self.family.residual_input(enc_out, feat_mask.unsqueeze(-1) * feat_embed)
+        res_out, res_kv = m.residual_lm(inputs_embeds=res_in, is_causal=True)
 
         handles = []
         for i, (join, n) in enumerate(zip(joins, lengths)):
@@ -291,14 +300,14 @@ class BatchedGenerator:
             self.lm_hidden[row] = enc_out[i, n - 1]
             self.res_hidden[row] = res_out[i, n - 1]
             self.cond[row] = feat[i, n - 1]
-            target_len = inputs[i][4]
+            target_len = inputs[i].target_len
             cap = join.max_len if join.length_ratio is None else int(target_len * join.length_ratio + 10)
             max_len = min(cap, join.max_len, self.max_length - n, self.max_steps)
             self._set_row(row, n, join, max_len)
             self.decoder.reset(self.rows_idx[row:row + 1])
-            n_prompt = int(feat_mask[i].sum().item())
-            if n_prompt:  # the package decodes a prompt's last patches ahead of the first generated one
-                context = feat[i, n - min(_STREAMING_PREFIX - 1, n_prompt):n]  # [t, P, D]
+            if inputs[i].context:  # the package decodes a prompt's last patches ahead of the first generated one
+                audio_at = feat_mask[i, :n].nonzero().squeeze(1)[-inputs[i].context:]
+                context = feat[i, audio_at]  # [t, P, D]
                 self.decoder.prime(row, context.reshape(-1, context.shape[-1]).T.float())
             handle = next(self._handles)
             self.slots.append(_Slot(handle, max_len=max_len, min_len=join.min_len,
@@ -321,26 +330,6 @@ class BatchedGenerator:
         # Drawn in one call: on the CPU the same numbers as the package's one draw per step.
         self.noise[row, :max_len] = torch.randn(self.noise.shape[1:], generator=gen, device=self.device,
                                                 dtype=self.dtype)[:max_len]
-
-    def _inputs(self, target_text: str, prompt_cache: Optional[dict]):
-        """Token and feature inputs, built like the package's _generate_with_prompt_cache."""
-        m = self.m
-        if prompt_cache is None:
-            prompt_feat = torch.empty((0, m.patch_size, m.audio_vae.latent_dim), dtype=torch.float32)
-            text = target_text
-        else:
-            prompt_feat = prompt_cache["audio_feat"]
-            text = prompt_cache["prompt_text"] + target_text
-        tokens = torch.cat([torch.LongTensor(m.text_tokenizer(text)), torch.tensor([m.audio_start_token])])
-        audio_len, text_len = prompt_feat.size(0), tokens.shape[0]
-        tokens = torch.cat([tokens, torch.zeros(audio_len, dtype=torch.long)])
-        feat = torch.cat([torch.zeros((text_len, m.patch_size, m.audio_vae.latent_dim)), prompt_feat], dim=0)
-        text_mask = torch.cat([torch.ones(text_len), torch.zeros(audio_len)]).to(torch.int32)
-        feat_mask = torch.cat([torch.zeros(text_len), torch.ones(audio_len)]).to(torch.int32)
-        dev = self.device
-        return (tokens.unsqueeze(0).to(dev), text_mask.unsqueeze(0).to(dev),
-                feat.unsqueeze(0).to(dev).to(self.dtype), feat_mask.unsqueeze(0).to(dev),
-                len(m.text_tokenizer(target_text)))
 
     def _fill(self, cache: torch.Tensor, row: int, kv: list, i: int, n: int) -> None:
         """Row `row` of the cache takes the first n positions of prefill item i."""
@@ -393,7 +382,7 @@ class BatchedGenerator:
         """Local DiT: every row's next latent patch (Euler solver with CFG-zero*, the row's own time grid
         and noise), its encoding for the LMs, and the stop flag of its current hidden state."""
         m, cfm = self.m, self.m.feat_decoder
-        mu = m.lm_to_dit_proj(self.lm_hidden[:b]) + m.res_to_dit_proj(self.res_hidden[:b])
+        mu = self.family.dit_condition(self.lm_hidden[:b], self.res_hidden[:b])
         x = self.noise[self.rows_idx[:b], self.step_idx[:b]]  # [b, C, P]
         cond = self.cond[:b].transpose(1, 2).contiguous()
         steps, zero_init, cfg = self.timesteps[:b], self.zero_init[:b], self.cfg[:b].view(b, 1, 1)
@@ -426,7 +415,8 @@ class BatchedGenerator:
         m = self.m
         curr = self.curr[:b]
         lm = m.fsq_layer(self._lm_forward(m.base_lm, self.base_kv, curr, b, length))
-        self.res_hidden[:b] = self._lm_forward(m.residual_lm, self.res_kv, lm + curr, b, length)
+        self.res_hidden[:b] = self._lm_forward(m.residual_lm, self.res_kv, self.family.residual_input(lm, curr), b,
+                                               length)
         self.lm_hidden[:b] = lm
         self.pos[:b] += self.live[:b]
         self.step_idx[:b] += self.live[:b]

@@ -1,11 +1,13 @@
-"""Streaming AudioVAE decode for VoxCPM-1.5: each generation step decodes only the patch it adds.
+"""Streaming AudioVAE decode for VoxCPM-1.5 and VoxCPM2: each generation step decodes only the patch it adds.
 
 The package decodes the last three patches for every streamed chunk and keeps the newest third: three
 times the decoder work of what is new, and still an approximation of decoding the whole sequence (the
 decoder sees no further back than two patches). Every layer of the AudioVAE decoder is causal (left
 padded convolutions, transposed convolutions trimmed on the right, point-wise Snake/Tanh), so carrying
 each convolution's last inputs from one call to the next gives exactly the samples a decode of the
-whole latent sequence gives, for one patch of work per step.
+whole latent sequence gives, for one patch of work per step. VoxCPM2's AudioVAE V2 has the same layers
+(its own classes) plus a per-channel scale and bias ahead of each upsampling block, chosen by the output
+rate: a constant for a model, folded in here like the weights.
 
 The decoder is rebuilt as a flat program of operations on materialised weights (weight norm folded in
 once), with per-row state in preallocated tensors: fixed shapes, no host synchronisation, so a step can
@@ -14,6 +16,7 @@ batch (service/engines/voxcpm/batch.py).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,6 +62,19 @@ class _Tanh:
     pass
 
 
+@dataclass
+class _Affine:
+    """x * scale + bias per channel (AudioVAE V2's sample-rate condition, scale_bias or add)."""
+    scale: torch.Tensor  # [1, C, 1]
+    bias: torch.Tensor
+
+
+@dataclass
+class _Concat:
+    """Constant channels appended (AudioVAE V2's sample-rate condition of cond_type concat)."""
+    channels: torch.Tensor  # [1, C', 1]
+
+
 def _weight(conv: nn.Module) -> torch.Tensor:
     """The effective weight: folds the package's (old-style) weight norm, or parametrized weight norm."""
     if hasattr(conv, "weight_g") and hasattr(conv, "weight_v"):
@@ -70,8 +86,11 @@ class StreamingDecoder:
     """Per-row causal decoding state for `max_rows` rows of one AudioVAE decoder."""
 
     def __init__(self, audio_vae: nn.Module, max_rows: int, device, dtype=torch.float32):
-        from voxcpm.modules.audiovae.audio_vae import (CausalConv1d, CausalDecoderBlock, CausalResidualUnit,
-                                                        CausalTransposeConv1d, Snake1d)
+        # The layer classes of the VAE's own module: AudioVAE (1.5) and AudioVAE V2 each define theirs.
+        layers = sys.modules[type(audio_vae).__module__]
+        CausalConv1d, CausalDecoderBlock, CausalResidualUnit, CausalTransposeConv1d, Snake1d = (
+            layers.CausalConv1d, layers.CausalDecoderBlock, layers.CausalResidualUnit, layers.CausalTransposeConv1d,
+            layers.Snake1d)
 
         self.dtype = dtype
         self.state_shapes: list[tuple[int, int]] = []  # (channels, length) per carried input
@@ -107,11 +126,35 @@ class StreamingDecoder:
                     ops.extend(build(child.block))
                 elif isinstance(child, nn.Sequential):
                     ops.extend(build(child))
+                elif isinstance(child, nn.Identity):
+                    pass
                 else:
                     raise UnsupportedDecoder(f"no streaming form for decoder layer {type(child).__name__}")
             return ops
 
-        self.ops = build(audio_vae.decoder.model)
+        def sample_rate_condition(layer: nn.Module, sr_idx: torch.Tensor) -> list:
+            if layer.cond_type in ("scale_bias", "scale_bias_init"):
+                ops = [_Affine(_embed(layer.scale_embed, sr_idx, dtype), _embed(layer.bias_embed, sr_idx, dtype))]
+            elif layer.cond_type == "add":
+                cond = _embed(layer.cond_embed, sr_idx, dtype)
+                ops = [_Affine(torch.ones_like(cond), cond)]
+            elif layer.cond_type == "concat":
+                ops = [_Concat(_embed(layer.cond_embed, sr_idx, dtype))]
+            else:
+                raise UnsupportedDecoder(f"no streaming form for sample-rate condition {layer.cond_type!r}")
+            return ops + build(layer.out_layer if isinstance(layer.out_layer, nn.Sequential) else [layer.out_layer])
+
+        decoder = audio_vae.decoder
+        if getattr(decoder, "sr_bin_boundaries", None) is None:
+            self.ops = build(decoder.model)
+        else:  # AudioVAE V2 decodes at its out_sample_rate (what its decode does when given no rate)
+            sr_idx = decoder.get_sr_idx(torch.tensor([audio_vae.out_sample_rate], dtype=torch.int32,
+                                                     device=decoder.sr_bin_boundaries.device))
+            self.ops = []
+            for layer, condition in zip(decoder.model, decoder.sr_cond_model):
+                if condition is not None:
+                    self.ops += sample_rate_condition(condition, sr_idx)
+                self.ops += build([layer])
         self.states = [torch.zeros(max_rows, c, n, device=device, dtype=dtype) for c, n in self.state_shapes]
 
     # -- state management (between steps, outside any graph) -------------------------------------
@@ -137,6 +180,10 @@ class StreamingDecoder:
         rows = rows if rows is not None else slice(0, latent.shape[0])
         states = [s[rows] for s in self.states]
         return _run(self.ops, latent.to(self.dtype), states)
+
+
+def _embed(embedding: nn.Embedding, idx: torch.Tensor, dtype) -> torch.Tensor:
+    return embedding(idx).detach().to(dtype).view(1, -1, 1)
 
 
 def _bias(module: nn.Module, dtype) -> Optional[torch.Tensor]:
@@ -165,6 +212,10 @@ def _run(ops: list, x: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor
             x = y[..., op.stride:op.stride * full.shape[-1]]
         elif isinstance(op, _Residual):
             x = x + _run(op.ops, x, states)
+        elif isinstance(op, _Affine):
+            x = x * op.scale + op.bias
+        elif isinstance(op, _Concat):
+            x = torch.cat([x, op.channels.expand(x.shape[0], -1, x.shape[-1])], dim=1)
         else:
             x = torch.tanh(x)
     return x
