@@ -8,8 +8,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from service.engines.voxcpm.load import model_classes
+
 from .support.voxcpm_checkpoint import (REF_AUDIO_END, REF_AUDIO_START, V2_ENCODE_HOP, V2_TOKEN_HOP, _config,
-                                        _model_classes, build_checkpoint, build_tokenizer, load_report)
+                                        build_checkpoint, build_tokenizer, load_report)
 
 MAX_LEN = 8  # tokens: 8 * 7680 samples = 1.28 s at 48 kHz
 
@@ -114,7 +116,7 @@ def test_full_size_structure_is_the_published_voxcpm2(tmp_path):
     """The full config instantiates (on the meta device: no memory) as the published 2B VoxCPM2 shapes."""
     from transformers import LlamaTokenizerFast
 
-    config_cls, model_cls, vae_cls = _model_classes("voxcpm2")
+    config_cls, model_cls, vae_cls = model_classes("voxcpm2")
     vocab = build_tokenizer(tmp_path, 73448)
     cfg = config_cls.model_validate(_config("full", vocab, "bfloat16", "voxcpm2"))
     cfg.max_length = 16

@@ -168,19 +168,6 @@ def _config(size: str, vocab_size: int, dtype: str, family: str = "voxcpm") -> d
     return config
 
 
-def _model_classes(family: str):
-    """(config class, model class, AudioVAE class) of the package for a family."""
-    if family == "voxcpm2":
-        from voxcpm.model.voxcpm2 import VoxCPM2Model, VoxCPMConfig
-        from voxcpm.modules.audiovae import AudioVAEV2
-
-        return VoxCPMConfig, VoxCPM2Model, AudioVAEV2
-    from voxcpm.model.voxcpm import VoxCPMConfig, VoxCPMModel
-    from voxcpm.modules.audiovae import AudioVAE
-
-    return VoxCPMConfig, VoxCPMModel, AudioVAE
-
-
 def build_tokenizer(out_dir, vocab_size: int | None = None) -> int:
     """Write a Llama-layout tokenizer (char-level BPE with byte fallback and ▁ word marks); return its size.
 
@@ -249,7 +236,9 @@ def build_checkpoint(out_dir, size: str = "tiny", seed: int = 0, dtype: str = "b
     from safetensors.torch import save_file
     from transformers import LlamaTokenizerFast
 
-    config_cls, model_cls, vae_cls = _model_classes(family)
+    from service.engines.voxcpm.load import model_classes  # the worker's loader picks the same classes
+
+    config_cls, model_cls, vae_cls = model_classes(family)
     save_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out_dir = Path(out_dir)
     _shapes(family, size)  # refuses an unknown family or size before anything is written
