@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # calls and the immediate 503s for requests beyond the queue. Four lets a probe, a scrape and a
 # couple of refusals run at the same moment without waiting for each other.
 THREAD_RESERVE = 4
+# The least a request naming no sample_rate gets (CD quality), whatever the model's own rate.
+CD_RATE = 44100
 
 
 class Settings(BaseSettings):
@@ -21,7 +23,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     # Engine and model
-    tts_engine: Literal["voxcpm", "embedded"] = "embedded"
+    tts_engine: Literal["voxcpm", "voxcpm2", "embedded"] = "embedded"
     model_dir: Optional[Path] = None  # VoxCPM checkpoint directory (set by bootstrap after a pull)
     tts_device: str = "auto"  # auto | cpu | cuda | cuda:N
     # The package's torch.compile of its own one-request loop; auto = on for CUDA when TTS_MAX_BATCH=1
@@ -55,8 +57,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
 
-    # Output
-    default_sample_rate: int = 44100
+    # Output. DEFAULT_SAMPLE_RATE unset: each model's own rate (VoxCPM2 48000, VoxCPM-1.5 44100), and 44100
+    # for engines below it (Piper's 22050 is upsampled); ALLOWED_SAMPLE_RATES plus each model's own rate.
+    default_sample_rate: Optional[int] = None
     allowed_sample_rates: str = "8000,16000,22050,24000,32000,44100,48000"
 
     # Voices
@@ -150,10 +153,18 @@ class Settings(BaseSettings):
     def sample_rates(self) -> tuple[int, ...]:
         return tuple(sorted(int(r) for r in self.allowed_sample_rates.split(",") if r.strip()))
 
+    def rates_for(self, native: int) -> tuple[int, ...]:
+        """Output rates a model whose audio is `native` Hz serves: ALLOWED_SAMPLE_RATES and its own."""
+        return tuple(sorted({*self.sample_rates, native}))
+
+    def default_rate_for(self, native: int) -> int:
+        """The output rate of a request that names none, for a model whose audio is `native` Hz."""
+        return self.default_sample_rate or max(native, CD_RATE)
+
     def check(self) -> None:
         """Cross-field checks that must stop a production worker at start, not at first request."""
-        if self.tts_engine == "voxcpm" and self.model_dir is None and not self.models:
-            raise ValueError("TTS_ENGINE=voxcpm needs MODEL_DIR (a VoxCPM-1.5 checkpoint directory); "
+        if self.tts_engine != "embedded" and self.model_dir is None and not self.models:
+            raise ValueError(f"TTS_ENGINE={self.tts_engine} needs MODEL_DIR (a checkpoint directory); "
                              "set MODEL_URI so bootstrap pulls one, or set TTS_ENGINE=embedded")
         from .engines.registry import family_for
 
@@ -178,7 +189,7 @@ class Settings(BaseSettings):
                 parse_uri(self.voices_uri, os.environ.get("S3_ENDPOINT_URL"), "VOICES_URI")
             except FatalError as e:
                 raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
-        if self.default_sample_rate not in self.sample_rates:
+        if self.default_sample_rate is not None and self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
 
 
@@ -201,7 +212,7 @@ def load_settings() -> Settings:
 
     try:  # a family's own settings (VOXCPM_*) are checked at start too, even before its model loads
         for spec in settings.model_specs:
-            if family_for(spec).name == "voxcpm":
+            if family_for(spec).name in ("voxcpm", "voxcpm2"):
                 VoxCPMSettings(**spec.settings)
     except ValidationError as e:
         bad = "; ".join(f"VOXCPM_{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"

@@ -13,7 +13,7 @@ from . import text as textmod
 from .errors import ErrorKind, ServiceError
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
-from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
+from .engines import Engine, NothingToSay, SynthesisParams, UnsupportedRequest, VoicePrompt
 from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler, ShuttingDown
 from .settings import Settings
 from .voices import VoiceStore, is_voice_id
@@ -86,15 +86,38 @@ class SynthesisService:
             f"({', '.join(presets)}), an uploaded voice id (GET /v1/voices) or 'default'",
         )
 
+    def sample_rates(self) -> tuple[int, ...]:
+        """Output rates this model serves (its own among them)."""
+        return self.settings.rates_for(self.engine.sample_rate)
+
+    def default_sample_rate(self) -> int:
+        return self.settings.default_rate_for(self.engine.sample_rate)
+
     def check_rate(self, rate: Optional[int]) -> int:
-        rate = self.settings.default_sample_rate if rate is None else rate
-        if rate not in self.settings.sample_rates:
+        rate = self.default_sample_rate() if rate is None else rate
+        if rate not in self.sample_rates():
             raise ServiceError(
                 ErrorKind.INVALID,
                 "unsupported_sample_rate",
-                f"sample_rate {rate} is not supported; use one of {', '.join(map(str, self.settings.sample_rates))}",
+                f"sample_rate {rate} is not supported; use one of {', '.join(map(str, self.sample_rates()))}",
             )
         return rate
+
+    def check_voice(self, prompt: Optional[VoicePrompt], params: SynthesisParams) -> None:
+        """The cloning mode a request asks for, and what the engine can do with this voice and params."""
+        if params.clone_mode is not None:
+            if prompt is None:
+                raise ServiceError(ErrorKind.INVALID, "clone_mode_without_voice",
+                                   "clone_mode applies to an uploaded voice; name one (GET /v1/voices) or drop "
+                                   "clone_mode")
+            if params.clone_mode not in prompt.modes:
+                raise ServiceError(ErrorKind.INVALID, "unsupported_clone_mode",
+                                   f"voice '{prompt.voice_id}' clones with the {self.engine.name} engine in "
+                                   f"{', '.join(prompt.modes)} only; send one of those or leave clone_mode out")
+        try:
+            self.engine.check(prompt, params)
+        except UnsupportedRequest as e:
+            raise ServiceError(ErrorKind.INVALID, e.code, str(e)) from None
 
     def prepare_text(self, raw: str, lang: str, stream: bool = False) -> list[str]:
         """Checked, normalised text in chunks; a stream starts with a short chunk where the engine makes a
@@ -111,11 +134,12 @@ class SynthesisService:
         except textmod.TextError as e:
             raise ServiceError(ErrorKind.INVALID, "invalid_text", str(e)) from None
         langs = self.engine.info().languages
-        wanted = "zh" if lang == "zh" or (lang == "auto" and textmod.has_cjk(text)) else "en"
-        if wanted not in langs:  # before the speakable check: "Chinese is not spoken here" says more
+        # auto reads Chinese characters as Chinese; other languages are told by the model itself.
+        wanted = lang if lang != "auto" else "zh" if textmod.has_cjk(text) else None
+        if wanted is not None and wanted not in langs:  # before the speakable check: this says more
             way_out = (" For Chinese, deploy the VoxCPM engine: TTS_ENGINE=voxcpm with MODEL_URI naming its "
                        "weights, or a VoxCPM model in MODELS (README: \"Deploy on a GPU instance\")"
-                       if wanted == "zh" else "")
+                       if wanted == "zh" else " (GET /v1/models lists each model's languages)")
             raise ServiceError(
                 ErrorKind.INVALID,
                 "unsupported_language",
@@ -139,6 +163,7 @@ class SynthesisService:
     ) -> Prepared:
         received = time.monotonic()
         preset, prompt = self.resolve_voice(voice)
+        self.check_voice(prompt, params)
         job = Job(
             sentences=sentences,
             preset=preset,
@@ -227,6 +252,8 @@ def shutting_down(what: str, retry_after: int) -> ServiceError:
 
 def _nothing_to_say(languages: tuple[str, ...] = ()) -> ServiceError:
     scripts = {"en": "Latin letters or digits", "zh": "Chinese characters"}
+    if any(lang not in scripts for lang in languages):
+        scripts, languages = {"any": "letters or digits"}, ("any",)
     readable = " or ".join(scripts[lang] for lang in languages if lang in scripts)
     return ServiceError(
         ErrorKind.INVALID,

@@ -49,6 +49,7 @@ _SPOKEN_SYMBOLS = frozenset("#%&@")
 CJK_RANGES = (("\u3400", "\u4dbf"), ("\u4e00", "\u9fff"))  # what lang=auto takes for Chinese
 # Letters and digits of the scripts an engine reads, by language: Latin (with accents) for English, and
 # Chinese characters for Chinese. Text in other scripts alone would be read as noise or not at all.
+# An engine that speaks a language not listed here (VoxCPM2's thirty) reads any script's letters and digits.
 SCRIPTS = {"en": (("0", "9"), ("A", "Z"), ("a", "z"), ("\u00c0", "\u024f"), ("\u1e00", "\u1eff")),
            "zh": CJK_RANGES}
 
@@ -64,8 +65,12 @@ def has_speakable(text: str, languages: tuple[str, ...] = ("en", "zh")) -> bool:
 
 
 def speakable_char(ch: str, languages: tuple[str, ...] = ("en", "zh")) -> bool:
-    return (ch in _SPOKEN_SYMBOLS or unicodedata.category(ch) in ("Sc", "Sm")
-            or any(lo <= ch <= hi for lang in languages for lo, hi in SCRIPTS[lang]))
+    cat = unicodedata.category(ch)
+    if ch in _SPOKEN_SYMBOLS or cat in ("Sc", "Sm"):
+        return True
+    if any(lang not in SCRIPTS for lang in languages):
+        return cat[0] in "LN"
+    return any(lo <= ch <= hi for lang in languages for lo, hi in SCRIPTS[lang])
 
 
 def split_sentences(text: str, max_chars: int, first_max: int = 0) -> list[str]:

@@ -1,6 +1,7 @@
 """Uploaded voices for cloning: validated reference audio + transcript.
 
-Each voice is `audio.wav` (mono, float, 44.1 kHz) and `voice.json`, kept by a storage
+Each voice is `audio.wav` (mono, float, at the rate its family's encoder reads: 44.1 kHz for VoxCPM-1.5,
+16 kHz for VoxCPM2) and `voice.json` (with the cloning modes it supports), kept by a storage
 (service/voice_storage.py): a directory on the models volume by default, or an S3 prefix shared by all
 workers (VOICES_URI). A voice is never listed half-written, and ids are generated here: a user-chosen
 name never becomes a path.
@@ -20,14 +21,16 @@ import soundfile as sf
 
 from . import text as textmod
 from .audio import resample
-from .engines import VoicePrompt
+from .engines import CloneMode, VoicePrompt
 from .errors import ErrorKind
 from .voice_storage import _ID, STALE_TEMP_S, VOICE_ID_PATTERN, LocalVoiceStorage, VoiceError, VoiceStorage
 
 __all__ = ["STALE_TEMP_S", "VOICE_ID_PATTERN", "Voice", "VoiceError", "VoiceStore", "is_voice_id"]
 STORE_RATE = 44100  # when the caller names none
-# Voices stored before they recorded a family were made for VoxCPM-1.5 (at its 44.1 kHz).
+# Voices stored before they recorded a family were made for VoxCPM-1.5 (at its 44.1 kHz), which only
+# continues a clip.
 LEGACY_FAMILY = "voxcpm"
+LEGACY_MODES = (CloneMode.CONTINUATION.value,)
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,16 @@ class Voice:
     created_at: float
     family: str  # the model family it was made for (the engine's name); others refuse it
     path: Path
+    modes: tuple[str, ...] = LEGACY_MODES  # CloneMode values, the default first (Engine.voice_modes)
 
     def public(self) -> dict:
         d = asdict(self)
         d.pop("path")
+        d["modes"] = list(self.modes)
         return d
 
     def prompt(self) -> VoicePrompt:
-        return VoicePrompt(self.id, self.path / "audio.wav", self.transcript)
+        return VoicePrompt(self.id, self.path / "audio.wav", self.transcript, self.modes)
 
 
 class VoiceStore:
@@ -90,8 +95,9 @@ class VoiceStore:
                           f"and {self.max_seconds:g}s")
 
     def create(self, name: str, transcript: str, data: bytes, family: str = LEGACY_FAMILY,
-               rate: int = STORE_RATE) -> Voice:
-        """Store a clip for `family`'s engines, resampled to `rate` (the rate that family encodes at)."""
+               rate: int = STORE_RATE, modes: tuple[str, ...] = LEGACY_MODES) -> Voice:
+        """Store a clip for `family`'s engines, resampled to `rate` (the rate that family encodes at), with
+        the cloning `modes` it supports there."""
         name = (name or "").strip()
         if not 1 <= len(name) <= 64 or not name.isprintable():
             raise VoiceError(ErrorKind.INVALID, "invalid_name", "name must be 1-64 printable characters")
@@ -123,7 +129,7 @@ class VoiceStore:
         wav = io.BytesIO()
         sf.write(wav, audio, rate, subtype="FLOAT", format="WAV")
         meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
-                "sample_rate": rate, "created_at": time.time(), "family": family}
+                "sample_rate": rate, "created_at": time.time(), "family": family, "modes": list(modes)}
         self.storage.put(voice_id, {"audio.wav": wav.getvalue(),
                                     "voice.json": json.dumps(meta, ensure_ascii=False).encode()})
         return self.get(voice_id)
@@ -133,6 +139,7 @@ class VoiceStore:
         try:
             meta = json.loads(meta_json)
             return Voice(path=d, family=meta.get("family", LEGACY_FAMILY),
+                         modes=tuple(meta.get("modes", LEGACY_MODES)),
                          **{k: meta[k] for k in ("id", "name", "transcript", "duration", "sample_rate",
                                                             "created_at")})
         except (ValueError, KeyError, TypeError):

@@ -80,14 +80,20 @@ def test_a_checkpoint_says_its_family(tmp_path):
     assert family_for(ModelSpec("m", dir=d)).name == "voxcpm"
     assert family_for(ModelSpec("m", engine="voxcpm", dir=d)).name == "voxcpm"
     assert family_for(ModelSpec("m", engine="embedded")).name == "embedded"
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "config.json").write_text(json.dumps({"architecture": "voxcpm2"}))
+    assert family_for(ModelSpec("m", dir=v2)).name == "voxcpm2"
 
 
 @pytest.mark.parametrize("config, spec, message", [
-    ({"architecture": "voxcpm2"}, {}, "is a 'voxcpm2' model, which this worker cannot serve; served "
-                                      r"architectures: voxcpm \(VoxCPM-0.5B / VoxCPM-1.5"),
+    ({"architecture": "voxcpm9"}, {}, "is a 'voxcpm9' model, which this worker cannot serve; served "
+                                      r"architectures: voxcpm \(VoxCPM-0.5B / VoxCPM-1.5.*voxcpm2 \(VoxCPM2"),
     ({"lm_config": {}}, {}, r"does not say which model it is \(no \"architecture\"\)"),
     ({"architecture": "voxcpm"}, {"engine": "embedded"}, "engine 'embedded' cannot load the 'voxcpm' checkpoint"),
-    ({"architecture": "voxcpm"}, {"engine": "piper"}, "unknown engine 'piper'; use one of voxcpm, embedded"),
+    ({"architecture": "voxcpm"}, {"engine": "piper"}, "unknown engine 'piper'; use one of voxcpm, voxcpm2, embedded"),
+    ({"architecture": "voxcpm2"}, {"engine": "voxcpm"}, "engine 'voxcpm' cannot load the 'voxcpm2' checkpoint.*use "
+                                                        "engine 'voxcpm2'"),
 ])
 def test_a_checkpoint_of_another_family_is_refused(tmp_path, config, spec, message):
     d = _checkpoint_dir(tmp_path, config)
@@ -102,7 +108,7 @@ def test_no_checkpoint_for_a_family_that_needs_one():
 
 def test_the_worker_refuses_to_start_on_a_checkpoint_it_cannot_tell(tmp_path):
     """One readable line, before anything loads (gunicorn's config reads the settings)."""
-    d = _checkpoint_dir(tmp_path, {"architecture": "voxcpm2"})
+    d = _checkpoint_dir(tmp_path, {"architecture": "voxcpm9"})
     env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": str(d), "BIND": f"127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"}
     gunicorn = str(REPO_ROOT / ".venv" / "bin" / "gunicorn")
     r = subprocess.run([PYTHON, "-m", "gunicorn", "-c", str(REPO_ROOT / "service/gunicorn.conf.py"),
@@ -111,7 +117,7 @@ def test_the_worker_refuses_to_start_on_a_checkpoint_it_cannot_tell(tmp_path):
     assert gunicorn and r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("voxbox: invalid settings: model 'voxcpm-1.5': the checkpoint at ")
-    assert "is a 'voxcpm2' model" in lines[-1] and "Traceback" not in r.stderr
+    assert "is a 'voxcpm9' model" in lines[-1] and "Traceback" not in r.stderr
 
 
 # -- one worker, three models ---------------------------------------------------------------------

@@ -63,4 +63,7 @@ def client_gone_probe() -> Callable[[], bool]:
 def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
     """The generation knobs of any synthesis request body (schemas.VoxCPMKnobs)."""
     return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
-                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)
+                           seed=req.seed, normalize=req.normalize, max_len=req.max_len,
+                           instructions=(req.instructions or "").strip() or None,
+                           lang=None if req.lang == "auto" else req.lang,
+                           clone_mode=req.clone_mode.value if req.clone_mode else None)

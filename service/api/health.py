@@ -78,8 +78,10 @@ def info():
         "startup": ctx.scheduler.startup,
         "limits": {"max_text_chars": s.max_text_chars, "queue_size": s.queue_size,
                    "batch_size": ctx.scheduler.batch_size,
-                   "request_timeout_s": s.request_timeout_s, "sample_rates": list(s.sample_rates),
-                   "default_sample_rate": s.default_sample_rate, "voice_max_bytes": s.voice_max_bytes,
+                   "request_timeout_s": s.request_timeout_s,
+                   "sample_rates": list(ctx.models.default.synthesis.sample_rates()),  # each model's: "models"
+                   "default_sample_rate": ctx.models.default.synthesis.default_sample_rate(),
+                   "voice_max_bytes": s.voice_max_bytes,
                    "voice_seconds": [s.voice_min_seconds, s.voice_max_seconds]},
     })
 

@@ -74,15 +74,15 @@ def _voice_schema(presets: list[str], description: str) -> dict:
             "anyOf": [{"type": "string", "enum": names}, {"type": "string", "pattern": VOICE_ID_PATTERN}]}
 
 
-def _request_schema(model, settings, languages: tuple[str, ...], presets: list[str], text_field: str,
-                    voice_field: str) -> dict:
+def _request_schema(model, settings, languages: tuple[str, ...], rates: tuple[int, ...], presets: list[str],
+                    text_field: str, voice_field: str) -> dict:
     schema = model.model_json_schema(ref_template=_REF)
     props = schema["properties"]
     desc = props[text_field].get("description", "")
     props[text_field] = _text_schema(settings, languages, desc, refuse_cjk=False)
     props[voice_field] = _voice_schema(presets, props[voice_field].get("description", ""))
-    props["lang"]["enum"] = ["auto", *[lang for lang in ("en", "zh") if lang in languages]]
-    props["sample_rate"]["anyOf"] = [{"type": "integer", "enum": list(settings.sample_rates)}, {"type": "null"}]
+    props["lang"]["enum"] = ["auto", *languages]
+    props["sample_rate"]["anyOf"] = [{"type": "integer", "enum": list(rates)}, {"type": "null"}]
     rules = []
     if "zh" not in languages:  # lang=auto reads Chinese characters as Chinese, which this engine refuses
         rules.append({"anyOf": [
@@ -137,9 +137,10 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
     """The document for this worker; text, voices and languages are the default model's (`engine`)."""
     info = engine.info()
     presets = list(engine.presets())
+    rates = settings.rates_for(info.sample_rate)
     requests_ = {
-        "TTSRequest": _request_schema(TTSRequest, settings, info.languages, presets, "text", "style"),
-        "SpeechRequest": _request_schema(SpeechRequest, settings, info.languages, presets, "input", "voice"),
+        "TTSRequest": _request_schema(TTSRequest, settings, info.languages, rates, presets, "text", "style"),
+        "SpeechRequest": _request_schema(SpeechRequest, settings, info.languages, rates, presets, "input", "voice"),
     }
     for schema in requests_.values():  # the models this worker serves, by name, and OpenAI's aliases
         schema["properties"]["model"] = {

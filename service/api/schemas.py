@@ -6,6 +6,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from ..engines.base import CloneMode
+
 # StrictFloat takes JSON integers too (1 is a number) but no strings or booleans, and publishes one
 # JSON-Schema number with minimum/maximum (a float|int union published pydantic's own ge/le instead).
 
@@ -28,15 +30,23 @@ class VoxCPMKnobs(_Strict):
     max_len: Optional[StrictInt] = Field(None, ge=4, le=8192,
                                          description="VoxCPM: most tokens (6.25/s) per sentence chunk; "
                                                      "capped by VOXCPM_MAX_LEN")
+    instructions: Optional[StrictStr] = Field(
+        None, max_length=500, description="How to speak, in words (e.g. \"a calm older woman, slow pace\"): "
+        "designs the voice, or steers a cloned voice's delivery, on models whose GET /v1/models entry says "
+        "supports_instructions")
+    clone_mode: Optional[CloneMode] = Field(
+        None, description="How an uploaded voice is cloned (its `modes`, GET /v1/voices); default: its first")
+    lang: StrictStr = Field("auto", max_length=16, description="Language of the text: auto, or one of the "
+                                                              "model's languages (GET /v1/models)")
 
 
 class TTSRequest(VoxCPMKnobs):
     """The seed contract: text in, base64 WAV out."""
     model: Optional[StrictStr] = Field(None, description="A served model (GET /v1/models); default: the default one")
     text: StrictStr = Field(..., description="Text to speak")
-    lang: Literal["auto", "en", "zh"] = Field("auto", description="Language of the text; auto detects Chinese")
     style: StrictStr = Field("default", description="Voice: a preset name (GET /v1/voices) or an uploaded voice id")
-    sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
+    sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default: the model's own, "
+                                                                "at least 44100)")
 
 
 class SpeechRequest(VoxCPMKnobs):
@@ -51,8 +61,8 @@ class SpeechRequest(VoxCPMKnobs):
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the body is the audio file; sse: server-sent events "
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
-    sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
-    lang: Literal["auto", "en", "zh"] = "auto"
+    sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default: the model's own, "
+                                                                "at least 44100)")
 
 
 # Responses: only for the document (the views build these bodies), so they say exactly what is sent.
@@ -72,6 +82,7 @@ class Voice(BaseModel):
     sample_rate: int
     created_at: float
     family: str = Field(..., description="The model family it was made for; models of other families refuse it")
+    modes: list[str] = Field(..., description="Cloning modes it supports (clone_mode); the first is the default")
 
 
 class VoiceEntry(BaseModel):
@@ -86,6 +97,7 @@ class VoiceEntry(BaseModel):
     sample_rate: Optional[int] = None
     created_at: Optional[float] = None
     family: Optional[str] = None
+    modes: Optional[list[str]] = None
 
 
 class VoiceList(BaseModel):

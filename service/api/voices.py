@@ -28,7 +28,8 @@ def list_voices():
 @bp.post("/v1/voices")
 def create_voice():
     """Field 'model' (optional, default: the default model) says which model the voice is for: it is
-    stored at the rate that model's family encodes at, and only models of that family accept it."""
+    stored at the rate that model's family encodes at, says the cloning modes it supports there (without
+    a transcript, VoxCPM2 clones from it as a reference only), and only models of that family accept it."""
     ctx = _ctx()
     model = model_or_400(ctx, request.form.get("model"))
     engine = model.engine.info()
@@ -44,8 +45,10 @@ def create_voice():
         raise ApiError(400, "missing_file", "send the reference clip as multipart field 'file' "
                        "(with fields 'name' and 'text', its transcript)")
     data = upload.read(ctx.settings.voice_max_bytes + 1)
-    voice = ctx.voices.create(request.form.get("name", ""), request.form.get("text", ""), data,
-                              family=engine.name, rate=engine.sample_rate)
+    transcript = request.form.get("text", "")
+    voice = ctx.voices.create(request.form.get("name", ""), transcript, data, family=engine.name,
+                              rate=engine.voice_sample_rate or engine.sample_rate,
+                              modes=model.engine.voice_modes(transcript))
     return jsonify(voice.public()), 201
 
 

@@ -43,7 +43,6 @@ class StreamRequest(VoxCPMKnobs):
     format: Literal["pcm16", "wav"] = "pcm16"
     sample_rate: Optional[StrictInt] = None
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
-    lang: Literal["auto", "en", "zh"] = "auto"
 
 
 def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:

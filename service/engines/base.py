@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Hashable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
@@ -17,12 +18,31 @@ class NothingToSay(ValueError):
     """The engine found nothing speakable in the text it was given (bad input, not a fault)."""
 
 
+class UnsupportedRequest(ValueError):
+    """The engine cannot do what a request asks with this voice (bad input, refused before it is queued).
+
+    `code` is the API's machine-readable reason; the message says what to send instead."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class CloneMode(str, Enum):
+    """How a cloned voice conditions generation (VoxCPM2 offers all three; VoxCPM-1.5 continuation only)."""
+    REFERENCE = "reference"  # the clip's timbre alone, as an isolated reference (no transcript needed)
+    CONTINUATION = "continuation"  # the model continues the clip from its transcript
+    REFERENCE_CONTINUATION = "reference_continuation"  # both: the reference, then the clip continued
+
+
 @dataclass(frozen=True)
 class VoicePrompt:
-    """A cloned voice: reference audio and its transcript (VoxCPM continues from it)."""
+    """A cloned voice: reference audio and its transcript (VoxCPM continues from it), and the cloning
+    modes it supports (CloneMode values; without a transcript only the reference one)."""
     voice_id: str
     wav_path: Path
     text: str
+    modes: tuple[str, ...] = (CloneMode.CONTINUATION.value,)
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,13 @@ class SynthesisParams:
     seed: Optional[int] = None
     normalize: Optional[bool] = None
     max_len: Optional[int] = None
+    # A natural-language description of the voice or delivery (OpenAI's `instructions`); engines with
+    # EngineInfo.supports_instructions apply it, others ignore it.
+    instructions: Optional[str] = None
+    # The request's language as checked against EngineInfo.languages; None: not stated (auto).
+    lang: Optional[str] = None
+    # How an uploaded voice conditions generation (a CloneMode value); None: the engine's choice.
+    clone_mode: Optional[str] = None
 
 
 @dataclass
@@ -53,6 +80,11 @@ class EngineInfo:
     # Audio tokens per second of output: usage figures (OpenAI's output_tokens) count audio in them.
     token_rate: float
     details: dict = field(default_factory=dict)
+    supports_instructions: bool = False
+    # CloneMode values this engine clones in (empty: it does not clone); the first is its default.
+    clone_modes: tuple[str, ...] = ()
+    # The rate uploaded voices are stored at for this engine's family (what its encoder reads); None: sample_rate.
+    voice_sample_rate: Optional[int] = None
 
 
 class Engine(ABC):
@@ -87,6 +119,15 @@ class Engine(ABC):
 
     @abstractmethod
     def info(self) -> EngineInfo: ...
+
+    def voice_modes(self, transcript: str) -> tuple[str, ...]:
+        """The cloning modes (CloneMode values) a clip uploaded for this engine with this transcript supports;
+        the first is the one used when a request names none."""
+        return self.info().clone_modes
+
+    def check(self, prompt: Optional[VoicePrompt], params: SynthesisParams) -> None:
+        """Refuse (UnsupportedRequest) what the engine cannot do with this voice and these params; called
+        before the request is queued, so the client gets a 400 saying what to send instead."""
 
     def prepare_batch(self, batch) -> None:
         """Set up what a batch needs before serving (compiled kernels, captured graphs)."""

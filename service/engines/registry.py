@@ -34,10 +34,22 @@ class Family:
 
 def _build_voxcpm(spec: "ModelSpec", settings: "Settings") -> Engine:
     from .voxcpm.engine import VoxCPMEngine
+
+    return _voxcpm_engine(VoxCPMEngine, spec, settings)
+
+
+def _build_voxcpm2(spec: "ModelSpec", settings: "Settings") -> Engine:
+    from .voxcpm.voxcpm2 import VoxCPM2Engine
+
+    return _voxcpm_engine(VoxCPM2Engine, spec, settings)
+
+
+def _voxcpm_engine(cls, spec: "ModelSpec", settings: "Settings") -> Engine:
+    """Both VoxCPM families take the same settings (VOXCPM_*, or the entry's "settings")."""
     from .voxcpm.settings import VoxCPMSettings
 
     vs = VoxCPMSettings(**spec.settings)
-    return VoxCPMEngine(
+    return cls(
         model_dir=spec.dir, device=spec.device or settings.tts_device, compile_mode=settings.tts_compile,
         cfg_value=vs.cfg_value, inference_timesteps=vs.inference_timesteps, max_len=vs.max_len,
         normalize=vs.normalize, retry_badcase=vs.retry_badcase, max_chunk_chars=settings.max_chunk_chars,
@@ -57,6 +69,8 @@ def _build_embedded(spec: "ModelSpec", settings: "Settings") -> Engine:
 FAMILIES: dict[str, Family] = {
     "voxcpm": Family("voxcpm", "VoxCPM-0.5B / VoxCPM-1.5 (the voxcpm package)", "voxcpm-1.5", ("voxcpm",),
                      build=_build_voxcpm),
+    "voxcpm2": Family("voxcpm2", "VoxCPM2: 48 kHz, 30 languages, voice design (the voxcpm package)", "voxcpm2",
+                      ("voxcpm2",), build=_build_voxcpm2),
     "embedded": Family("embedded", "Piper en_US-joe-medium, offline (no checkpoint)", "embedded",
                        needs_checkpoint=False, build=_build_embedded),
 }

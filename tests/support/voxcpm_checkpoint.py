@@ -1,20 +1,24 @@
-"""Build random-weight VoxCPM-1.5 checkpoints in the package's exact on-disk layout.
+"""Build random-weight VoxCPM-1.5 and VoxCPM2 checkpoints in the package's exact on-disk layout.
 
 No real weights are reachable here, so tests (tiny) and benchmarks (full size) make their own:
 
-    config.json              architecture "voxcpm", VoxCPM-1.5 structure (patch 4, 44.1 kHz VAE, 6.25 Hz tokens)
+    config.json              architecture "voxcpm": VoxCPM-1.5 (patch 4, 44.1 kHz VAE, 6.25 Hz tokens), or
+                             architecture "voxcpm2": VoxCPM2 (patch 4, AudioVAE V2 encoding 16 kHz and decoding
+                             48 kHz, residual LM without RoPE, FSQ 512, 6.25 Hz tokens)
     model.safetensors        every non-VAE tensor, in `dtype` (bfloat16 unless asked otherwise)
     audiovae.pth             the AudioVAE state dict (float32), saved with torch.save
     tokenizer.json           a LlamaTokenizerFast built offline with `tokenizers`
     tokenizer_config.json    (char-level BPE without merges + byte fallback: any text tokenizes, no <unk>)
     special_tokens_map.json
 
-Key names come from instantiating the package's own VoxCPMModel / AudioVAE with the config, so they are
+Key names come from instantiating the package's own model class (VoxCPMModel / VoxCPM2Model) and AudioVAE
+(V1 / V2) with the config, so they are
 exactly what `VoxCPMModel.from_local` expects. Every tensor is then re-drawn deterministically from `seed`
 (so it differs from a fresh init), which lets `load_report` tell a loaded tensor from one left at init;
 `from_local` loads with strict=False, so nothing else would notice.
 
-CLI: python -m tests.support.voxcpm_checkpoint OUT_DIR [--size tiny|full] [--seed N] [--dtype bfloat16]
+CLI: python -m tests.support.voxcpm_checkpoint OUT_DIR [--family voxcpm|voxcpm2] [--size tiny|full] [--seed N]
+     [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -30,9 +34,14 @@ import torch
 
 # Ids the model uses as raw integers (VoxCPMModel.audio_start_token / audio_end_token), and the
 # LM config's bos/eos. Id 0 is <unk>; ids 3..255 are reserved specials like the real MiniCPM vocabulary.
+# VoxCPM2 adds the reference-audio brackets (VoxCPM2Model.ref_audio_start_token / ref_audio_end_token).
 UNK, BOS, EOS, AUDIO_START, AUDIO_END = 0, 1, 2, 101, 102
+REF_AUDIO_START, REF_AUDIO_END = 103, 104
 FULL_VOCAB = 73448
 TOKEN_HOP = 4 * 1764  # patch_size * prod(encoder_rates): 44.1 kHz samples per 6.25 Hz token
+V2_TOKEN_HOP = 4 * 1920  # VoxCPM2: patch_size * prod(decoder_rates): 48 kHz output samples per 6.25 Hz token
+V2_ENCODE_HOP = 4 * 640  # VoxCPM2: patch_size * prod(encoder_rates): 16 kHz reference samples per token
+FAMILIES = ("voxcpm", "voxcpm2")
 
 # MiniCPM4 LongRoPE factors (head_dim 64 -> 32 values), as in the published VoxCPM-1.5 config.json.
 _LONGROPE = [
@@ -56,29 +65,68 @@ _COMMON_HANZI = (
 )
 
 
-def _config(size: str, vocab_size: int, dtype: str) -> dict:
-    if size == "tiny":
-        lm = dict(hidden=64, ffn=128, heads=4, kv_heads=2, layers=2, max_pos=4096)
-        residual_layers, local = 1, dict(hidden_dim=64, ffn_dim=128, num_heads=4, num_layers=1)
-        vae = dict(encoder_dim=16, decoder_dim=32)
-        max_length = 4096
-    elif size == "full":  # the published openbmb/VoxCPM1.5 shapes
-        lm = dict(hidden=1024, ffn=4096, heads=16, kv_heads=2, layers=24, max_pos=32768)
-        residual_layers, local = 8, dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=8)
-        vae = dict(encoder_dim=64, decoder_dim=2048)
-        max_length = 8192
-        vocab_size = FULL_VOCAB
-    else:
+def _shapes(family: str, size: str) -> dict:
+    """Layer shapes per family and size. Full VoxCPM-1.5 is the published openbmb/VoxCPM1.5 structure; full
+    VoxCPM2 follows the published figures (base LM 28 layers, hidden 2048, 2 KV heads; residual LM 8 layers
+    without RoPE; LocEnc/LocDiT 12 layers; FSQ 512; AudioVAE V2 16 kHz in, 48 kHz out). VoxCPM2's base LM has
+    32 heads so its head size (64) equals the local modules' (1024 / 16): every MiniCPM stack in the model
+    shares the LM config's LongRoPE factors, one per rotary pair. Its FFN (6144) lands the total near 2B."""
+    if size not in ("tiny", "full"):
         raise ValueError(f"size must be tiny or full, not {size!r}")
-    half_head = lm["hidden"] // lm["heads"] // 2
-    factors = _LONGROPE if half_head == len(_LONGROPE) else _LONGROPE[:half_head]
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if size == "tiny":
+        shapes = dict(lm=dict(hidden=64, ffn=128, heads=4, kv_heads=2, layers=2, max_pos=4096), residual_layers=1,
+                      local=dict(hidden_dim=64, ffn_dim=128, num_heads=4, num_layers=1), max_length=4096)
+    elif family == "voxcpm":
+        shapes = dict(lm=dict(hidden=1024, ffn=4096, heads=16, kv_heads=2, layers=24, max_pos=32768),
+                      residual_layers=8, local=dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=8),
+                      max_length=8192)
+    else:
+        shapes = dict(lm=dict(hidden=2048, ffn=6144, heads=32, kv_heads=2, layers=28, max_pos=32768),
+                      residual_layers=8, local=dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=12),
+                      max_length=8192)
+    full = size == "full"
+    if family == "voxcpm":
+        shapes["vae"] = {"encoder_dim": 64 if full else 16, "encoder_rates": [2, 3, 6, 7, 7], "latent_dim": 64,
+                         "decoder_dim": 2048 if full else 32, "decoder_rates": [7, 7, 6, 3, 2], "depthwise": True,
+                         "sample_rate": 44100, "use_noise_block": False}
+        shapes["fsq_latent"] = 256
+    else:
+        # The decoder halves its channels at each of its 6 upsampling stages: tiny needs 64 to end on 1.
+        shapes["vae"] = {"encoder_dim": 128 if full else 16, "encoder_rates": [2, 5, 8, 8], "latent_dim": 64,
+                         "decoder_dim": 2048 if full else 64, "decoder_rates": [8, 6, 5, 2, 2, 2], "depthwise": True,
+                         "sample_rate": 16000, "out_sample_rate": 48000, "use_noise_block": False,
+                         "sr_bin_boundaries": [20000, 30000, 40000], "cond_type": "scale_bias", "cond_dim": 128,
+                         "cond_out_layer": False}
+        shapes["fsq_latent"] = 512
+    return shapes
+
+
+def _rope_factors(half_head: int) -> list[float]:
+    if half_head <= len(_LONGROPE):
+        return _LONGROPE[:half_head]
+    # Longer heads: the published curve stretched over the extra rotary pairs (same range, same shape).
+    step = (len(_LONGROPE) - 1) / (half_head - 1)
+    out = []
+    for i in range(half_head):
+        x = i * step
+        lo = min(int(x), len(_LONGROPE) - 2)
+        out.append(_LONGROPE[lo] + (x - lo) * (_LONGROPE[lo + 1] - _LONGROPE[lo]))
+    return out
+
+
+def _config(size: str, vocab_size: int, dtype: str, family: str = "voxcpm") -> dict:
+    shapes = _shapes(family, size)
+    lm, local = shapes["lm"], shapes["local"]
+    factors = _rope_factors(lm["hidden"] // lm["heads"] // 2)
     # kv_channels is left out (not null): the package's pydantic models reject an explicit null.
-    return {
-        "architecture": "voxcpm",
+    config = {
+        "architecture": family,
         "lm_config": {
             "bos_token_id": BOS,
             "eos_token_id": EOS,
-            "vocab_size": vocab_size,
+            "vocab_size": FULL_VOCAB if size == "full" else vocab_size,
             "hidden_size": lm["hidden"],
             "intermediate_size": lm["ffn"],
             "max_position_embeddings": lm["max_pos"],
@@ -96,9 +144,9 @@ def _config(size: str, vocab_size: int, dtype: str) -> dict:
         },
         "patch_size": 4,
         "feat_dim": 64,
-        "scalar_quantization_latent_dim": 256,
+        "scalar_quantization_latent_dim": shapes["fsq_latent"],
         "scalar_quantization_scale": 9,
-        "residual_lm_num_layers": residual_layers,
+        "residual_lm_num_layers": shapes["residual_layers"],
         "encoder_config": dict(local),
         "dit_config": {
             **local,
@@ -107,27 +155,32 @@ def _config(size: str, vocab_size: int, dtype: str) -> dict:
                            "ratio_r_neq_t_range": [0.25, 0.75], "noise_cond_prob_range": [0.0, 0.0],
                            "noise_cond_scale": 0.0},
         },
-        "audio_vae_config": {"encoder_dim": vae["encoder_dim"], "encoder_rates": [2, 3, 6, 7, 7], "latent_dim": 64,
-                             "decoder_dim": vae["decoder_dim"], "decoder_rates": [7, 7, 6, 3, 2], "depthwise": True,
-                             "sample_rate": 44100, "use_noise_block": False},
-        "max_length": max_length,
+        "audio_vae_config": shapes["vae"],
+        "max_length": shapes["max_length"],
         "device": "cuda",
         "dtype": dtype,
-        "dit_mean_mode": False,
     }
+    if family == "voxcpm":
+        config["dit_mean_mode"] = False
+    else:
+        config["residual_lm_no_rope"] = True
+        config["dit_config"]["dit_mean_mode"] = False
+    return config
 
 
 def build_tokenizer(out_dir, vocab_size: int | None = None) -> int:
     """Write a Llama-layout tokenizer (char-level BPE with byte fallback and ▁ word marks); return its size.
 
-    Ids: 0 <unk>, 1 <s>, 2 </s>, 101 <|audio_start|>, 102 <|audio_end|>, other ids < 256 reserved specials,
+    Ids: 0 <unk>, 1 <s>, 2 </s>, 101 <|audio_start|>, 102 <|audio_end|>, 103 <|ref_audio_start|>,
+    104 <|ref_audio_end|> (VoxCPM2's reference brackets; unused by 1.5), other ids < 256 reserved specials,
     then the 256 <0xNN> byte tokens, then ▁, ASCII letters/digits/punctuation and common Chinese characters.
     With `vocab_size` the vocabulary is padded to exactly that size (the full model's embedding shape).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
 
     out_dir = Path(out_dir)
-    named = {UNK: "<unk>", BOS: "<s>", EOS: "</s>", AUDIO_START: "<|audio_start|>", AUDIO_END: "<|audio_end|>"}
+    named = {UNK: "<unk>", BOS: "<s>", EOS: "</s>", AUDIO_START: "<|audio_start|>", AUDIO_END: "<|audio_end|>",
+             REF_AUDIO_START: "<|ref_audio_start|>", REF_AUDIO_END: "<|ref_audio_end|>"}
     vocab = {named.get(i, f"<|reserved_{i}|>"): i for i in range(256)}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
@@ -172,28 +225,32 @@ def _redraw(name: str, t: torch.Tensor, gen: torch.Generator, dtype: torch.dtype
     return noise.to(dtype or t.dtype).contiguous()
 
 
-def build_checkpoint(out_dir, size: str = "tiny", seed: int = 0, dtype: str = "bfloat16") -> Path:
-    """Write a random-weight VoxCPM-1.5 checkpoint (size "tiny" or "full") into out_dir; return its Path.
+def build_checkpoint(out_dir, size: str = "tiny", seed: int = 0, dtype: str = "bfloat16",
+                     family: str = "voxcpm") -> Path:
+    """Write a random-weight checkpoint (family "voxcpm" = VoxCPM-1.5 or "voxcpm2"; size "tiny" or "full")
+    into out_dir; return its Path.
 
     Deterministic in `seed`. `dtype` is the config's dtype and the dtype of model.safetensors;
     audiovae.pth is always float32 (the package runs the VAE in float32).
     """
     from safetensors.torch import save_file
     from transformers import LlamaTokenizerFast
-    from voxcpm.model.voxcpm import VoxCPMConfig, VoxCPMModel
-    from voxcpm.modules.audiovae import AudioVAE
 
+    from service.engines.voxcpm.load import model_classes  # the worker's loader picks the same classes
+
+    config_cls, model_cls, vae_cls = model_classes(family)
     save_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out_dir = Path(out_dir)
+    _shapes(family, size)  # refuses an unknown family or size before anything is written
     vocab_size = build_tokenizer(out_dir, FULL_VOCAB if size == "full" else None)
-    config = _config(size, vocab_size, dtype)
+    config = _config(size, vocab_size, dtype, family)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
-    cfg = VoxCPMConfig.model_validate(config)
+    cfg = config_cls.model_validate(config)
     cfg.max_length = 16  # only the KV cache depends on it; keep the throwaway model small
     torch.manual_seed(seed)
-    model = VoxCPMModel(cfg, LlamaTokenizerFast.from_pretrained(str(out_dir)), AudioVAE(cfg.audio_vae_config),
-                        device="cpu")
+    model = model_cls(cfg, LlamaTokenizerFast.from_pretrained(str(out_dir)), vae_cls(cfg.audio_vae_config),
+                      device="cpu")
     gen_lm, gen_vae = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     # Redraw tensor by tensor, dropping each fp32 original as we go, so the peak stays ~1 model in fp32.
     vae_state = {}
@@ -227,7 +284,7 @@ def saved_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
 
 
 def load_report(ckpt_dir, model) -> dict[str, list[str]]:
-    """Compare every saved tensor with a loaded model (`VoxCPMModel` or a `voxcpm.VoxCPM` wrapping one).
+    """Compare every saved tensor with a loaded model (`VoxCPMModel`/`VoxCPM2Model` or a `voxcpm.VoxCPM`).
 
     The package loads with strict=False, so nothing else notices keys that did not load. Returns
       "missing":    saved keys the model's state_dict lacks (would be silently dropped),
@@ -270,16 +327,17 @@ def param_count(ckpt_dir) -> tuple[int, int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
+    ap.add_argument("--family", choices=list(FAMILIES), default="voxcpm")
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    out = build_checkpoint(args.out_dir, args.size, args.seed, args.dtype)
+    out = build_checkpoint(args.out_dir, args.size, args.seed, args.dtype, args.family)
     took = time.monotonic() - t0
     lm, vae = param_count(out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(f"built {args.size} checkpoint in {out}: {lm / 1e6:.1f}M non-VAE parameters ({args.dtype}), "
+    print(f"built {args.size} {args.family} checkpoint in {out}: {lm / 1e6:.1f}M non-VAE parameters ({args.dtype}), "
           f"{vae / 1e6:.1f}M VAE parameters (float32), {took:.1f}s, peak RSS {peak:.2f} GiB")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...audio import time_stretch
 from ...text import has_speakable
-from ..base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
+from ..base import CloneMode, Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
 from .load import load_voxcpm
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def pick_device(requested: str) -> tuple[str, str]:
 
 class VoxCPMEngine(Engine):
     name = "voxcpm"
+    architecture = "voxcpm"  # config.json's, as the package's loader reads it
+    languages: tuple[str, ...] = ("en", "zh")
+    clone_modes: tuple[str, ...] = (CloneMode.CONTINUATION.value,)
+    supports_instructions = False
     supports_batching = True
 
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
@@ -65,6 +69,7 @@ class VoxCPMEngine(Engine):
         self.serial = serial
         self.max_chunk_chars = max_chunk_chars
         self.sample_rate = 44100
+        self.voice_sample_rate = 44100  # what the VAE encodes (VoxCPM-1.5: its output rate too)
         self.device = "cpu"
         self._model = None  # voxcpm.model.voxcpm.VoxCPMModel
         self._normalizer = None
@@ -87,8 +92,9 @@ class VoxCPMEngine(Engine):
         optimize = self.compile_mode == "on" or (self.compile_mode == "auto" and self.device == "cuda" and self.serial)
         log.info("voxcpm: loading %s on %s (%s), torch.compile %s", self.model_dir, self.device, why,
                  "on" if optimize else "off")
-        self._model = load_voxcpm(self.model_dir, self.device, optimize)
+        self._model = load_voxcpm(self.model_dir, self.device, optimize, self.architecture)
         self.sample_rate = int(self._model.sample_rate)
+        self.voice_sample_rate = int(getattr(self._model, "_encode_sample_rate", self.sample_rate))
         if self.defaults["normalize"]:
             self._normalizer_or_raise()
 
@@ -102,7 +108,7 @@ class VoxCPMEngine(Engine):
             self._normalizer = TextNormalizer()
         return self._normalizer
 
-    def _normalize(self, text: str) -> str:
+    def _normalize(self, text: str, lang: Optional[str] = None) -> str:
         # wetext asserts on input it reduces to nothing ("...", emoji) and the generator then divides
         # by the empty text's length: both are the client's text, not a fault of ours.
         try:
@@ -131,24 +137,29 @@ class VoxCPMEngine(Engine):
 
     def _encode_prompt(self, prompt: VoicePrompt) -> dict:
         """The package's build_prompt_cache, minus torchaudio.load (which needs torchcodec + FFmpeg)."""
+        return {"prompt_text": prompt.text, "audio_feat": self._encode_clip(prompt.wav_path, self.sample_rate)}
+
+    def _encode_clip(self, path: Path, rate: int, pad_left: bool = True):
+        """A clip as the VAE's latent patches (T, patch, latent), read at `rate` (what the VAE encodes)."""
         import soundfile as sf
         import torch
         import torch.nn.functional as F
 
         from ...audio import resample
 
-        audio, rate = sf.read(str(prompt.wav_path), dtype="float32", always_2d=True)
-        audio = resample(audio.mean(axis=1), rate, self.sample_rate)
+        audio, source_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio = resample(audio.mean(axis=1), source_rate, rate)
         m = self._model
         wav = torch.from_numpy(audio).unsqueeze(0)
         patch_len = m.patch_size * m.chunk_size
         if wav.size(1) % patch_len:
-            # Left-pad so the prompt's real audio sits at the end, next to the generated continuation.
-            wav = F.pad(wav, (patch_len - wav.size(1) % patch_len, 0))
+            # A continuation prompt is left-padded so its real audio sits next to the generated audio; a
+            # reference (VoxCPM2) is right-padded, as the package does.
+            pad = patch_len - wav.size(1) % patch_len
+            wav = F.pad(wav, (pad, 0) if pad_left else (0, pad))
         with torch.inference_mode():
-            feat = m.audio_vae.encode(wav.to(m.device), m.sample_rate).cpu()
-        feat = feat.view(m.audio_vae.latent_dim, -1, m.patch_size).permute(1, 2, 0)
-        return {"prompt_text": prompt.text, "audio_feat": feat}
+            feat = m.audio_vae.encode(wav.to(m.device), rate).cpu()
+        return feat.view(m.audio_vae.latent_dim, -1, m.patch_size).permute(1, 2, 0)
 
     def forget_voice(self, voice_id: str) -> None:
         with self._prompts_lock:
@@ -161,10 +172,11 @@ class VoxCPMEngine(Engine):
             torch.manual_seed(params.seed)
         normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
         if normalize:
-            text = self._normalize(text)
+            text = self._normalize(text, params.lang)
+        target, prompt_cache = self._condition(text, prompt, params)
         args = dict(
-            target_text=text,
-            prompt_cache=self._prompt_cache(prompt),
+            target_text=target,
+            prompt_cache=prompt_cache,
             max_len=min(params.max_len or self.defaults["max_len"], self.defaults["max_len"]),
             inference_timesteps=params.inference_timesteps or self.defaults["inference_timesteps"],
             cfg_value=params.cfg_value or self.defaults["cfg_value"],
@@ -173,6 +185,10 @@ class VoxCPMEngine(Engine):
             # min_len = max_len: the loop never stops early; the ratio cap would shorten short texts.
             args.update(min_len=self.fixed_tokens, max_len=self.fixed_tokens, retry_badcase_ratio_threshold=1e9)
         return args
+
+    def _condition(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> tuple[str, Optional[dict]]:
+        """(the text the model is given, the prompt cache it generates from) for one chunk."""
+        return text, self._prompt_cache(prompt)
 
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
                params: SynthesisParams) -> Iterator[np.ndarray]:
@@ -257,11 +273,13 @@ class VoxCPMEngine(Engine):
         return m.patch_size * m.chunk_size if m is not None else 4 * 1764  # VoxCPM-1.5's before the load
 
     def presets(self) -> dict[str, Preset]:
-        return {"default": Preset("default", "The model's own voice (no prompt audio)", ("en", "zh"))}
+        return {"default": Preset("default", "The model's own voice (no prompt audio)", self.languages)}
 
     def info(self) -> EngineInfo:
-        return EngineInfo(name=self.name, model=f"voxcpm:{self.model_dir.name}", device=self.device,
-                          sample_rate=self.sample_rate, languages=("en", "zh"), supports_cloning=True,
+        return EngineInfo(name=self.name, model=f"{self.name}:{self.model_dir.name}", device=self.device,
+                          sample_rate=self.sample_rate, languages=self.languages, supports_cloning=True,
+                          clone_modes=self.clone_modes, voice_sample_rate=self.voice_sample_rate,
+                          supports_instructions=self.supports_instructions,
                           token_rate=self.sample_rate / self._samples_per_token(),
                           details={**self.defaults, "cuda_graphs": self.cuda_graphs, "compile_step": self.compile_step,
                                    "memory_share": round(self.memory_share, 4),

@@ -1,11 +1,13 @@
-"""Load a VoxCPM-1.5 checkpoint with its weights read straight onto the device.
+"""Load a VoxCPM-1.5 or VoxCPM2 checkpoint with its weights read straight onto the device.
 
 The package's `VoxCPMModel.from_local` builds the model on the CPU (random initialisation of every
 parameter there), reads the weights into CPU memory, loads them, then copies the whole model to the
 GPU, and never says when a tensor the model needs is absent (`strict=False`). Here the modules are
 created on the device, safetensors reads each tensor directly onto it, and a checkpoint that leaves
 any model weight unset is refused by name. Same modules, same dtypes, same values as `from_local`
-(tests/test_voxcpm_load.py compares every tensor).
+(tests/test_voxcpm_load.py compares every tensor). The model class follows config.json's
+`architecture`, as in the package's own `VoxCPM` (voxcpm: VoxCPMModel + AudioVAE; voxcpm2: VoxCPM2Model +
+AudioVAE V2).
 """
 from __future__ import annotations
 
@@ -17,13 +19,25 @@ from ..base import EngineError
 log = logging.getLogger(__name__)
 
 
-def load_voxcpm(model_dir: Path, device: str, optimize: bool):
-    import torch
-    from transformers import LlamaTokenizerFast
-    from voxcpm.model.utils import get_dtype
+def model_classes(architecture: str):
+    """(config class, model class, AudioVAE class) of the package for a checkpoint's architecture."""
+    if architecture == "voxcpm2":
+        from voxcpm.model.voxcpm2 import VoxCPM2Model, VoxCPMConfig
+        from voxcpm.modules.audiovae import AudioVAEV2
+
+        return VoxCPMConfig, VoxCPM2Model, AudioVAEV2
     from voxcpm.model.voxcpm import VoxCPMConfig, VoxCPMModel
     from voxcpm.modules.audiovae import AudioVAE
 
+    return VoxCPMConfig, VoxCPMModel, AudioVAE
+
+
+def load_voxcpm(model_dir: Path, device: str, optimize: bool, architecture: str = "voxcpm"):
+    import torch
+    from transformers import LlamaTokenizerFast
+    from voxcpm.model.utils import get_dtype
+
+    VoxCPMConfig, VoxCPMModel, AudioVAE = model_classes(architecture)
     path = Path(model_dir)
     config = VoxCPMConfig.model_validate_json((path / "config.json").read_text(encoding="utf-8"))
     tokenizer = LlamaTokenizerFast.from_pretrained(str(path))
