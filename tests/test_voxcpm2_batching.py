@@ -16,38 +16,26 @@ import torch
 
 from service.engines.voxcpm.batch import BatchedGenerator, Join
 
-from .support.voxcpm_checkpoint import _config, _redraw, build_tokenizer
+from .support.voxcpm_checkpoint import build_checkpoint
 
 TOL = 1e-4
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny random VoxCPM2 (residual LM without RoPE, AudioVAE V2 16 -> 48 kHz with its sample-rate
-    condition), built in memory from the package's own classes."""
-    from transformers import LlamaTokenizerFast
-    from voxcpm.model.voxcpm2 import VoxCPM2Model, VoxCPMConfig
-    from voxcpm.modules.audiovae import AudioVAEV2
+def ckpt(tmp_path_factory):
+    """A tiny random VoxCPM2 checkpoint (residual LM without RoPE, AudioVAE V2 16 -> 48 kHz with its
+    sample-rate condition)."""
+    return build_checkpoint(tmp_path_factory.mktemp("batch2") / "tiny", size="tiny", seed=5, dtype="float32",
+                            family="voxcpm2")
 
-    tok_dir = tmp_path_factory.mktemp("v2tok")
-    config = _config("tiny", build_tokenizer(tok_dir), "float32")
-    config.update(architecture="voxcpm2", residual_lm_no_rope=True, scalar_quantization_latent_dim=512,
-                  max_length=512, device="cpu")
-    config["dit_config"]["dit_mean_mode"] = config.pop("dit_mean_mode")
-    config["audio_vae_config"] = {
-        "encoder_dim": 16, "encoder_rates": [2, 5, 8, 8], "latent_dim": 64, "decoder_dim": 128,
-        "decoder_rates": [8, 6, 5, 2, 2, 2], "depthwise": True, "sample_rate": 16000, "out_sample_rate": 48000,
-        "sr_bin_boundaries": [20000, 30000, 40000], "cond_type": "scale_bias"}
-    cfg = VoxCPMConfig.model_validate(config)
-    torch.manual_seed(0)
-    m = VoxCPM2Model(cfg, LlamaTokenizerFast.from_pretrained(str(tok_dir)), AudioVAEV2(cfg.audio_vae_config),
-                     device="cpu")
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            t.copy_(_redraw(name, t, gen))
-    return m.eval()
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    """The tiny checkpoint through the package's own loader."""
+    from voxcpm.model.voxcpm2 import VoxCPM2Model
+
+    return VoxCPM2Model.from_local(str(ckpt), optimize=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +43,7 @@ def prompts(model, tmp_path_factory):
     """The package's prompt caches for each cloning mode, from two tones of different lengths."""
     d = tmp_path_factory.mktemp("clips")
     for name, hz, seconds in (("ref", 150, 2.0), ("cont", 220, 1.3)):
-        t = np.arange(int(16000 * seconds)) / 16000
-        sf.write(str(d / f"{name}.wav"), 0.3 * np.sin(2 * np.pi * hz * t), 16000)
+        tone(d / f"{name}.wav", hz, seconds)
     ref, cont = str(d / "ref.wav"), str(d / "cont.wav")
     caches = {"zero_shot": None,
               "reference": model.build_prompt_cache(reference_wav_path=ref),
@@ -65,6 +52,12 @@ def prompts(model, tmp_path_factory):
                                                            prompt_text="A short clip.")}
     assert [c and c["mode"] for c in caches.values()] == [None, "reference", "continuation", "ref_continuation"]
     return caches
+
+
+def tone(path, hz: float, seconds: float, rate: int = 16000):
+    t = np.arange(int(rate * seconds)) / rate
+    sf.write(str(path), 0.3 * np.sin(2 * np.pi * hz * t), rate)
+    return path
 
 
 def package(model, text, seed, max_len, prompt=None, steps=STEPS):
@@ -167,3 +160,68 @@ def test_streaming_v2_decode_equals_decoding_the_whole_sequence(cond_type):
     assert streamed.shape == whole.shape == (2, 1, 24 * 1920)
     assert (streamed - whole).abs().max() < 1e-5
     assert whole.abs().max() > 1e-4
+
+
+def test_the_engine_batches_every_clone_mode_as_it_serves_them_one_at_a_time(ckpt, tmp_path):
+    """The VoxCPM2 engine's batch (make_batch / batch_add, the scheduler's calls) gives each request the
+    audio its serial path (the package's generate) gives: voice design by instructions, and an uploaded
+    voice in each clone mode, the engine building the prompt caches and the control prefix."""
+    from service.engines.base import BatchingEngine, CloneMode, SynthesisParams, VoicePrompt
+    from service.engines.voxcpm.voxcpm2 import VoxCPM2Engine
+
+    engine = VoxCPM2Engine(model_dir=ckpt, device="cpu", compile_mode="off", inference_timesteps=3, max_len=8,
+                           retry_badcase=False)
+    engine.load()
+    assert isinstance(engine, BatchingEngine) and engine.supports_batching
+    transcript = "A short clip."
+    voice = VoicePrompt("v", tone(tmp_path / "voice.wav", 180, 1.5, rate=22050), transcript,
+                        engine.voice_modes(transcript))
+    requests = [("Designed voice.", None, SynthesisParams(seed=1, instructions="a calm older woman"))] + [
+        (f"In mode {mode.value}.", voice, SynthesisParams(seed=2 + i, clone_mode=mode.value,
+                                                          instructions=None if mode == CloneMode.CONTINUATION
+                                                          else "slowly"))
+        for i, mode in enumerate((CloneMode.REFERENCE, CloneMode.CONTINUATION, CloneMode.REFERENCE_CONTINUATION))]
+
+    def serial(text, prompt, params):
+        """What engine.synthesize runs (the package's generate on the engine's arguments), with latents."""
+        args = engine._generation_args(text, prompt, params)  # seeds the global RNG, as synthesize does
+        wav, _, feats = engine._model.generate_with_prompt_cache(**args)
+        return feats.float().numpy(), wav[0].numpy()
+
+    want = [serial(*r) for r in requests]
+    batch = engine.make_batch(4)
+    batch.record_latents = True  # random VAE weights barely depend on the latents: compare those too
+    rows = engine.batch_add(batch, requests)
+    got = {row: [] for row in rows}
+    while batch.active():
+        for row, audio, _ in batch.step():
+            got[row].append((batch.last_patch[row].float().numpy(), audio))
+    for row, w in zip(rows, want):
+        assert_same((np.stack([p for p, _ in got[row]]), np.concatenate([a for _, a in got[row]])), w)
+    assert np.abs(want[1][0][:2] - want[3][0][:2]).max() > 100 * TOL  # the modes really condition differently
+
+
+def test_a_worker_serving_voxcpm2_batches_its_requests(ckpt, tmp_path):
+    """TTS_ENGINE=voxcpm2 with TTS_MAX_BATCH=3: the scheduler runs the batched step (warmed up before
+    ready) and serves concurrent requests from it, 48 kHz in whole tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from .support.worker import start_worker
+
+    env = {"TTS_ENGINE": "voxcpm2", "MODEL_DIR": str(ckpt), "TTS_DEVICE": "auto", "TTS_MAX_BATCH": "3",
+           "QUEUE_SIZE": "6", "VOXCPM_MAX_LEN": "16", "VOXCPM_INFERENCE_TIMESTEPS": "2", "CROSSFADE_MS": "0"}
+    with start_worker(tmp_path, env) as w:
+        assert "continuous batching: up to 3 requests" in w.log_text()
+        assert "batch_warmup_s" in requests.get(f"{w.url}/readyz").json()["startup"]
+
+        def one(i):
+            r = requests.post(f"{w.url}/v1/audio/speech", json={
+                "input": f"Request number {i}.", "response_format": "pcm", "seed": i, "stream": i % 2 == 0,
+                "instructions": "a calm voice" if i == 1 else None})
+            return r.status_code, len(r.content) // 2
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+    assert all(code == 200 and n > 0 and n % (4 * 1920) == 0 for code, n in results), results

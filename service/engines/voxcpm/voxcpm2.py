@@ -10,8 +10,8 @@ package's VoxCPM2Model has the same prompt-cache generation API); what differs i
   zero-shot (voice design), reference, reference + continuation. Continuation alone starts its text with the
   clip's transcript, where the model does not take a description as one, so it is refused there (check).
 
-Generation runs through the package's own loop, one request at a time (the batched step is the 1.5 engine's
-design; VoxCPM2's joins it as make_batch/batch_add here, with supports_batching).
+Requests are batched as VoxCPM-1.5's are (the engine's make_batch / batch_add; batch.py runs both families'
+steps, family.py holds VoxCPM2's differences); TTS_MAX_BATCH=1 serves them through the package's own loop.
 """
 from __future__ import annotations
 
@@ -37,10 +37,8 @@ class VoxCPM2Engine(VoxCPMEngine):
     languages = LANGUAGES
     clone_modes = (_BOTH, _REFERENCE, _CONTINUATION)
     supports_instructions = True
-    supports_batching = False
 
     def __init__(self, **kwargs):
-        kwargs["serial"] = True  # the package's loop serves every request (no batched step yet)
         super().__init__(**kwargs)
         self.sample_rate, self.voice_sample_rate = 48000, 16000  # the AudioVAE V2's, until the load reads them
 
