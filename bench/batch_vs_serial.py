@@ -1,4 +1,5 @@
-"""VoxCPM throughput: N requests one after another (the package's own generation) vs continuous batching.
+"""VoxCPM throughput (1.5 or VoxCPM2, as config.json's architecture says): N requests one after another
+(the package's own generation) vs continuous batching.
 
 Also the prefill of N requests arriving at once: joined one after another vs in one padded pass.
 
@@ -6,11 +7,14 @@ Both sides run in one process on the same model, with a fixed generated length (
 so each request does the same work as real speech of that length). Prints seconds, audio-seconds
 per wall-second and the speed-up.
 Usage: python bench/batch_vs_serial.py --model-dir DIR [--n 4] [--tokens 32] [--device auto]
-       (build a random full-size checkpoint with: python -m tests.support.voxcpm_checkpoint DIR --size full)
+       [--no-warmup] [--no-prefill]   (short CPU runs of a full-size model: no warm-up pass, no prefill table)
+       (build a random full-size checkpoint with:
+        python -m tests.support.voxcpm_checkpoint DIR --size full [--family voxcpm2])
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.engines.voxcpm.batch import BatchedGenerator, Join  # noqa: E402
 from service.engines.voxcpm.engine import pick_device  # noqa: E402
+from service.engines.voxcpm.family import Family  # noqa: E402
+from service.engines.voxcpm.load import model_classes  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "VoxBox serves speech to many users at once on one machine.",
@@ -40,13 +46,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens per request (6.25 per second of audio)")
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="run both paths once before timing them")
+    ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the prefill of N requests arriving at once")
     args = ap.parse_args()
-    from voxcpm.model.voxcpm import VoxCPMModel
+    # The package's own model class for the checkpoint's family (it defaults to VoxCPM-1.5 without the key).
+    architecture = json.loads((Path(args.model_dir) / "config.json").read_text()).get("architecture", "voxcpm")
+    model_class = model_classes(architecture)[1]
 
     device, why = pick_device(args.device)
-    model = VoxCPMModel.from_local(args.model_dir, optimize=False, device=device)
+    model = model_class.from_local(args.model_dir, optimize=False, device=device)
     texts = [TEXTS[i % len(TEXTS)] for i in range(args.n)]
-    audio_s = args.n * args.tokens * model.patch_size * model.chunk_size / model.sample_rate
+    audio_s = args.n * args.tokens * Family(model).samples_per_token / model.sample_rate
 
     def serial():
         for i, text in enumerate(texts):
@@ -63,8 +75,9 @@ def main() -> None:
         while gen.active():
             gen.step()
 
-    for name, fn in (("warm-up", lambda: (serial(), batched())),):
-        fn()
+    if args.warmup:
+        serial()
+        batched()
     times = {}
     for name, fn in (("serial", serial), ("batched", batched)):
         sync(device)
@@ -72,12 +85,14 @@ def main() -> None:
         fn()
         sync(device)
         times[name] = time.perf_counter() - t0
-    print(f"device={device} ({why}); {args.n} requests x {args.tokens} tokens ({audio_s / args.n:.2f} s audio each), "
+    print(f"{architecture} on device={device} ({why}); {args.n} requests x {args.tokens} tokens ({audio_s / args.n:.2f} s audio each), "
           f"{args.timesteps} DiT steps, dtype={model.config.dtype}")
     print("| path | seconds | audio-s per wall-s |\n|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {t:.2f} | {audio_s / t:.2f} |")
     print(f"speed-up (serial / batched): {times['serial'] / times['batched']:.2f}x")
+    if not args.prefill:
+        return
 
     def prefill_one_by_one():
         gen = BatchedGenerator(model, max_batch=args.n, max_length=512)
