@@ -308,3 +308,16 @@ def test_both_batches_keep_the_declared_contract(model, tmp_path_factory):
     assert isinstance(VoxCPMEngine(tmp_path_factory.mktemp("none")), BatchingEngine)
     fake = SlowEngine(0.001, 2)
     assert isinstance(fake, BatchingEngine) and isinstance(fake.make_batch(2), GenerationBatch)
+
+
+def test_a_reference_prompt_needs_voxcpm2(model):
+    """Reference-clip prompts are VoxCPM2's (family.py); a VoxCPM-1.5 batch refuses one by name rather
+    than generating from a sequence the model was never trained on."""
+    from service.engines.voxcpm.batch import Join
+
+    gen = BatchedGenerator(model, max_batch=1, max_length=64)
+    assert not gen.family.v2 and gen.family.samples_per_token == model.patch_size * model.chunk_size
+    ref = {"mode": "reference", "ref_audio_feat": torch.zeros(3, model.patch_size, model.audio_vae.latent_dim)}
+    with pytest.raises(ValueError, match="reference prompts need a VoxCPM2 model; this is voxcpm"):
+        gen.add_many([Join("Hello.", ref)])
+    assert gen.active() == 0
