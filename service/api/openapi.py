@@ -83,7 +83,9 @@ def _request_schema(model, settings, languages: tuple[str, ...], rates: tuple[in
     props[voice_field] = _voice_schema(presets, props[voice_field].get("description", ""))
     props["lang"]["enum"] = ["auto", *languages]
     props["sample_rate"]["anyOf"] = [{"type": "integer", "enum": list(rates)}, {"type": "null"}]
-    rules = []
+    # clone_mode says how an uploaded voice is cloned: with a preset it is refused (clone_mode_without_voice).
+    rules = [{"anyOf": [{"not": {"required": ["clone_mode"]}}, {"properties": {"clone_mode": {"const": None}}},
+                        {"required": [voice_field], "properties": {voice_field: {"pattern": VOICE_ID_PATTERN}}}]}]
     if "zh" not in languages:  # lang=auto reads Chinese characters as Chinese, which this engine refuses
         rules.append({"anyOf": [
             {"required": ["lang"], "properties": {"lang": {"const": "en"}}},
@@ -92,8 +94,7 @@ def _request_schema(model, settings, languages: tuple[str, ...], rates: tuple[in
         rules.append({"anyOf": [
             {"properties": {"stream": {"const": False}, "stream_format": {"const": "audio"}}},
             {"required": ["response_format"], "properties": {"response_format": {"enum": list(STREAMABLE)}}}]})
-    if rules:
-        schema["allOf"] = rules
+    schema["allOf"] = rules
     return schema
 
 
