@@ -408,6 +408,15 @@ def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
         b.save_screenshot(str(ARTIFACTS / "api-docs.png"))
 
 
+def generate_then_stream(browser, text):
+    """Generate `text` once, then stream it, each to its end."""
+    set_text(browser, text)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    browser.find_element(By.ID, "stream").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+
+
 def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_factory):
     """A worker with several models shows a picker (hidden with one model, as elsewhere here); Generate
     and Stream go to the model picked, which its per-model metrics show."""
@@ -420,11 +429,7 @@ def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_f
         assert [o.get_attribute("value") for o in picker.options] == ["en-a", "en-b"]
         assert picker.first_selected_option.get_attribute("value") == "en-a"  # the default
         picker.select_by_value("en-b")
-        set_text(browser, "Picked the second model.")
-        browser.find_element(By.ID, "generate").click()
-        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
-        browser.find_element(By.ID, "stream").click()
-        wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+        generate_then_stream(browser, "Picked the second model.")
         text = requests.get(f"{w.url}/metrics").text
         served = {m: float(line.split()[-1]) for m in ("en-a", "en-b") for line in text.splitlines()
                   if line.startswith(f'voxbox_audio_seconds_total{{model="{m}"}}')}
@@ -434,3 +439,33 @@ def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_f
 def test_one_model_shows_no_picker(browser, worker):
     open_page(browser, worker.url + "/")
     assert not browser.find_element(By.ID, "model-field").is_displayed()
+
+
+def test_instructions_box_for_models_that_apply_them(browser, tmp_path_factory):
+    """VoxCPM2 applies instructions (its /v1/models entry says supports_instructions): the page shows the box
+    for it, sends what is typed on Generate and Stream, and hides the box for a model that would ignore it."""
+    from .support.voxcpm_checkpoint import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("ui-v2") / "voxcpm2-tiny", size="tiny", seed=0, family="voxcpm2")
+    models = [{"name": "vox2", "dir": str(ckpt), "settings": {"inference_timesteps": 2, "max_len": 8}},
+              {"name": "en", "engine": "embedded"}]
+    env = {"MODELS": json.dumps(models), "TTS_DEVICE": "cpu", "GUNICORN_THREADS": "32"}
+    with start_worker(tmp_path_factory.mktemp("ui-v2-run"), env) as w:
+        open_page(browser, w.url + "/", presets=1)
+        # What the page sends, recorded on the way out (the requests themselves still go to the worker).
+        browser.execute_script("""
+            window.sent = [];
+            const fetch0 = window.fetch;
+            window.fetch = (u, o) => { if (o && o.body) window.sent.push(JSON.parse(o.body)); return fetch0(u, o); };
+            const send0 = WebSocket.prototype.send;
+            WebSocket.prototype.send = function (d) { window.sent.push(JSON.parse(d)); return send0.call(this, d); };
+        """)
+        box = browser.find_element(By.ID, "instructions")
+        assert box.is_displayed()
+        box.send_keys("a calm older woman, slow pace")
+        generate_then_stream(browser, "Designed.")
+        sent = browser.execute_script("return window.sent")
+        assert [s.get("instructions") for s in sent] == ["a calm older woman, slow pace"] * 2, sent
+        assert browser.execute_script("return window.voxbox.lastError") is None
+        Select(browser.find_element(By.ID, "model")).select_by_value("en")
+        assert not box.is_displayed()

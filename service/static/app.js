@@ -85,7 +85,11 @@ function engine() {
 
 function applyModel() {
   const e = engine();
-  const voxcpm = e.name === "voxcpm";
+  const voxcpm = e.name.startsWith("voxcpm");
+  // Instructions (voice design, delivery) only where the model applies them (GET /v1/models says).
+  const models = state.info.models || [];
+  const picked = models.find((m) => m.id === $("model").value) || models.find((m) => m.default);
+  $("instructions").disabled = $("instructions-field").hidden = !(picked && picked.supports_instructions);
   document.querySelectorAll(".voxcpm").forEach((el) => {
     el.disabled = !voxcpm;
     el.closest("label").hidden = !voxcpm;
@@ -186,6 +190,7 @@ function requestBody() {
   if ($("rate").value) body.sample_rate = Number($("rate").value);
   if (!$("cfg").disabled && $("cfg").value) body.cfg_value = Number($("cfg").value);
   if (!$("steps").disabled && $("steps").value) body.inference_timesteps = Number($("steps").value);
+  if (!$("instructions").disabled && $("instructions").value.trim()) body.instructions = $("instructions").value.trim();
   return body;
 }
 
@@ -240,6 +245,7 @@ function restoreSettings(item) {
   $("speed").value = item.speed || 1;
   $("cfg").value = item.cfg_value || "";
   $("steps").value = item.inference_timesteps || "";
+  $("instructions").value = item.instructions || "";
   updateCounter();
 }
 
@@ -334,7 +340,7 @@ async function generate() {
 function settingsOf(body) {
   return { text: body.input, voice: body.voice, format: body.response_format || "wav", sample_rate: body.sample_rate,
            speed: body.speed, cfg_value: body.cfg_value, inference_timesteps: body.inference_timesteps,
-           model: body.model };
+           model: body.model, instructions: body.instructions };
 }
 
 // location.host never carries user:pass, so neither does this URL.
@@ -380,6 +386,7 @@ function stream() {
   if (body.sample_rate) req.sample_rate = body.sample_rate;
   if (body.cfg_value) req.cfg_value = body.cfg_value;
   if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
+  if (body.instructions) req.instructions = body.instructions;
   Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
                                  doneAt: null, scheduledSeconds: 0 });
   state.pcm = [];
