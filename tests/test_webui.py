@@ -447,7 +447,7 @@ def test_instructions_box_for_models_that_apply_them(browser, tmp_path_factory):
     from .support.voxcpm_checkpoint import build_checkpoint
 
     ckpt = build_checkpoint(tmp_path_factory.mktemp("ui-v2") / "voxcpm2-tiny", size="tiny", seed=0, family="voxcpm2")
-    models = [{"name": "vox2", "dir": str(ckpt), "settings": {"inference_timesteps": 2, "max_len": 8}},
+    models = [{"name": "vox2", "dir": str(ckpt), "settings": {"inference_timesteps": 2, "max_len": 16}},
               {"name": "en", "engine": "embedded"}]
     env = {"MODELS": json.dumps(models), "TTS_DEVICE": "cpu", "GUNICORN_THREADS": "32"}
     with start_worker(tmp_path_factory.mktemp("ui-v2-run"), env) as w:
