@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
+from .base import (Continuation, Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams,
+                   VoicePrompt)
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams", "VoicePrompt",
-           "build_engine"]
+__all__ = ["Continuation", "Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams",
+           "VoicePrompt", "build_engine"]
 
 
 def build_engine(settings: "Settings") -> Engine:

@@ -25,6 +25,20 @@ class VoicePrompt:
     text: str
 
 
+@dataclass(frozen=True, eq=False)
+class Continuation:
+    """The previous chunk of the same request, for the next chunk to continue from (voice carry).
+
+    `audio` is float32 mono at the engine's sample_rate, generated at speed 1 (the scheduler applies a
+    request's speed itself when it carries, so a prompt never teaches the model a stretched pace), and
+    already trimmed to its tail (VOICE_CARRY_MAX_S); `text` is what that tail says, as sent to the engine.
+    Built by the scheduler when a chunk finishes (service/carry.py), so a stream still starts after the
+    first chunk. Held in memory only: never cached by voice id.
+    """
+    audio: np.ndarray
+    text: str
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -66,6 +80,10 @@ class Engine(ABC):
     # Engines that make a chunk's audio all at once: a streamed request's first chunk is at most this long,
     # so its first audio comes early (0: the engine streams within a chunk, any first chunk starts fast).
     first_chunk_chars = 0
+    # True: a multi-chunk request's chunks after the first get `carry`, the previous chunk's tail (so the
+    # whole text keeps one voice). Given a voice as well, the engine decides what conditions the chunk
+    # (VoxCPM-1.5: the voice; see its engine). False: `carry` is always None.
+    supports_carry = False
 
     @abstractmethod
     def load(self) -> None:
@@ -73,12 +91,12 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-               params: SynthesisParams) -> Iterator[np.ndarray]:
+               params: SynthesisParams, carry: Optional[Continuation] = None) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at `sample_rate` for one sentence-sized text, as generated."""
 
     def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-                   params: SynthesisParams) -> np.ndarray:
-        chunks = list(self.stream(text, preset, prompt, params))
+                   params: SynthesisParams, carry: Optional[Continuation] = None) -> np.ndarray:
+        chunks = list(self.stream(text, preset, prompt, params, carry))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
     @abstractmethod
@@ -138,8 +156,12 @@ class BatchingEngine(Protocol):
         """Whatever the batch needs before serving (kernels compiled, graphs captured)."""
 
     def batch_add(self, batch: GenerationBatch,
-                  requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
-        """Join (sentence, voice, params) requests, prefilled together; returns their rows."""
+                  requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]],
+                  carries: Optional[Sequence[Optional[Continuation]]] = None) -> list[int]:
+        """Join (sentence, voice, params) requests, prefilled together; returns their rows.
+
+        carries: one per request (None where that request carries nothing), or None when none does;
+        engines without Engine.supports_carry are never given one."""
 
     def batch_key(self, params: SynthesisParams) -> Optional[Hashable]:
         """Requests whose keys differ cannot share a step (None everywhere: every request can)."""
