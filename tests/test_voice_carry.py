@@ -168,3 +168,28 @@ def test_a_stream_gets_the_first_chunk_before_the_second_is_generated(make_sched
     second_may_start.set()
     assert sum(e.audio.size for e in job.results()) == speech(SENTENCES[1]).size
     assert engine.calls[1].carry is not None
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_setting_reaches_a_request_through_the_service(setting):
+    """VOICE_CARRY and VOICE_CARRY_MAX_S, as the worker builds its models, on a request's whole path
+    (text split into chunks, queued, generated)."""
+    from service.models import build_models
+
+    settings = Settings(voice_carry=setting, voice_carry_max_s=2.0, max_chunk_chars=80, warmup=False)
+    engine = RecordingEngine()
+    [model] = list(build_models(settings, Metrics(), voices=None, engine=engine))
+    model.scheduler.start()
+    try:
+        assert model.scheduler.loaded.wait(10) and model.scheduler.ready
+        prep = model.synthesis.start(" ".join(SENTENCES), "en", "default", SynthesisParams(), None, stream=False,
+                                     endpoint="tts")
+        model.synthesis.collect(prep, lambda: False)
+    finally:
+        model.scheduler.stop()
+    assert len(engine.calls) >= 2 and engine.calls[0].carry is None
+    carries = [c.carry for c in engine.calls[1:]]
+    if setting == "off":
+        assert carries == [None] * len(carries)
+    else:
+        assert all(1.0 * RATE < c.audio.size <= 2.0 * RATE for c in carries)

@@ -103,7 +103,7 @@ class RecordingEngine(Engine):
                           supports_cloning=True, token_rate=10.0)
 
     def batch_size(self, requested: str, cap: int) -> int:
-        return min(cap, int(requested))
+        return min(cap, int(requested)) if requested.strip().isdigit() else 1  # auto: serial, as VoxCPM on CPU
 
     def make_batch(self, max_batch: int) -> RecordingBatch:
         return RecordingBatch(max_batch)
