@@ -283,3 +283,35 @@ def test_a_short_text_streams_its_first_audio_early(worker):
     # Not streamed: one chunk as before (the short first chunk is for streams only).
     body = requests.post(f"{worker.url}/tts", json={"text": text}).json()
     assert body["duration"] > 3
+
+
+def test_instructions_are_taken_everywhere_and_said_ignored(worker):
+    """OpenAI's `instructions`: accepted on every endpoint; the embedded engine cannot apply them, and says so."""
+    models = requests.get(f"{worker.url}/v1/models").json()["data"]
+    assert [m["supports_instructions"] for m in models] == [False]
+    cheerful = "Speak in a cheerful tone."
+    tts = requests.post(f"{worker.url}/tts", json={"text": "Hello there.", "instructions": cheerful})
+    assert tts.status_code == 200 and tts.headers["X-Instructions-Ignored"] == "true"
+    assert_speech(*decode_wav(base64.b64decode(tts.json()["audio_base64"])), 0.3)
+    for extra in ({}, {"stream": True}, {"stream_format": "sse"}):
+        r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": "Hello there.", "instructions": cheerful,
+                                                                 "response_format": "wav", **extra})
+        assert r.status_code == 200 and r.headers["X-Instructions-Ignored"] == "true", (extra, r.text)
+    # No instructions (or only blanks): nothing was ignored, no header.
+    for body in ({"text": "Hello there."}, {"text": "Hello there.", "instructions": "  "}):
+        assert "X-Instructions-Ignored" not in requests.post(f"{worker.url}/tts", json=body).headers
+    r = requests.post(f"{worker.url}/tts", json={"text": "Hello.", "instructions": "x" * 1001})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert "instructions" in r.json()["error"]["message"] and "1000" in r.json()["error"]["message"]
+
+
+def test_openai_sdk_with_instructions(worker):
+    """The current OpenAI SDK's call, as its documentation writes it (mp3, gpt-4o-mini-tts, instructions)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{worker.url}/v1", api_key="unused-by-the-bare-worker", max_retries=0)
+    resp = client.audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input=SENTENCE,
+                                                        instructions="Speak in a cheerful tone.")
+    assert resp.http_response.status_code == 200
+    assert resp.headers["content-type"] == "audio/mpeg" and resp.headers["x-instructions-ignored"] == "true"
+    assert_speech(*decode_wav(resp.parse().content))  # what create() itself returns

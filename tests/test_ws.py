@@ -220,3 +220,15 @@ def outcome(conn) -> str:
                 return "served"
     except (websocket.WebSocketConnectionClosedException, OSError):
         return "closed"
+
+
+def test_instructions_are_said_ignored_in_header_and_done(ws):
+    ws.send(json.dumps({"text": "Cheerful, please.", "instructions": "Speak in a cheerful tone."}))
+    header, _, done = ws_collect(ws)
+    assert header["instructions_ignored"] is True and done["instructions_ignored"] is True
+    ws.send(json.dumps({"text": "No instructions."}))
+    header, _, done = ws_collect(ws)
+    assert "instructions_ignored" not in header and "instructions_ignored" not in done
+    ws.send(json.dumps({"text": "Too many.", "instructions": "x" * 1001}))
+    err = json.loads(ws.recv())
+    assert err["type"] == "error" and err["code"] == "invalid_request" and "instructions" in err["message"]

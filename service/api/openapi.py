@@ -108,6 +108,13 @@ _RETRY_AFTER = {"Retry-After": {"required": True, "description": "Seconds to wai
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
 
+# On a synthesis answer when the request gave `instructions` and the model cannot apply them.
+_INSTRUCTIONS_IGNORED = {"X-Instructions-Ignored": {
+    "required": False, "description": "true: the request's instructions were ignored (the model's "
+                                      "supports_instructions is false, GET /v1/models)",
+    "schema": {"type": "string", "enum": ["true"]}}}
+
+
 def _error(description: str, retry_after: bool = False) -> dict:
     return _json(_ref("Error"), description, _RETRY_AFTER if retry_after else None)
 
@@ -163,7 +170,8 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                              "type": "object", "required": ["data"], "properties": {"data": {
                                  "type": "string", "contentMediaType": "application/json", "contentSchema": {
                                      "oneOf": [_ref("SpeechAudioDelta"), _ref("SpeechAudioDone"),
-                                               _ref("SpeechError")]}}}}}}}
+                                               _ref("SpeechError")]}}}}}},
+             "headers": _INSTRUCTIONS_IGNORED}
     voice_id = {"name": "voice_id", "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": VOICE_ID_PATTERN}}
     upload = {"type": "object", "required": ["file", "name", "text"], "properties": {
@@ -191,7 +199,8 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
             "/tts": {"post": {
                 "summary": "Synthesise text to a base64 WAV",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TTSRequest")}}},
-                "responses": {"200": _json(_ref("TTSResponse"), "Audio"), **_synthesis_errors()}}},
+                "responses": {"200": _json(_ref("TTSResponse"), "Audio", _INSTRUCTIONS_IGNORED),
+                              **_synthesis_errors()}}},
             "/v1/audio/speech": {"post": {
                 "summary": "OpenAI-compatible speech",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SpeechRequest")}}},
@@ -205,7 +214,7 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                               "503": _error("Too many WebSockets open, or shutting down", retry_after=True)}}},
             "/v1/models": {"get": {
                 "summary": "The models this worker serves (OpenAI's list format, with family, phase, sample "
-                           "rate, languages and whether it clones)",
+                           "rate, languages, whether it clones and whether it applies instructions)",
                 "responses": {"200": _json({"type": "object", "required": ["object", "data"], "properties": {
                     "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
                     "Models"), **_GATEWAY}}},

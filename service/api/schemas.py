@@ -6,6 +6,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+# OpenAI sets no limit; delivery directions are a sentence or two, and an engine that applies them
+# (VoxCPM2) reads them as part of its prompt, so a bound keeps a request from smuggling a long text in.
+MAX_INSTRUCTIONS_CHARS = 1000
+
 # StrictFloat takes JSON integers too (1 is a number) but no strings or booleans, and publishes one
 # JSON-Schema number with minimum/maximum (a float|int union published pydantic's own ge/le instead).
 
@@ -21,6 +25,12 @@ class _Strict(BaseModel):
 
 
 class VoxCPMKnobs(_Strict):
+    """The generation options every synthesis request body shares (POST /tts, /v1/audio/speech, WebSocket)."""
+    instructions: Optional[StrictStr] = Field(
+        None, max_length=MAX_INSTRUCTIONS_CHARS,
+        description="How to speak, e.g. \"Speak in a cheerful tone.\" (OpenAI's field). Applied by models whose "
+                    "supports_instructions is true (GET /v1/models); the others ignore it and answer with the "
+                    "header X-Instructions-Ignored: true")
     cfg_value: Optional[StrictFloat] = Field(None, ge=0.5, le=5.0, description="VoxCPM classifier-free guidance")
     inference_timesteps: Optional[StrictInt] = Field(None, ge=1, le=50, description="VoxCPM diffusion steps")
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**31 - 1, description="Random seed (VoxCPM)")

@@ -11,7 +11,7 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
 from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
-from .common import client_gone_probe, parse_json, synthesis_params
+from .common import client_gone_probe, instruction_headers, parse_json, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError
 from .models import model_or_400
@@ -29,15 +29,17 @@ def _service(model: str | None):
 def tts():
     req = parse_json(TTSRequest)
     svc = _service(req.model)
-    prep = svc.start(req.text, req.lang, req.style, synthesis_params(req), req.sample_rate, stream=False,
-                     endpoint="tts")
+    params = synthesis_params(req)
+    prep = svc.start(req.text, req.lang, req.style, params, req.sample_rate, stream=False, endpoint="tts")
     result = svc.collect(prep, client_gone_probe())
-    return jsonify({
+    resp = jsonify({
         "audio_base64": base64.b64encode(encode(result.audio, result.sample_rate, "wav")).decode("ascii"),
         "duration": round(result.audio.size / result.sample_rate, 3),
         "latency": round(result.latency, 3),
         "sample_rate": result.sample_rate,
     })
+    resp.headers.update(instruction_headers(svc.engine, params))
+    return resp
 
 
 @bp.post("/v1/audio/speech")
@@ -50,14 +52,14 @@ def speech():
         raise ApiError(400, "format_not_streamable", f"response_format '{req.response_format}' cannot be {how}; "
                        f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
     stream = req.stream or sse
-    prep = svc.start(req.input, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
-                     stream=stream, endpoint="speech")
+    params = synthesis_params(req, req.speed)
+    prep = svc.start(req.input, req.lang, req.voice, params, req.sample_rate, stream=stream, endpoint="speech")
     rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:
         encoder = StreamEncoder(req.response_format, svc.engine.sample_rate, rate)
         headers = {"X-Sample-Rate": str(encoder.rate), "X-Audio-Channels": "1", "Cache-Control": "no-store",
-                   "X-Accel-Buffering": "no"}
+                   "X-Accel-Buffering": "no", **instruction_headers(svc.engine, params)}
         if req.response_format == "pcm":
             headers["X-Audio-Format"] = "s16le"
         chunks = svc.stream(prep, encoder, client_gone_probe())
@@ -72,7 +74,7 @@ def speech():
     body = encode(result.audio, result.sample_rate, req.response_format)
     headers = {"X-Sample-Rate": str(codec_rate(fmt, result.sample_rate)), "X-Audio-Channels": "1",
                "X-Audio-Duration": f"{result.audio.size / result.sample_rate:.3f}",
-               "X-Latency": f"{result.latency:.3f}"}
+               "X-Latency": f"{result.latency:.3f}", **instruction_headers(svc.engine, params)}
     if req.response_format == "pcm":
         headers["X-Audio-Format"] = "s16le"
     return Response(body, status=200, content_type=fmt.content_type, headers=headers)
