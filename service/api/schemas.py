@@ -55,9 +55,9 @@ class SpeechRequest(VoxCPMKnobs):
                                                          "gpt-4o-mini-tts mean the default one")
     input: StrictStr = Field(..., description="Text to speak")
     voice: StrictStr = Field("default", description="Preset name, uploaded voice id, or an OpenAI voice name")
-    response_format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "mp3"
+    response_format: Literal["wav", "flac", "mp3", "opus", "aac", "pcm"] = "mp3"
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
-    stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav or opus)")
+    stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav, opus or aac)")
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the body is the audio file; sse: server-sent events "
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
