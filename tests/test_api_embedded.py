@@ -344,3 +344,56 @@ def test_openai_sdk_with_instructions(worker):
     assert resp.http_response.status_code == 200
     assert resp.headers["content-type"] == "audio/mpeg" and resp.headers["x-instructions-ignored"] == "true"
     assert_speech(*decode_wav(resp.parse().content))  # what create() itself returns
+
+
+# Three sentences of over 100 characters: no two fit one 200-character chunk, so three captions.
+CAPTIONED = ["The morning train to the city was late again, so most of the people on the platform waited "
+             "in the cold rain.",
+             "Inside the small bakery near the station, the owner was already selling fresh bread and hot "
+             "coffee to everyone.",
+             "By noon the sun came out, the streets dried quickly, and the children in the park started "
+             "playing football."]
+
+
+def assert_captions_tile(captions: list[dict], seconds: float, rate: int):
+    """From 0 to the end of the audio, each caption starting where the one before ends."""
+    assert captions[0]["start"] == 0
+    for before, after in zip(captions, captions[1:]):
+        assert before["start"] < before["end"] == after["start"]
+    assert abs(captions[-1]["end"] - seconds) <= max(1024 / rate, 0.002), (captions[-1], seconds)
+
+
+def test_tts_captions_match_the_audio(worker):
+    """timestamps: sentence: each chunk's caption, cut out of the audio at its times, says that chunk."""
+    from .support.asr import transcribe, word_error_rate
+
+    body = requests.post(f"{worker.url}/tts", json={"text": " ".join(CAPTIONED), "timestamps": "sentence",
+                                                    "sample_rate": 16000}).json()
+    captions = body["captions"]
+    assert [c["text"] for c in captions] == CAPTIONED
+    audio, rate = decode_wav(base64.b64decode(body["audio_base64"]))
+    assert_captions_tile(captions, audio.size / rate, rate)
+    assert abs(captions[-1]["end"] - body["duration"]) <= 0.002
+    for c in captions:
+        heard = transcribe(audio[int(c["start"] * rate):int(c["end"] * rate)], rate)
+        assert word_error_rate(c["text"], heard) <= 0.25, (c, heard)
+    assert "captions" not in requests.post(f"{worker.url}/tts", json={"text": "No captions."}).json()
+
+
+def test_speech_sse_done_carries_captions(worker):
+    text = " ".join(CAPTIONED)
+    with requests.post(f"{worker.url}/v1/audio/speech", stream=True,
+                       json={"input": text, "response_format": "pcm", "stream_format": "sse",
+                             "timestamps": "sentence", "sample_rate": 24000}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")]
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert_captions_tile(done["captions"], len(pcm) / 2 / 24000, 24000)
+    # A stream starts with a short chunk (the first clause), so there may be one caption more.
+    assert " ".join(c["text"] for c in done["captions"]) == text and len(done["captions"]) >= 3
+    # Captions need somewhere to go: an audio body has none.
+    r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": "Hi.", "timestamps": "sentence"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "timestamps_need_sse"
+    r = requests.post(f"{worker.url}/tts", json={"text": "Hi.", "timestamps": "word"})
+    assert r.status_code == 400 and "timestamps" in r.json()["error"]["message"]

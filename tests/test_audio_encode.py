@@ -148,6 +148,30 @@ def test_stitcher_crossfades_sentences_and_loses_nothing_else():
     assert fade.max() <= 1.2 and fade.min() >= 0.499  # equal-power blend, no gap, no spike
 
 
+def test_stitcher_places_sentence_ends_mid_crossfade():
+    """Captions: a sentence ends in the middle of its crossfade into the next, the last at the very end."""
+    st = Stitcher(1000, 10)
+    out = [st.push(np.ones(100, np.float32), True), st.push(np.ones(50, np.float32), True),
+           st.push(np.zeros(0, np.float32), True),  # a chunk that made no audio: it lasts no time
+           st.push(np.ones(80, np.float32), True), st.flush()]
+    total = sum(o.size for o in out)
+    assert total == 100 + 50 + 80 - 2 * 10
+    assert st.ends == [95.0, 135.0, 135.0, total]  # 100 - 10 + 5; then 90 + 50 - 10 + 5
+
+
+def test_stitcher_places_streamed_sentence_ends_where_the_next_begins():
+    """A streamed sentence arrives in pieces and ends with an empty push: no crossfade, ends exactly between."""
+    st = Stitcher(1000, 10)
+    sizes = [[30, 40], [25], [10, 10, 10]]
+    joined = []
+    for pieces in sizes:
+        for n in pieces:
+            joined.append(st.push(np.ones(n, np.float32), False))
+        joined.append(st.push(np.zeros(0, np.float32), True))
+    joined.append(st.flush())
+    assert sum(o.size for o in joined) == 125 and st.ends == [70, 95, 125]
+
+
 def test_stitcher_without_crossfade_is_plain_concatenation():
     st = Stitcher(1000, 0)
     parts = [st.push(np.arange(5, dtype=np.float32), True), st.push(np.arange(3, dtype=np.float32), True),

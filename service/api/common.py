@@ -1,6 +1,7 @@
 """Helpers shared by the routes: parse a JSON body into a schema, detect a client that went away."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import select
 import socket
@@ -74,3 +75,8 @@ def instructions_ignored(engine, params: SynthesisParams) -> bool:
 
 def instruction_headers(engine, params: SynthesisParams) -> dict:
     return {"X-Instructions-Ignored": "true"} if instructions_ignored(engine, params) else {}
+
+
+def captions_json(svc, prep) -> list[dict]:
+    """A finished request's captions (timestamps: sentence) as JSON objects {text, start, end}."""
+    return [dataclasses.asdict(c) for c in svc.captions(prep)]

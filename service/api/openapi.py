@@ -92,6 +92,9 @@ def _request_schema(model, settings, languages: tuple[str, ...], presets: list[s
         rules.append({"anyOf": [
             {"properties": {"stream": {"const": False}, "stream_format": {"const": "audio"}}},
             {"required": ["response_format"], "properties": {"response_format": {"enum": list(STREAMABLE)}}}]})
+        rules.append({"anyOf": [  # captions come in the SSE done event only (an audio body has no room)
+            {"properties": {"timestamps": {"type": "null"}}},
+            {"required": ["stream_format"], "properties": {"stream_format": {"const": "sse"}}}]})
     if rules:
         schema["allOf"] = rules
     return schema
@@ -163,7 +166,7 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
     audio_types = sorted({f.content_type.split(";")[0] for f in FORMATS.values()})
     audio = {"description": "Audio in response_format (chunked as generated when stream=true); with "
                             "stream_format=sse, server-sent events: speech.audio.delta {audio: base64}, then "
-                            "speech.audio.done {usage}, or error {error: {code, message}}",
+                            "speech.audio.done {usage, captions}, or error {error: {code, message}}",
              "content": {**{t: {"schema": {"type": "string", "format": "binary"}} for t in audio_types},
                          # One event (OpenAPI 3.1: the schema describes each): its data is JSON.
                          "text/event-stream": {"schema": {

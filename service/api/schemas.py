@@ -40,6 +40,12 @@ class VoxCPMKnobs(_Strict):
                                                      "capped by VOXCPM_MAX_LEN")
 
 
+# Captions: each sentence chunk with its start and end in the audio. Word timings would need an aligner no
+# engine here has cheaply (Piper and VoxCPM report no durations), so only sentences are offered.
+Timestamps = Optional[Literal["sentence"]]
+_TIMESTAMPS = "sentence: return captions, each sentence chunk's text with its start and end (seconds) in the audio"
+
+
 class TTSRequest(VoxCPMKnobs):
     """The seed contract: text in, base64 WAV out."""
     model: Optional[StrictStr] = Field(None, description="A served model (GET /v1/models); default: the default one")
@@ -47,6 +53,7 @@ class TTSRequest(VoxCPMKnobs):
     lang: Literal["auto", "en", "zh"] = Field("auto", description="Language of the text; auto detects Chinese")
     style: StrictStr = Field("default", description="Voice: a preset name (GET /v1/voices) or an uploaded voice id")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
+    timestamps: Timestamps = Field(None, description=_TIMESTAMPS)
 
 
 class SpeechRequest(VoxCPMKnobs):
@@ -63,15 +70,24 @@ class SpeechRequest(VoxCPMKnobs):
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
     lang: Literal["auto", "en", "zh"] = "auto"
+    timestamps: Timestamps = Field(None, description=_TIMESTAMPS + ", in the speech.audio.done event (needs "
+                                                                   "stream_format sse)")
 
 
 # Responses: only for the document (the views build these bodies), so they say exactly what is sent.
+
+class Caption(BaseModel):
+    text: str = Field(..., description="The sentence chunk, as spoken (normalised)")
+    start: float = Field(..., description="Seconds into the audio")
+    end: float = Field(..., description="Seconds into the audio; the next caption starts here")
+
 
 class TTSResponse(BaseModel):
     audio_base64: str = Field(..., description="WAV file, base64")
     duration: float = Field(..., description="Seconds of audio")
     latency: float = Field(..., description="Seconds from request to response")
     sample_rate: int
+    captions: Optional[list[Caption]] = Field(None, description="With timestamps: sentence")
 
 
 class Voice(BaseModel):
@@ -146,6 +162,7 @@ class SpeechUsage(BaseModel):
 class SpeechAudioDone(BaseModel):
     type: Literal["speech.audio.done"]
     usage: SpeechUsage
+    captions: Optional[list[Caption]] = Field(None, description="With timestamps: sentence")
 
 
 class SpeechError(BaseModel):

@@ -21,11 +21,11 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, instructions_ignored, json_problem, synthesis_params
+from .common import NESTED_TOO_DEEPLY, captions_json, instructions_ignored, json_problem, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
 from .models import model_or_400
-from .schemas import VoxCPMKnobs
+from .schemas import Timestamps, VoxCPMKnobs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class StreamRequest(VoxCPMKnobs):
     sample_rate: Optional[StrictInt] = None
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     lang: Literal["auto", "en", "zh"] = "auto"
+    timestamps: Timestamps = None  # captions in done
 
 
 def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:
@@ -160,6 +161,7 @@ class _Connection:
             "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
             "latency": round(done - prep.received_at, 3),
             "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None, **ignored,
+            **({"captions": captions_json(svc, prep)} if req.timestamps else {}),
         }))
 
 
