@@ -1,6 +1,7 @@
 """Helpers shared by the routes: parse a JSON body into a schema, detect a client that went away."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import select
 import socket
@@ -63,4 +64,19 @@ def client_gone_probe() -> Callable[[], bool]:
 def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
     """The generation knobs of any synthesis request body (schemas.VoxCPMKnobs)."""
     return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
-                           seed=req.seed, normalize=req.normalize, max_len=req.max_len)
+                           seed=req.seed, normalize=req.normalize, max_len=req.max_len,
+                           instructions=(req.instructions or "").strip() or None)
+
+
+def instructions_ignored(engine, params: SynthesisParams) -> bool:
+    """The request gave instructions and this model cannot apply them (the client is told so)."""
+    return params.instructions is not None and not engine.info().supports_instructions
+
+
+def instruction_headers(engine, params: SynthesisParams) -> dict:
+    return {"X-Instructions-Ignored": "true"} if instructions_ignored(engine, params) else {}
+
+
+def captions_json(svc, prep) -> list[dict]:
+    """A finished request's captions (timestamps: sentence) as JSON objects {text, start, end}."""
+    return [dataclasses.asdict(c) for c in svc.captions(prep)]

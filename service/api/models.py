@@ -23,7 +23,7 @@ def describe(rt: ModelRuntime, default: bool) -> dict:
     return {"id": rt.name, "object": "model", "created": int(rt.scheduler.startup.get("started_at", 0)),
             "owned_by": "voxbox", "family": info.name, "default": default, "phase": str(rt.scheduler.phase),
             "sample_rate": info.sample_rate, "languages": list(info.languages),
-            "supports_cloning": info.supports_cloning}
+            "supports_cloning": info.supports_cloning, "supports_instructions": info.supports_instructions}
 
 
 @bp.get("/v1/models")

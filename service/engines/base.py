@@ -54,6 +54,9 @@ class SynthesisParams:
     seed: Optional[int] = None
     normalize: Optional[bool] = None
     max_len: Optional[int] = None
+    # Free-text delivery directions (OpenAI's `instructions`, e.g. "Speak in a cheerful tone."); engines
+    # that cannot apply them (EngineInfo.supports_instructions False) ignore them.
+    instructions: Optional[str] = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class EngineInfo:
     # Audio tokens per second of output: usage figures (OpenAI's output_tokens) count audio in them.
     token_rate: float
     details: dict = field(default_factory=dict)
+    supports_instructions: bool = False  # applies SynthesisParams.instructions (others ignore them)
 
 
 class Engine(ABC):
