@@ -139,6 +139,35 @@ def test_stream_receives_chunks_before_done(browser, worker):
     assert abs(duration - streamed) < 0.05 * streamed
 
 
+def test_stream_starts_playing_before_generate_would_have_finished(browser, worker):
+    """Issue 17, item 7: for a short text the UI's Stream is heard before Generate has its audio. Both are
+    timed by the page itself (performance.now()), alternating in one page so that a busy machine slows both;
+    the medians of three rounds are compared. Measured on a 2-core VM: Stream is heard after about 0.3-0.4 of
+    Generate's time; with the first chunk as long as any other (STREAM_SHORT_FIRST_CHUNK=0) after about 0.9,
+    which the two-thirds bound below refuses."""
+    open_page(browser, worker.url + "/")
+    set_text(browser, "Streaming starts with the first sentence, while the rest is made. Generate has to wait "
+                      "for the whole text before it can play anything at all.")
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    played, generated = [], []
+    for _ in range(3):
+        before = browser.execute_script("return window.voxbox.generations")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+        vb = browser.execute_script("return window.voxbox")
+        generated.append((vb["generateDoneAt"] - vb["generateStartedAt"]) / 1000)
+        browser.find_element(By.ID, "stream").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+        vb = browser.execute_script("return window.voxbox")
+        assert vb["lastError"] is None and vb["chunksReceived"] >= 2, vb
+        # Scheduled on a running AudioContext: the time it is due is when it is heard.
+        assert vb["playState"] == "running", vb
+        played.append((vb["playStartAt"] - vb["streamStartedAt"]) / 1000)
+    play, gen = sorted(played)[1], sorted(generated)[1]
+    print(f"stream first sound {played} s; generate audio in hand {generated} s; medians {play:.3f} / {gen:.3f}")
+    assert play < 2 / 3 * gen, (played, generated)
+
+
 def test_stop_cancels_a_stream(browser, worker):
     open_page(browser, worker.url + "/")
     set_text(browser, " ".join(f"Sentence {i} of a long stream that the user stops early." for i in range(16)))

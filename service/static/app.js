@@ -4,8 +4,11 @@ const $ = (id) => document.getElementById(id);
 const state = { info: null, ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [],
                 voices: new Map(), cloning: false, previews: new Map(), previewAudio: null };
 // Counters the browser tests read (times are performance.now() milliseconds).
+// generateStartedAt/generateDoneAt: a Generate's click and its audio in hand; streamStartedAt/playStartAt: a
+// Stream's click and the moment its first chunk is due to sound (playState: the AudioContext's state then).
 window.voxbox = { chunksReceived: 0, streamDone: false, streamHeader: null, lastError: null, generations: 0,
-                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0, previews: 0 };
+                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0, previews: 0, generateStartedAt: null,
+                  generateDoneAt: null, streamStartedAt: null, playStartAt: null, playState: null };
 
 // Every request URL is absolute, from location.origin and the page's directory (so a path prefix still
 // works): a page opened as http://user:pass@host/ resolves relative URLs to ones carrying the
@@ -309,11 +312,13 @@ async function generate() {
   state.abort = new AbortController();
   $("result-info").textContent = "Generating…";
   const t0 = performance.now();
+  Object.assign(window.voxbox, { generateStartedAt: t0, generateDoneAt: null });
   try {
     const resp = await api("v1/audio/speech", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       signal: state.abort.signal });
     const blob = await resp.blob();
+    window.voxbox.generateDoneAt = performance.now();
     const audioUrl = URL.createObjectURL(blob);
     const ext = body.response_format === "opus" ? "ogg" : body.response_format;
     const duration = Number(resp.headers.get("X-Audio-Duration")) || 0;
@@ -356,6 +361,10 @@ function playPcm(buf) {
   src.connect(ctx.destination);
   state.nextTime = Math.max(state.nextTime, ctx.currentTime + 0.05);
   src.start(state.nextTime);
+  if (window.voxbox.playStartAt === null) {
+    window.voxbox.playStartAt = performance.now() + (state.nextTime - ctx.currentTime) * 1000;
+    window.voxbox.playState = ctx.state;
+  }
   state.nextTime += audio.duration;
   window.voxbox.scheduledSeconds += audio.duration;
 }
@@ -381,7 +390,8 @@ function stream() {
   if (body.cfg_value) req.cfg_value = body.cfg_value;
   if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
   Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
-                                 doneAt: null, scheduledSeconds: 0 });
+                                 doneAt: null, scheduledSeconds: 0, streamStartedAt: performance.now(),
+                                 playStartAt: null, playState: null });
   state.pcm = [];
   // Created in the click handler (a user gesture), so browsers let it play.
   if (state.audioCtx) state.audioCtx.close();
