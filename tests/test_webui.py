@@ -12,6 +12,7 @@ import requests
 import soundfile as sf
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from .support.browser import chromium
@@ -342,6 +343,111 @@ def test_voice_preview_plays_a_preset_sample_and_an_uploaded_clip(browser, worke
         "const a = window.voxboxPreview; return a && a.readyState >= 1 && isFinite(a.duration) ? a.duration : null"))
     assert abs(clip - 3.0) < 0.05
     assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_controls_are_labelled_for_assistive_technology(browser, worker):
+    open_page(browser, worker.url + "/")
+    controls = [el for el in browser.find_elements(By.CSS_SELECTOR, "input, select, textarea, button, a, summary")
+                if el.is_displayed()]
+    assert len(controls) > 15
+    # Every control a person can reach has a name a screen reader says (Chromium's computed label).
+    unnamed = [el.get_attribute("outerHTML")[:80] for el in controls if not el.accessible_name.strip()]
+    assert unnamed == []
+    assert browser.find_element(By.ID, "text").accessible_name == "Text"
+    assert browser.find_element(By.ID, "rate").accessible_name == "Sample rate"
+    assert browser.find_element(By.ID, "preview").accessible_name == "Preview voice"
+    assert browser.find_element(By.ID, "error").get_attribute("role") == "alert"  # hidden until an error: no computed role
+    assert browser.find_element(By.ID, "status").aria_role == "status"
+    assert "Control+Enter" in browser.find_element(By.ID, "generate").get_attribute("aria-keyshortcuts")
+
+
+def test_ctrl_enter_generates_with_a_busy_button_that_keeps_its_size(browser, worker):
+    open_page(browser, worker.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    open_page(browser, worker.url + "/")
+    # What the busy state did, recorded as it happened (the request is too quick to catch by polling).
+    browser.execute_script("""
+        window.busySeen = [];
+        const gen = document.getElementById('generate');
+        new MutationObserver(() => window.busySeen.push([gen.getAttribute('aria-busy'), gen.disabled,
+            gen.getBoundingClientRect().width, document.getElementById('stream').disabled,
+            document.getElementById('stop').disabled])).observe(gen, {attributes: true, attributeFilter: ['aria-busy']});
+        window.widthBefore = gen.getBoundingClientRect().width;""")
+    set_text(browser, "Made with the keyboard.")
+    browser.find_element(By.ID, "text").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    seen, before = browser.execute_script("return [window.busySeen, window.widthBefore]")
+    # Busy, then idle again: Generate spins (its width unchanged) while Stream is off and Stop is on.
+    assert [s[0] for s in seen] == ["true", "false"], seen
+    assert seen[0][1:] == [True, before, True, False] and seen[1][1:] == [False, before, False, True], seen
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "Made with the keyboard."  # no newline typed
+    # The result's waveform is drawn (bars on the canvas), and a click on it seeks.
+    painted = wait(browser, lambda b: b.execute_script("""
+        const c = document.getElementById('waveform'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n > 200 ? n : null;"""))
+    assert painted
+    player = browser.find_element(By.ID, "player")
+    browser.execute_script("arguments[0].pause()", player)
+    wave = browser.find_element(By.ID, "waveform")
+    browser.execute_script("""
+        const c = arguments[0], r = c.getBoundingClientRect();
+        c.dispatchEvent(new MouseEvent('click', {clientX: r.left + r.width * 0.75, clientY: r.top + 5, bubbles: true}));""", wave)
+    at = browser.execute_script("return arguments[0].currentTime / arguments[0].duration", player)
+    assert 0.7 < at < 0.8
+    # A history entry can be deleted on its own.
+    items = browser.find_elements(By.CSS_SELECTOR, "#history li")
+    assert len(items) == 1
+    items[0].find_element(By.XPATH, ".//button[contains(., 'Delete')]").click()
+    assert not browser.find_element(By.ID, "recent").is_displayed()
+    assert browser.execute_script("return localStorage.getItem('voxbox.history.v1')") == "[]"
+
+
+def test_dark_mode_follows_the_system_setting(worker):
+    def colours(b):
+        return b.execute_script("""
+            const lum = (c) => { const [r, g, bl] = c.match(/[0-9.]+/g).map(Number); return (0.2126 * r + 0.7152 * g + 0.0722 * bl) / 255; };
+            const s = (id) => getComputedStyle(id ? document.getElementById(id) : document.body);
+            return {page: lum(s().backgroundColor), text: lum(s().color), field: lum(s('text').backgroundColor),
+                    fieldText: lum(s('text').color)};""")
+
+    with chromium() as b:
+        open_page(b, worker.url + "/")
+        light = colours(b)
+        b.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark = colours(b)
+    assert light["page"] > 0.8 and light["text"] < 0.3 and light["field"] > 0.8
+    assert dark["page"] < 0.15 and dark["text"] > 0.7 and dark["field"] < 0.15 and dark["fieldText"] > 0.7, dark
+
+
+def test_instructions_box_only_for_models_that_apply_instructions(browser, worker):
+    open_page(browser, worker.url + "/")
+    entry = requests.get(f"{worker.url}/v1/models").json()["data"][0]
+    # The page follows GET /v1/models; a model without the field does not apply instructions.
+    applies = entry.get("supports_instructions") is True
+    assert browser.find_element(By.ID, "instructions-field").is_displayed() == applies
+    if not applies:
+        # Text left in a hidden box is not sent: this model takes the request as ever.
+        browser.execute_script("document.getElementById('instructions').value = 'Whisper it.'")
+        set_text(browser, "Instructions are not sent to this model.")
+        before = browser.execute_script("return window.voxbox.generations")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+        assert browser.execute_script("return window.voxbox.lastError") is None
+    # The same entry saying it applies them (as a VoxCPM2 model's does): the box shows, and what is typed
+    # goes with Generate and Stream and is kept with the history entry.
+    browser.execute_script("state.models = state.models.map((m) => ({...m, supports_instructions: true})); applyModel();")
+    assert browser.find_element(By.ID, "instructions-field").is_displayed()
+    box = browser.find_element(By.ID, "instructions")
+    assert box.accessible_name.startswith("Instructions")
+    box.clear()
+    box.send_keys("  Speak in a cheerful tone.  ")
+    body = browser.execute_script("return requestBody()")
+    assert body["instructions"] == "Speak in a cheerful tone."
+    assert browser.execute_script("return streamRequest(requestBody())")["instructions"] == "Speak in a cheerful tone."
+    assert browser.execute_script("return settingsOf(requestBody())")["instructions"] == "Speak in a cheerful tone."
+    box.clear()
+    assert "instructions" not in browser.execute_script("return streamRequest(requestBody())")
 
 
 def test_phone_width_layout(worker):

@@ -463,15 +463,19 @@ function wavBlob(chunks, rate) {
   return new Blob([head.buffer, ...chunks], { type: "audio/wav" });
 }
 
+// The WebSocket request for the form's settings (its field names are the HTTP API's, but `text`).
+function streamRequest(body) {
+  const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
+  for (const key of ["model", "sample_rate", "cfg_value", "inference_timesteps", "instructions"]) {
+    if (body[key]) req[key] = body[key];
+  }
+  return req;
+}
+
 function stream() {
   showError("");
   const body = requestBody();
-  const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
-  if (body.model) req.model = body.model;
-  if (body.sample_rate) req.sample_rate = body.sample_rate;
-  if (body.cfg_value) req.cfg_value = body.cfg_value;
-  if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
-  if (body.instructions) req.instructions = body.instructions;
+  const req = streamRequest(body);
   Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
                                  doneAt: null, scheduledSeconds: 0, streamStartedAt: performance.now(),
                                  playStartAt: null, playState: null });
