@@ -22,8 +22,10 @@ from .support.worker import SLOW_APP, start_worker
 from service.voices import VoiceStore
 
 ARTIFACTS = REPO_ROOT / "artifacts"
-DOCS_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-ui.png"
-DOCS_SCREENSHOT_PHONE = REPO_ROOT / "docs" / "screenshot-ui-phone.png"
+# The screenshots in docs/ (desktop, phone, desktop in dark mode), refreshed by test_docs_screenshots.
+DOCS_SCREENSHOTS = {"ui": REPO_ROOT / "docs" / "screenshot-ui.png",
+                    "ui-phone": REPO_ROOT / "docs" / "screenshot-ui-phone.png",
+                    "ui-dark": REPO_ROOT / "docs" / "screenshot-ui-dark.png"}
 AUTH = ("ui", "secret-password")
 
 
@@ -112,11 +114,7 @@ def test_generate_plays_audio_of_the_right_length(browser, worker):
     # The embedded engine has no VoxCPM knobs: they are hidden, not silently sent.
     assert not browser.find_element(By.ID, "cfg").is_enabled()
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "ui-desktop.png"
-    browser.save_screenshot(str(shot))
-    assert 0 < shot.stat().st_size < 300_000
-    if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":  # refresh the committed copy on request only
-        shutil.copyfile(shot, DOCS_SCREENSHOT)
+    browser.save_screenshot(str(ARTIFACTS / "ui-desktop.png"))
 
 
 def test_stream_receives_chunks_before_done(browser, worker):
@@ -473,11 +471,44 @@ def test_phone_width_layout(worker):
         assert phone.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", label)
         assert label.text == "Choose a clip…"
         ARTIFACTS.mkdir(exist_ok=True)
-        phone.set_window_size(390, phone.execute_script("return document.documentElement.scrollHeight") + 140)
-        shot = ARTIFACTS / "ui-phone.png"
-        phone.save_screenshot(str(shot))
-        if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":
-            shutil.copyfile(shot, DOCS_SCREENSHOT_PHONE)
+        phone.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
+
+
+@pytest.mark.parametrize("name, width, height, dark", [("ui", 1280, 1000, False), ("ui-phone", 390, 0, False),
+                                                       ("ui-dark", 1280, 1000, True)])
+def test_docs_screenshots(worker, name, width, height, dark):
+    """The screenshots in docs/, of the page as a user has it after a Stream and a Generate, with the real
+    Chromium and the embedded engine. They land in artifacts/ every run; VOXBOX_UPDATE_SCREENSHOT=1 copies them
+    over docs/ (height 0: the whole page)."""
+    with chromium(width, height or 844) as b:
+        if dark:
+            b.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        open_page(b, worker.url + "/")
+        b.execute_script("localStorage.clear()")
+        b.refresh()
+        open_page(b, worker.url + "/")
+        set_text(b, "Welcome to VoxBox. Type anything here and it is read aloud in a moment.")
+        b.find_element(By.ID, "stream").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.streamDone"))
+        set_text(b, "Streaming starts with the first sentence. Generate makes the whole file, "
+                    "ready to download in the format you picked.")
+        Select(b.find_element(By.ID, "voice")).select_by_value("joe-lively")
+        b.find_element(By.ID, "generate").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.generations") == 2)
+        # A still moment: paused a third of the way through, the waveform drawn up to there.
+        wait(b, lambda x: x.execute_script("""
+            const p = document.getElementById('player');
+            if (!(p.readyState >= 1 && isFinite(p.duration)) || !wave.data) return false;
+            p.pause(); p.currentTime = p.duration / 3; paintWaveform(); return true;"""))
+        b.execute_script("document.activeElement.blur()")
+        if not height:
+            b.set_window_size(width, b.execute_script("return document.documentElement.scrollHeight") + 140)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / f"{name}.png"
+        b.save_screenshot(str(shot))
+    assert 10_000 < shot.stat().st_size < 250_000  # a page, not a blank; small enough to keep in git
+    if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":  # refresh the committed copies on request only
+        shutil.copyfile(shot, DOCS_SCREENSHOTS[name])
 
 
 def test_through_the_gateway_with_basic_auth(gateway):

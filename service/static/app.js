@@ -295,6 +295,7 @@ function renderHistory() {
                           "Put this text and its settings back in the form and make it again"));
     const remove = button("Delete", () => deleteHistory(item.id), "Remove this entry from the history");
     remove.setAttribute("aria-label", `Delete “${snippet}” from the history`);
+    remove.className = "link delete";
     actions.append(remove);
     li.append(`“${snippet}”`, meta, actions);
     list.append(li);
