@@ -177,6 +177,12 @@ def test_stop_cancels_a_stream(browser, worker):
     assert "Stream stopped" in browser.find_element(By.ID, "result-info").text
     assert browser.find_element(By.ID, "stream").is_enabled()
     assert not browser.find_element(By.ID, "error").is_displayed()
+    # Esc does what Stop does, from the keyboard.
+    browser.find_element(By.ID, "stream").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.chunksReceived >= 1"))
+    browser.find_element(By.ID, "text").send_keys(Keys.ESCAPE)
+    wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"), timeout=10)
+    assert "Stream stopped" in browser.find_element(By.ID, "result-info").text
 
 
 def test_upload_voice_appears_in_picker(browser, cloning_worker, tmp_path):

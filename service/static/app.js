@@ -274,7 +274,8 @@ function renderHistory() {
     const snippet = item.text.length > 80 ? `${item.text.slice(0, 77)}…` : item.text;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = `${item.kind} · ${item.voiceName} · ${item.duration.toFixed(2)} s of audio in ` +
+    const instructions = item.instructions ? ` · “${item.instructions.slice(0, 40)}${item.instructions.length > 40 ? "…" : ""}”` : "";
+    meta.textContent = `${item.kind} · ${item.voiceName}${instructions} · ${item.duration.toFixed(2)} s of audio in ` +
       `${item.latency.toFixed(2)} s · ${new Date(item.at).toLocaleString()}`;
     const actions = document.createElement("div");
     actions.className = "actions";
@@ -650,6 +651,7 @@ if (/Mac|iPhone|iPad/.test(navigator.platform)) $("limit-note").querySelector("k
 document.addEventListener("keydown", (ev) => {
   if (ev.target instanceof Element && ev.target.closest(".voices-card")) return;  // the upload form is not the request
   if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !$("generate").disabled) { ev.preventDefault(); generate(); }
+  if (ev.key === "Escape" && !$("stop").disabled) { ev.preventDefault(); stop(); }  // as the Stop button
 });
 $("generate").addEventListener("click", generate);
 $("stream").addEventListener("click", stream);
