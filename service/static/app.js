@@ -46,17 +46,18 @@ function updateCounter() {
   const n = $("text").value.length;
   const max = limit();
   $("counter").textContent = max === null ? `${n} characters` : `${n} / ${max} characters`;
-  // Nothing to say, or over the limit: the buttons would only earn an error, so say so before.
+  // Over the limit the buttons would only earn an error: say so before (the counter is red, and why).
   $("counter").title = max !== null && n > max ? `The server takes at most ${max} characters per request.` : "";
   $("counter").classList.toggle("over", max !== null && n > max);
 }
 
 async function loadInfo() {
   try {
-    const [info, listed] = await Promise.all([api("info"), api("v1/models")]);
-    state.info = await info.json();
-    // GET /v1/models says per model what it can do (supports_instructions; absent means no).
-    state.models = (await listed.json()).data || [];
+    // GET /v1/models says per model what it can do (supports_instructions; absent means no). Without it the
+    // page still works, only with no instructions box: it is not a reason to call the server unreachable.
+    const listed = api("v1/models").then((r) => r.json()).catch(() => ({ data: [] }));
+    state.info = await (await api("info")).json();
+    state.models = (await listed).data || [];
     const e = state.info.engine;
     $("status").textContent = `${e.name} on ${e.device} · ${state.info.phase}`;
     $("status").classList.toggle("ready", state.info.phase === "ready");
@@ -320,7 +321,7 @@ function clearHistory() {
 
 // The result's waveform: its samples decoded once per result, drawn as bars; the played part in the accent
 // colour, and a click seeks. A format the browser cannot decode leaves the player alone, which still works.
-const wave = { data: null, url: null };
+const wave = { data: null, url: null, peaks: null };
 
 async function loadWaveform(audioUrl) {
   wave.url = audioUrl;
@@ -329,7 +330,7 @@ async function loadWaveform(audioUrl) {
   try {
     const bytes = await (await fetch(audioUrl)).arrayBuffer();
     const audio = await new OfflineAudioContext(1, 1, 44100).decodeAudioData(bytes);
-    if (wave.url === audioUrl) wave.data = audio.getChannelData(0);  // a newer result may have come meanwhile
+    if (wave.url === audioUrl) { wave.data = audio.getChannelData(0); wave.peaks = null; }  // unless a newer one came
   } catch (_) { /* undecodable here: no waveform */ }
   paintWaveform();
 }
@@ -348,14 +349,18 @@ function paintWaveform() {
   const [accent, rest] = [css.getPropertyValue("--accent"), css.getPropertyValue("--wave")];
   const player = $("player");
   const played = player.duration ? player.currentTime / player.duration : 0;
-  const bars = Math.max(16, Math.floor(width / 4)), step = wave.data.length / bars;
-  const peaks = Array.from({ length: bars }, (_, b) => {
-    let peak = 0;
-    for (let i = Math.floor(b * step); i < Math.floor((b + 1) * step); i++) peak = Math.max(peak, Math.abs(wave.data[i]));
-    return peak;
-  });
-  const top = Math.max(...peaks) || 1;
-  peaks.forEach((p, b) => {
+  const bars = Math.max(16, Math.floor(width / 4));
+  // Peaks are computed once per result and width: playback repaints every frame.
+  if (!wave.peaks || wave.peaks.length !== bars) {
+    const step = wave.data.length / bars;
+    wave.peaks = Array.from({ length: bars }, (_, b) => {
+      let peak = 0;
+      for (let i = Math.floor(b * step); i < Math.floor((b + 1) * step); i++) peak = Math.max(peak, Math.abs(wave.data[i]));
+      return peak;
+    });
+  }
+  const top = Math.max(...wave.peaks) || 1;
+  wave.peaks.forEach((p, b) => {
     const h = Math.max(2, (p / top) * (height - 12));
     g.fillStyle = (b + 0.5) / bars <= played ? accent : rest;
     g.fillRect(b * 4 + 1, (height - h) / 2, 2, h);
