@@ -573,15 +573,18 @@ async function uploadVoice(fileOverride) {
   form.append("text", $("voice-text").value);
   if ($("model").value) form.append("model", $("model").value);
   $("voice-msg").textContent = "Uploading…";
+  let voice;
   try {
-    const voice = await (await api("v1/voices", { method: "POST", body: form })).json();
-    $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
-    resetUploadForm();
-    await loadVoices(voice.id);
+    voice = await (await api("v1/voices", { method: "POST", body: form })).json();
   } catch (err) {
     $("voice-msg").textContent = "";
     showError(`Upload failed: ${err.message}`);
+    return;
   }
+  resetUploadForm();
+  // "Added" once the voice is in the picker and selected, not before: that is what the message promises.
+  try { await loadVoices(voice.id); } catch (err) { showError(`The voice list did not refresh: ${err.message}`); }
+  $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
 }
 
 function resetUploadForm() {
