@@ -211,7 +211,8 @@ def build_models(settings, metrics, voices, engine: Optional["Engine"] = None) -
     for spec in specs:
         eng = engine if engine is not None and spec.default else families[spec.name].build(spec, settings)
         sched = Scheduler(eng, metrics.for_model(spec.name), settings.queue_size, settings.retry_after_s,
-                          settings.warmup, spec.max_batch(settings), settings.batch_capacity, load_after=previous)
+                          settings.warmup, spec.max_batch(settings), settings.batch_capacity, load_after=previous,
+                          carry_s=settings.carry_seconds)
         previous = sched.loaded
         runtimes.append(ModelRuntime(spec, eng, sched, SynthesisService(settings, eng, sched, voices)))
         log.info("model %s: %s engine%s%s", spec.name, eng.name, f", {spec.dir}" if spec.dir else "",

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # Streamed requests start with a short first chunk (its first sentence or clause) on engines that
     # make a chunk's audio all at once (the embedded one), so the first audio comes early.
     stream_short_first_chunk: bool = True
+    # Voice carry: a multi-chunk request keeps one voice, each chunk after the first continuing from the
+    # previous chunk's audio and text (its last VOICE_CARRY_MAX_S seconds), on engines that support it
+    # (Engine.supports_carry). off: every chunk is generated on its own (the zero-shot voice may change).
+    voice_carry: Literal["on", "off"] = "on"
+    voice_carry_max_s: float = Field(5.0, ge=1.0, le=30.0)
 
     # Scheduling
     # Requests waiting for the inference thread; one more gets 503 at once. Each waits on a request
@@ -104,6 +109,11 @@ class Settings(BaseSettings):
         if not rates or any(r < 8000 or r > 192000 for r in rates):
             raise ValueError("ALLOWED_SAMPLE_RATES must be comma-separated rates between 8000 and 192000")
         return v
+
+    @property
+    def carry_seconds(self) -> float:
+        """The continuation prompt's bound for the scheduler; 0 when voice carry is off."""
+        return self.voice_carry_max_s if self.voice_carry == "on" else 0.0
 
     @property
     def ws_connection_limit(self) -> int:

@@ -29,6 +29,15 @@ class Prepared:
     job: Job
     sample_rate: int
     received_at: float
+    stitcher: Stitcher  # joins the job's sentences; knows where each one ends (captions)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One sentence chunk's text and where it is heard, in seconds of the output audio."""
+    text: str
+    start: float
+    end: float
 
 
 @dataclass
@@ -183,10 +192,10 @@ class SynthesisService:
             raise ServiceError(
                 ErrorKind.UNAVAILABLE, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s
             ) from None
-        return Prepared(job, rate, received)
+        return Prepared(job, rate, received, Stitcher(self.engine.sample_rate, self.settings.crossfade_ms))
 
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
-        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        stitcher = prep.stitcher
         parts = []
         for event in self._events(prep, client_gone):
             parts.append(stitcher.push(event.audio, event.sentence_ends))
@@ -202,7 +211,7 @@ class SynthesisService:
         Nothing is yielded before the first audio exists, so a job that fails early (deadline, engine
         error) still gets a proper JSON error status instead of a 200 followed by a broken stream.
         """
-        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        stitcher = prep.stitcher
         try:
             first = True
             for event in self._events(prep, client_gone):
@@ -221,6 +230,14 @@ class SynthesisService:
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
+
+    def captions(self, prep: Prepared) -> list[Caption]:
+        """Each sentence chunk with its start and end, once the job's audio is complete (collect or stream)."""
+        rate, start, out = self.engine.sample_rate, 0.0, []
+        for text, end in zip(prep.job.sentences, prep.stitcher.ends):
+            out.append(Caption(text, round(start / rate, 3), round(end / rate, 3)))
+            start = end
+        return out
 
     def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
         try:

@@ -94,6 +94,9 @@ def _request_schema(model, settings, languages: tuple[str, ...], rates: tuple[in
         rules.append({"anyOf": [
             {"properties": {"stream": {"const": False}, "stream_format": {"const": "audio"}}},
             {"required": ["response_format"], "properties": {"response_format": {"enum": list(STREAMABLE)}}}]})
+        rules.append({"anyOf": [  # captions come in the SSE done event only (an audio body has no room)
+            {"properties": {"timestamps": {"type": "null"}}},
+            {"required": ["stream_format"], "properties": {"stream_format": {"const": "sse"}}}]})
     schema["allOf"] = rules
     return schema
 
@@ -107,6 +110,13 @@ def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
 
 _RETRY_AFTER = {"Retry-After": {"required": True, "description": "Seconds to wait before retrying",
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+
+# On a synthesis answer when the request gave `instructions` and the model cannot apply them.
+_INSTRUCTIONS_IGNORED = {"X-Instructions-Ignored": {
+    "required": False, "description": "true: the request's instructions were ignored (the model's "
+                                      "supports_instructions is false, GET /v1/models)",
+    "schema": {"type": "string", "enum": ["true"]}}}
 
 
 def _error(description: str, retry_after: bool = False) -> dict:
@@ -158,14 +168,15 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
     audio_types = sorted({f.content_type.split(";")[0] for f in FORMATS.values()})
     audio = {"description": "Audio in response_format (chunked as generated when stream=true); with "
                             "stream_format=sse, server-sent events: speech.audio.delta {audio: base64}, then "
-                            "speech.audio.done {usage}, or error {error: {code, message}}",
+                            "speech.audio.done {usage, captions}, or error {error: {code, message}}",
              "content": {**{t: {"schema": {"type": "string", "format": "binary"}} for t in audio_types},
                          # One event (OpenAPI 3.1: the schema describes each): its data is JSON.
                          "text/event-stream": {"schema": {
                              "type": "object", "required": ["data"], "properties": {"data": {
                                  "type": "string", "contentMediaType": "application/json", "contentSchema": {
                                      "oneOf": [_ref("SpeechAudioDelta"), _ref("SpeechAudioDone"),
-                                               _ref("SpeechError")]}}}}}}}
+                                               _ref("SpeechError")]}}}}}},
+             "headers": _INSTRUCTIONS_IGNORED}
     voice_id = {"name": "voice_id", "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": VOICE_ID_PATTERN}}
     upload = {"type": "object", "required": ["file", "name", "text"], "properties": {
@@ -193,7 +204,8 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
             "/tts": {"post": {
                 "summary": "Synthesise text to a base64 WAV",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TTSRequest")}}},
-                "responses": {"200": _json(_ref("TTSResponse"), "Audio"), **_synthesis_errors()}}},
+                "responses": {"200": _json(_ref("TTSResponse"), "Audio", _INSTRUCTIONS_IGNORED),
+                              **_synthesis_errors()}}},
             "/v1/audio/speech": {"post": {
                 "summary": "OpenAI-compatible speech",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SpeechRequest")}}},
@@ -207,7 +219,7 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                               "503": _error("Too many WebSockets open, or shutting down", retry_after=True)}}},
             "/v1/models": {"get": {
                 "summary": "The models this worker serves (OpenAI's list format, with family, phase, sample "
-                           "rate, languages and whether it clones)",
+                           "rate, languages, whether it clones and whether it applies instructions)",
                 "responses": {"200": _json({"type": "object", "required": ["object", "data"], "properties": {
                     "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
                     "Models"), **_GATEWAY}}},
