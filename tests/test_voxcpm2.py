@@ -12,7 +12,7 @@ import requests
 import soundfile as sf
 import websocket
 
-from service.engines import CloneMode, SynthesisParams, UnsupportedRequest, VoicePrompt
+from service.engines import CloneMode, Continuation, SynthesisParams, UnsupportedRequest, VoicePrompt
 from service.engines.voxcpm.control import as_spoken, control_prefix
 from service.engines.voxcpm.voxcpm2 import LANGUAGES, VoxCPM2Engine
 from service.settings import Settings
@@ -72,6 +72,7 @@ def engine(v2_checkpoint):
         eng.given.append({"text": kwargs["target_text"], "mode": cache and cache["mode"],
                           "prompt_text": cache and cache.get("prompt_text"),
                           "has_reference": bool(cache and "ref_audio_feat" in cache),
+                          "ref_frames": cache["ref_audio_feat"].shape[0] if cache and "ref_audio_feat" in cache else 0,
                           "has_continuation": bool(cache and "audio_feat" in cache)})
         return real(**kwargs)
 
@@ -86,10 +87,12 @@ def voice(engine, tmp_path_factory):
     return VoicePrompt("v_0123456789abcdef", path, "(Sighs) This is my voice.", engine.voice_modes("x"))
 
 
-def _given(engine, text, prompt=None, **params):
-    audio = engine.synthesize(text, "default", prompt, SynthesisParams(seed=1, **params))
+def _given(engine, text, prompt=None, carry=None, frames=False, **params):
+    """What the model was given for one chunk (`frames`: with the reference's length in latent frames)."""
+    audio = engine.synthesize(text, "default", prompt, SynthesisParams(seed=1, **params), carry)
     assert audio.size > 0 and audio.size % V2_TOKEN_HOP == 0 and np.isfinite(audio).all()
-    return engine.given[-1]
+    given = dict(engine.given[-1])
+    return given if frames else {k: v for k, v in given.items() if k != "ref_frames"}
 
 
 def test_the_engine_is_voxcpm2_at_48k(engine):
@@ -277,3 +280,20 @@ def test_a_voice_without_transcript_clones_as_a_reference_only(worker):
     assert "reference only" in r.json()["error"]["message"]
     r = requests.post(f"{worker.url}/tts", json={"text": "Hi.", "clone_mode": REF})
     assert r.status_code == 400 and r.json()["error"]["code"] == "clone_mode_without_voice"
+
+
+def test_voice_carry_keeps_the_reference_and_continues_the_previous_chunk(engine, voice):
+    """Chunk k+1 continues chunk k's tail (its audio and words), after the reference: the voice's clip (2.5 s:
+    16 latent frames), or without a voice the tail itself (1 s: 7 frames); instructions stay in front."""
+    t = np.arange(48000) / 48000
+    tail = Continuation((0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), "(Softly) the previous words.")
+    carried = "(whisper)Softly, the previous words. "
+    alone = _given(engine, "Next.", carry=tail, frames=True, instructions="whisper")
+    assert alone == {"text": "Next.", "mode": "ref_continuation", "prompt_text": carried, "has_reference": True,
+                     "has_continuation": True, "ref_frames": 7}
+    for mode in (BOTH, REF):
+        cloned = _given(engine, "Next.", voice, carry=tail, frames=True, instructions="whisper", clone_mode=mode)
+        assert cloned == {**alone, "ref_frames": 16}, mode
+    # A voice used in continuation alone wins over the carry, as on VoxCPM-1.5.
+    assert _given(engine, "Next.", voice, carry=tail, clone_mode=CONT)["prompt_text"] == "Sighs, This is my voice."
+    assert engine.supports_carry
