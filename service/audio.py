@@ -1,6 +1,8 @@
 """Audio plumbing: resampling (torchaudio), time-stretch, sentence stitching with a crossfade."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -34,14 +36,21 @@ class Stitcher:
     so a streamed response never has to rewrite audio it already sent.
     """
 
-    def __init__(self, sample_rate: int, crossfade_ms: float):
+    def __init__(self, sample_rate: int, crossfade_ms: float, pauses_s: Sequence[float] = ()):
         self.fade = int(sample_rate * crossfade_ms / 1000.0)
         self._held = np.zeros(0, dtype=np.float32)  # tail of the previous sentence
         self._at_sentence_start = True
+        # Silence (SSML <break>) before the first sentence and after each one: pauses_s[0] first, then
+        # pauses_s[i + 1] after sentence i. A pause replaces the crossfade: the sentence ends in full.
+        self._pauses = [int(round(p * sample_rate)) for p in pauses_s]
+        self._sentences = -1  # sentences finished; -1: the lead pause is not out yet
 
     def push(self, piece: np.ndarray, sentence_ends: bool) -> np.ndarray:
         piece = np.asarray(piece, dtype=np.float32).reshape(-1)
         out = []
+        if self._sentences < 0:
+            self._sentences = 0
+            out.append(self._silence())
         if self._at_sentence_start and self._held.size and piece.size:
             n = min(self._held.size, piece.size)
             t = np.linspace(0.0, np.pi / 2, n, dtype=np.float32)
@@ -57,7 +66,17 @@ class Stitcher:
             self._held = np.concatenate([self._held, piece[piece.size - keep:]])
         else:
             out.append(piece)
+        if sentence_ends:
+            self._sentences += 1
+            silence = self._silence()
+            if silence.size:
+                out += [self._held, silence]
+                self._held = np.zeros(0, dtype=np.float32)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _silence(self) -> np.ndarray:
+        n = self._pauses[self._sentences] if self._sentences < len(self._pauses) else 0
+        return np.zeros(n, dtype=np.float32)
 
     def flush(self) -> np.ndarray:
         held, self._held = self._held, np.zeros(0, dtype=np.float32)

@@ -30,6 +30,13 @@ class VoxCPMKnobs(_Strict):
                                                      "capped by VOXCPM_MAX_LEN")
 
 
+# SSML: "auto" reads text that starts with <speak> as SSML, "ssml" requires it to, "text" never does (to
+# say "<speak>" itself).
+InputFormat = Literal["auto", "text", "ssml"]
+INPUT_FORMAT_DESCRIPTION = ("auto: SSML when the text starts with <speak>; ssml: the text must be an SSML "
+                            "document (<speak>...</speak>); text: never SSML (README: Pauses and pronunciation)")
+
+
 class TTSRequest(VoxCPMKnobs):
     """The seed contract: text in, base64 WAV out."""
     model: Optional[StrictStr] = Field(None, description="A served model (GET /v1/models); default: the default one")
@@ -37,6 +44,7 @@ class TTSRequest(VoxCPMKnobs):
     lang: Literal["auto", "en", "zh"] = Field("auto", description="Language of the text; auto detects Chinese")
     style: StrictStr = Field("default", description="Voice: a preset name (GET /v1/voices) or an uploaded voice id")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 class SpeechRequest(VoxCPMKnobs):
@@ -53,6 +61,19 @@ class SpeechRequest(VoxCPMKnobs):
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default 44100)")
     lang: Literal["auto", "en", "zh"] = "auto"
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
+
+
+class Usage(BaseModel):
+    """GET /v1/usage: the caller's own usage today (UTC), counted by this worker."""
+    client: str = Field(..., description="key:<16 hex of the API key's sha256>, user:<name>, or anonymous")
+    day: str
+    requests: int
+    characters: int
+    audio_seconds: float
+    daily_char_quota: Optional[int] = Field(None, description="Characters per UTC day; null: no quota")
+    remaining_characters: Optional[int] = None
+    resets_at: str
 
 
 # Responses: only for the document (the views build these bodies), so they say exactly what is sent.

@@ -11,7 +11,7 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
 from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
-from .common import client_gone_probe, parse_json, synthesis_params
+from .common import client_gone_probe, client_id, parse_json, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError
 from .models import model_or_400
@@ -30,7 +30,7 @@ def tts():
     req = parse_json(TTSRequest)
     svc = _service(req.model)
     prep = svc.start(req.text, req.lang, req.style, synthesis_params(req), req.sample_rate, stream=False,
-                     endpoint="tts")
+                     endpoint="tts", input_format=req.input_format, client=client_id())
     result = svc.collect(prep, client_gone_probe())
     return jsonify({
         "audio_base64": base64.b64encode(encode(result.audio, result.sample_rate, "wav")).decode("ascii"),
@@ -51,7 +51,7 @@ def speech():
                        f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
     stream = req.stream or sse
     prep = svc.start(req.input, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
-                     stream=stream, endpoint="speech")
+                     stream=stream, endpoint="speech", input_format=req.input_format, client=client_id())
     rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:

@@ -21,11 +21,11 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, json_problem, synthesis_params
+from .common import NESTED_TOO_DEEPLY, client_id, json_problem, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
 from .models import model_or_400
-from .schemas import VoxCPMKnobs
+from .schemas import INPUT_FORMAT_DESCRIPTION, InputFormat, VoxCPMKnobs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class StreamRequest(VoxCPMKnobs):
     sample_rate: Optional[StrictInt] = None
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     lang: Literal["auto", "en", "zh"] = "auto"
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:
@@ -70,6 +71,7 @@ def _parse(raw) -> dict:
 class _Connection:
     def __init__(self, ws, ctx):
         self.ws, self.ctx = ws, ctx
+        self.client = client_id()  # from the handshake: the gateway names the caller once per connection
         self.cancelled = False
 
     def serve(self) -> None:
@@ -125,7 +127,7 @@ class _Connection:
     def synthesize(self, req: StreamRequest) -> None:
         svc = model_or_400(self.ctx, req.model).synthesis
         prep = svc.start(req.text, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
-                         stream=True, endpoint="websocket")
+                         stream=True, endpoint="websocket", input_format=req.input_format, client=self.client)
         rate = prep.sample_rate
         encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
         self.cancelled = False
