@@ -8,16 +8,20 @@ embedded engine's real speech is checked in test_ssml_embedded.py.
 import base64
 import io
 import json
+import threading
 import time
 
 import numpy as np
 import pytest
 import soundfile as sf
+import websocket
+from werkzeug.serving import make_server
 
 from service import lexicon, ssml
 from service.audio import Stitcher
 from service.settings import Settings
 
+from .support.procs import free_port
 from .support.slow_engine import RATE, SlowEngine
 
 LIMITS = ssml.Limits(max_break_s=10, max_total_break_s=20)
@@ -260,3 +264,27 @@ def test_refused_ssml_is_a_400_json_error_on_every_endpoint(app, text, code, sta
     for path, body in (("/tts", {"text": text}), ("/v1/audio/speech", {"input": text, "response_format": "pcm"})):
         r = client.post(path, json=body)
         assert r.status_code == status and r.get_json()["error"]["code"] == code, (path, r.get_data(as_text=True))
+
+
+def test_a_break_is_silence_in_a_websocket_stream_and_its_duration(app):
+    # A real client and server: the Flask test client cannot speak WebSocket.
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/v1/stream", timeout=30)
+        ws.send(json.dumps({"text": '<speak>One.<break time="700ms"/>Two.</speak>', "sample_rate": RATE}))
+        pcm, done = b"", None
+        while done is None:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                pcm += msg
+            elif json.loads(msg)["type"] in ("done", "error"):
+                done = json.loads(msg)
+        ws.close()
+    finally:
+        server.shutdown()
+    assert done["type"] == "done", done
+    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767
+    assert runs(audio, RATE) == [("sound", TONE_S), ("silence", 0.7), ("sound", TONE_S)]
+    assert done["duration"] == pytest.approx(audio.size / RATE, abs=0.002)

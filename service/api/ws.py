@@ -157,7 +157,7 @@ class _Connection:
         done = time.monotonic()
         self.ws.send(json.dumps({
             "type": "done", "chunks": sent,
-            "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
+            "duration": round(encoder.seconds, 3),  # what was sent, SSML pauses included
             "latency": round(done - prep.received_at, 3),
             "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None,
         }))
