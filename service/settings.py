@@ -203,6 +203,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
+        if self.lexicon_file is not None:  # a malformed lexicon (LexiconError names its line) stops the start
+            from .lexicon import load
+
+            load(self.lexicon_file)
 
 
 def load_settings() -> Settings:

@@ -51,8 +51,8 @@ class Result:
 
 
 class SynthesisService:
-    def __init__(self, settings: Settings, engine: Engine, scheduler: Scheduler, voices: VoiceStore,
-                 lexicon: Lexicon = EMPTY, usage: Optional[Usage] = None):
+    def __init__(self, settings: Settings, engine: Engine, scheduler: Scheduler, voices: VoiceStore, usage: Usage,
+                 lexicon: Lexicon = EMPTY):
         self.settings = settings
         self.engine = engine
         self.scheduler = scheduler
@@ -181,19 +181,16 @@ class SynthesisService:
         client's quota, queue."""
         rate = self.check_rate(rate)
         plan = self.prepare(text, lang, stream, input_format)
-        if self.usage is None:
+        try:
+            self.usage.admit(client, plan.characters)
+        except QuotaExceeded as e:
+            raise ServiceError(ErrorKind.QUOTA, "quota_exceeded", str(e), retry_after=e.retry_after) from None
+        try:
             prep = self.submit(plan.chunks, voice, params, rate, stream, endpoint)
-        else:
-            try:
-                self.usage.admit(client, plan.characters)
-            except QuotaExceeded as e:
-                raise ServiceError(ErrorKind.QUOTA, "quota_exceeded", str(e), retry_after=e.retry_after) from None
-            try:
-                prep = self.submit(plan.chunks, voice, params, rate, stream, endpoint)
-            except ServiceError:
-                self.usage.refund(client, plan.characters)
-                raise
-            self.usage.accepted(client, plan.characters)
+        except ServiceError:  # not queued (a full queue, an unknown voice): its characters are not spent
+            self.usage.refund(client, plan.characters)
+            raise
+        self.usage.accepted(client, plan.characters)
         prep.pauses, prep.client = plan.pauses, client
         return prep
 
@@ -232,8 +229,7 @@ class SynthesisService:
         if sum(p.size for p in parts) == 0:
             raise _nothing_to_say()
         audio = resample(np.concatenate(parts), self.engine.sample_rate, prep.sample_rate)
-        if self.usage is not None:
-            self.usage.audio(prep.client, audio.size / prep.sample_rate)
+        self.usage.audio(prep.client, audio.size / prep.sample_rate)
         return Result(audio, prep.sample_rate, time.monotonic() - prep.received_at)
 
     def stream(self, prep: Prepared, encoder: StreamEncoder, client_gone: Callable[[], bool]) -> Iterator[bytes]:
@@ -261,8 +257,7 @@ class SynthesisService:
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
-            if self.usage is not None:
-                self.usage.audio(prep.client, encoder.seconds)
+            self.usage.audio(prep.client, encoder.seconds)
 
     def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
         try:

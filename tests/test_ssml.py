@@ -8,6 +8,7 @@ embedded engine's real speech is checked in test_ssml_embedded.py.
 import base64
 import io
 import json
+import subprocess
 import threading
 import time
 
@@ -21,7 +22,7 @@ from service import lexicon, ssml
 from service.audio import Stitcher
 from service.settings import Settings
 
-from .support.procs import free_port
+from .support.procs import PYTHON, REPO_ROOT, free_port
 from .support.slow_engine import RATE, SlowEngine
 
 LIMITS = ssml.Limits(max_break_s=10, max_total_break_s=20)
@@ -143,12 +144,18 @@ def test_a_malformed_lexicon_names_the_line(tmp_path, name, content, where):
 
 
 def test_a_malformed_lexicon_stops_the_worker_at_start(tmp_path):
+    """One readable line from gunicorn's start (its config reads the settings), before anything loads."""
     path = tmp_path / "bad.tsv"
     path.write_text("fine\tok\nno tab here\n")
-    from service.app import create_app
-
-    with pytest.raises(SystemExit, match="line 2"):
-        create_app(Settings(voices_dir=tmp_path / "voices", lexicon_file=path), engine=SlowEngine(0.001, 4))
+    env = {"LEXICON_FILE": str(path), "VOICES_DIR": str(tmp_path / "voices"), "BIND": f"127.0.0.1:{free_port()}",
+           "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([PYTHON, "-m", "gunicorn", "-c", str(REPO_ROOT / "service/gunicorn.conf.py"),
+                        "service.app:create_app()"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert last == (f"voxbox: invalid settings: LEXICON_FILE {path} line 2: expected `word<TAB>replacement` (two "
+                    "fields separated by one tab), got 1 field(s): 'no tab here'")
 
 
 # --- the stitcher -----------------------------------------------------------------------------------------
