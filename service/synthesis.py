@@ -41,6 +41,7 @@ class Prepared:
     received_at: float
     pauses: tuple[float, ...] = ()
     client: str = ANONYMOUS
+    characters: int = 0  # the input's, as usage counts them (SSML: without the markup)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class SynthesisService:
             self.usage.refund(client, plan.characters)
             raise
         self.usage.accepted(client, plan.characters)
-        prep.pauses, prep.client = plan.pauses, client
+        prep.pauses, prep.client, prep.characters = plan.pauses, client, plan.characters
         return prep
 
     def submit(

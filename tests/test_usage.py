@@ -7,9 +7,11 @@ fake engine, with a bearer key and with basic auth; the quota's arithmetic and i
 """
 import datetime as dt
 import hashlib
+import json
 
 import pytest
 import requests
+import websocket
 
 from service.metrics import Metrics
 from service.settings import Settings
@@ -21,6 +23,7 @@ from .support.worker import SLOW_APP, start_worker
 USER, PASSWORD = "alice", "correct horse battery"
 KEY = "vbx_" + "0123456789abcdef" * 3
 OTHER_KEY = "vbx_" + "fedcba9876543210" * 3
+WS_KEY = "vbx_" + "5555aaaa5555aaaa" * 3
 KEY_CLIENT = "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
 OTHER_CLIENT = "key:" + hashlib.sha256(OTHER_KEY.encode()).hexdigest()[:16]
 QUOTA = 60
@@ -85,7 +88,7 @@ def gw(tmp_path_factory):
     env = {"DAILY_CHAR_QUOTA": str(QUOTA), "CLIENT_CHAR_QUOTAS": f'{{"{OTHER_CLIENT}": 0}}',
            "SLOW_STEP_S": "0.002", "SLOW_STEPS": "5"}
     with start_worker(tmp, env, app=SLOW_APP) as worker:
-        gw_env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "API_KEYS": f"{KEY},{OTHER_KEY}",
+        gw_env = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "API_KEYS": f"{KEY},{OTHER_KEY},{WS_KEY}",
                   "RATE_LIMIT_RPS": "200", "RATE_LIMIT_BURST": "200"}
         with start_gateway(tmp, f"127.0.0.1:{worker.port}", gw_env) as g:
             wait_ready_through(g, (USER, PASSWORD))
@@ -138,13 +141,43 @@ def test_usage_is_counted_per_key_and_per_user_and_the_quota_answers_429(gw, aut
     assert metric(gw, "voxbox_client_requests", OTHER_CLIENT) == 0  # the spoofed id counted nothing
 
 
+def test_the_quota_holds_on_websockets_too(gw):
+
+    # A client of its own (a fresh day's quota), named at the handshake: its own X-Client-Id is replaced.
+    ws = websocket.create_connection(gw.url.replace("http", "ws") + "/v1/stream", timeout=30,
+                                     header=[f"Authorization: Bearer {WS_KEY}", "X-Client-Id: user:nobody"])
+    try:
+        ws.send(json.dumps({"text": "z" * QUOTA}))
+        while isinstance(msg := ws.recv(), bytes) or json.loads(msg)["type"] == "header":
+            pass
+        assert json.loads(msg)["type"] == "done"
+        ws.send(json.dumps({"text": "one more"}))
+        error = json.loads(ws.recv())
+    finally:
+        ws.close()
+    assert error["type"] == "error" and error["code"] == "quota_exceeded" and error["retry_after"] > 0
+    client = "key:" + hashlib.sha256(WS_KEY.encode()).hexdigest()[:16]
+    assert client in error["message"] and metric(gw, "voxbox_client_characters", client) == QUOTA
+
+
+def test_sse_usage_counts_the_text_without_ssml_markup(gw):
+    text = '<speak>Hello <break time="100ms"/>there.</speak>'
+    r = requests.post(f"{gw.url}/v1/audio/speech", json={"input": text, "response_format": "pcm",
+                                                          "stream_format": "sse"},
+                      headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=30)
+    done = [line for line in r.text.splitlines() if "speech.audio.done" in line]
+    assert r.status_code == 200 and done
+    assert json.loads(done[0].removeprefix("data: "))["usage"]["input_tokens"] == len("Hello\nthere.")
+
+
 def test_a_per_key_override_lifts_the_quota(gw):
     headers = {"Authorization": f"Bearer {OTHER_KEY}"}
+    before = requests.get(f"{gw.url}/v1/usage", headers=headers, timeout=10).json()["characters"]
     for _ in range(2):
-        r = requests.post(f"{gw.url}/tts", json={"text": "y" * 50}, headers=headers, timeout=30)
+        r = requests.post(f"{gw.url}/tts", json={"text": "y" * QUOTA}, headers=headers, timeout=30)
         assert r.status_code == 200, r.text
     report = requests.get(f"{gw.url}/v1/usage", headers=headers, timeout=10).json()
-    assert report["client"] == OTHER_CLIENT and report["characters"] == 100
+    assert report["client"] == OTHER_CLIENT and report["characters"] == before + 2 * QUOTA
     assert report["daily_char_quota"] is None and report["remaining_characters"] is None
 
 

@@ -65,7 +65,7 @@ def speech():
         chunks = itertools.chain([first], chunks)
         if sse:
             token_rate = svc.engine.info().token_rate
-            return Response(stream_with_context(_events(chunks, encoder, len(req.input), token_rate)), status=200,
+            return Response(stream_with_context(_events(chunks, encoder, prep.characters, token_rate)), status=200,
                             content_type="text/event-stream", headers=headers)
         return Response(stream_with_context(chunks), status=200, content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())
