@@ -205,7 +205,8 @@ def say_as(kind: str, text: str) -> str:
 
         engine = inflect.engine()
         number = text.replace(",", "")
-        return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number)
+        # No commas or "and" inside the number: a comma is a clause break to the chunker and the voice.
+        return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number, comma="", andword="")
     raise SSMLError("unsupported_ssml", f"<say-as interpret-as=\"{kind}\"> is not supported; use one of "
                     f"{', '.join(SAY_AS)}, or write the words out")
 

@@ -58,7 +58,7 @@ def test_declaration_namespace_paragraphs_sub_and_say_as():
     lines = [line.strip() for line in piece.text.split("\n") if line.strip()]
     # <s> and <p> are sentence ends (line breaks, where chunking always splits); layout whitespace is one space.
     assert lines == ["Read the World Wide Web page.", "Code A B 1, pin nine zero seven,",
-                     "total one thousand, two hundred and thirty-four, the twenty-first time & <done>."]
+                     "total one thousand two hundred thirty-four, the twenty-first time & <done>."]
 
 
 def test_the_lexicon_applies_to_written_text_not_to_aliases_or_say_as():

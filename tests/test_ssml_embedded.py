@@ -79,3 +79,18 @@ def test_a_lexicon_entry_changes_what_is_said(worker, text):
     audio, rate = sf.read(io.BytesIO(r.content), dtype="float32")
     heard = words(transcribe(audio, rate))
     assert "banana" in heard and "zorblax" not in heard, heard
+
+
+@pytest.mark.parametrize("text,heard,not_heard", [
+    # Digit by digit ("nine one one", which Whisper writes as words or digits); without say-as the voice
+    # reads "911" as a number ("900-11" to Whisper).
+    ('<speak>Call <say-as interpret-as="digits">911</say-as> now.</speak>', ("one one", "1 1", "111"), "900"),
+    ('<speak>We sold <say-as interpret-as="cardinal">1,234</say-as> cars.</speak>', ("1 234", "1234"), None),
+    ('<speak>Read the <sub alias="World Wide Web">WWW</sub> page.</speak>', ("world wide web",), None),
+])
+def test_say_as_and_sub_are_spoken_as_asked(worker, text, heard, not_heard):
+    r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": text, "response_format": "wav"}, timeout=120)
+    assert r.status_code == 200, r.text
+    audio, rate = sf.read(io.BytesIO(r.content), dtype="float32")
+    said = " ".join(words(transcribe(audio, rate)))
+    assert any(h in said for h in heard) and (not_heard is None or not_heard not in said), said
