@@ -170,6 +170,9 @@ def test_stitcher_puts_silence_before_and_after_sentences_instead_of_a_crossfade
     assert out.size == 50 + 200 + 100 + 200 - 10 + 20
     assert not out[:50].any() and (out[50:250] == 1).all() and not out[250:350].any()
     assert (out[350:540] > 0.7).all() and not out[540:].any()
+    # Captions: sentence 1 ends where its audio does (the pause opens the next caption), 2 in the middle of
+    # its crossfade into 3, 3 where its audio does, before the closing pause.
+    assert stitcher.ends == [250, 445, 540]
 
 
 # --- in the real app, on the timed fake engine --------------------------------------------------------------
