@@ -54,6 +54,20 @@ class Settings(BaseSettings):
     # (Engine.supports_carry). off: every chunk is generated on its own (the zero-shot voice may change).
     voice_carry: Literal["on", "off"] = "on"
     voice_carry_max_s: float = Field(5.0, ge=1.0, le=30.0)
+    # SSML input (service/ssml.py): the longest <break> and the most pause one request may ask for.
+    ssml_max_break_s: float = Field(10.0, gt=0)
+    ssml_max_total_break_s: float = Field(60.0, gt=0)
+    # Pronunciation lexicon (service/lexicon.py): a JSON or TSV file of word -> replacement, applied to
+    # every request's text. A malformed file stops the worker at start.
+    lexicon_file: Optional[Path] = None
+
+    # Usage per client (service/usage.py): the gateway's X-Client-Id (a key's hash or a user name).
+    # Characters one client may send per UTC day (0: no quota), and per-client limits that replace it:
+    # JSON, {"key:0123456789abcdef": 100000, "user:alice": 0} (0 there: no quota for that client).
+    daily_char_quota: int = Field(0, ge=0)
+    client_char_quotas: str = ""
+    # Clients counted by name in /metrics; more than this share the label "other" (bounded cardinality).
+    usage_max_clients: int = Field(200, ge=1)
 
     # Scheduling
     # Requests waiting for the inference thread; one more gets 503 at once. Each waits on a request
@@ -108,6 +122,15 @@ class Settings(BaseSettings):
         rates = [int(r) for r in v.split(",") if r.strip()]
         if not rates or any(r < 8000 or r > 192000 for r in rates):
             raise ValueError("ALLOWED_SAMPLE_RATES must be comma-separated rates between 8000 and 192000")
+        return v
+
+    @field_validator("client_char_quotas")
+    @classmethod
+    def _quotas_are_a_json_object(cls, v: str) -> str:
+        if v.strip():
+            from .usage import parse_quotas
+
+            parse_quotas(v)
         return v
 
     @property
@@ -201,6 +224,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate is not None and self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
+        if self.lexicon_file is not None:  # a malformed lexicon (LexiconError names its line) stops the start
+            from .lexicon import load
+
+            load(self.lexicon_file)
 
 
 def load_settings() -> Settings:

@@ -61,6 +61,13 @@ def client_gone_probe() -> Callable[[], bool]:
     return gone
 
 
+def client_id() -> str:
+    """The calling client for usage and quotas: the gateway's X-Client-Id (it replaces any the client sent)."""
+    from flask import current_app
+
+    return current_app.extensions["voxbox"].usage.client(request.headers.get("X-Client-Id"))
+
+
 def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
     """The generation knobs of any synthesis request body (schemas.VoxCPMKnobs)."""
     return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,

@@ -50,6 +50,11 @@ class VoxCPMKnobs(_Strict):
 # engine here has cheaply (Piper and VoxCPM report no durations), so only sentences are offered.
 Timestamps = Optional[Literal["sentence"]]
 _TIMESTAMPS = "sentence: return captions, each sentence chunk's text with its start and end (seconds) in the audio"
+# SSML: "auto" reads text that starts with <speak> as SSML, "ssml" requires it to, "text" never does (to
+# say "<speak>" itself).
+InputFormat = Literal["auto", "text", "ssml"]
+INPUT_FORMAT_DESCRIPTION = ("auto: SSML when the text starts with <speak>; ssml: the text must be an SSML "
+                            "document (<speak>...</speak>); text: never SSML (README: Pauses and pronunciation)")
 
 
 class TTSRequest(VoxCPMKnobs):
@@ -60,6 +65,7 @@ class TTSRequest(VoxCPMKnobs):
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default: the model's own, "
                                                                 "at least 44100)")
     timestamps: Timestamps = Field(None, description=_TIMESTAMPS)
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 class SpeechRequest(VoxCPMKnobs):
@@ -78,6 +84,19 @@ class SpeechRequest(VoxCPMKnobs):
                                                                 "at least 44100)")
     timestamps: Timestamps = Field(None, description=_TIMESTAMPS + ", in the speech.audio.done event (needs "
                                                                    "stream_format sse)")
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
+
+
+class Usage(BaseModel):
+    """GET /v1/usage: the caller's own usage today (UTC), counted by this worker."""
+    client: str = Field(..., description="key:<16 hex of the API key's sha256>, user:<name>, or anonymous")
+    day: str
+    requests: int
+    characters: int
+    audio_seconds: float
+    daily_char_quota: Optional[int] = Field(None, description="Characters per UTC day; null: no quota")
+    remaining_characters: Optional[int] = None
+    resets_at: str
 
 
 # Responses: only for the document (the views build these bodies), so they say exactly what is sent.

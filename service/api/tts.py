@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
 from ..encode import FORMATS, STREAMABLE, StreamEncoder, codec_rate, encode
-from .common import captions_json, client_gone_probe, instruction_headers, parse_json, synthesis_params
+from .common import captions_json, client_gone_probe, client_id, instruction_headers, parse_json, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError
 from .models import model_or_400
@@ -30,7 +30,8 @@ def tts():
     req = parse_json(TTSRequest)
     svc = _service(req.model)
     params = synthesis_params(req)
-    prep = svc.start(req.text, req.lang, req.style, params, req.sample_rate, stream=False, endpoint="tts")
+    prep = svc.start(req.text, req.lang, req.style, params, req.sample_rate, stream=False, endpoint="tts",
+                     input_format=req.input_format, client=client_id())
     result = svc.collect(prep, client_gone_probe())
     body = {
         "audio_base64": base64.b64encode(encode(result.audio, result.sample_rate, "wav")).decode("ascii"),
@@ -59,7 +60,8 @@ def speech():
                        f"use one of {', '.join(STREAMABLE)}" + ("" if sse else " or stream=false"))
     stream = req.stream or sse
     params = synthesis_params(req, req.speed)
-    prep = svc.start(req.input, req.lang, req.voice, params, req.sample_rate, stream=stream, endpoint="speech")
+    prep = svc.start(req.input, req.lang, req.voice, params, req.sample_rate, stream=stream, endpoint="speech",
+                     input_format=req.input_format, client=client_id())
     rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:
@@ -74,7 +76,7 @@ def speech():
         if sse:
             token_rate = svc.engine.info().token_rate
             captions = (lambda: captions_json(svc, prep)) if req.timestamps else None
-            return Response(stream_with_context(_events(chunks, encoder, len(req.input), token_rate, captions)),
+            return Response(stream_with_context(_events(chunks, encoder, prep.characters, token_rate, captions)),
                             status=200, content_type="text/event-stream", headers=headers)
         return Response(stream_with_context(chunks), status=200, content_type=fmt.content_type, headers=headers)
     result = svc.collect(prep, client_gone_probe())

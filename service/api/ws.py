@@ -21,11 +21,11 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, captions_json, instructions_ignored, json_problem, synthesis_params
+from .common import NESTED_TOO_DEEPLY, captions_json, client_id, instructions_ignored, json_problem, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
 from .models import model_or_400
-from .schemas import Timestamps, VoxCPMKnobs
+from .schemas import INPUT_FORMAT_DESCRIPTION, InputFormat, Timestamps, VoxCPMKnobs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class StreamRequest(VoxCPMKnobs):
     sample_rate: Optional[StrictInt] = None
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
     timestamps: Timestamps = None  # captions in done
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:
@@ -70,6 +71,7 @@ def _parse(raw) -> dict:
 class _Connection:
     def __init__(self, ws, ctx):
         self.ws, self.ctx = ws, ctx
+        self.client = client_id()  # from the handshake: the gateway names the caller once per connection
         self.cancelled = False
 
     def serve(self) -> None:
@@ -125,7 +127,8 @@ class _Connection:
     def synthesize(self, req: StreamRequest) -> None:
         svc = model_or_400(self.ctx, req.model).synthesis
         params = synthesis_params(req, req.speed)
-        prep = svc.start(req.text, req.lang, req.voice, params, req.sample_rate, stream=True, endpoint="websocket")
+        prep = svc.start(req.text, req.lang, req.voice, params, req.sample_rate, stream=True, endpoint="websocket",
+                         input_format=req.input_format, client=self.client)
         # Said in the header and in done, like the HTTP endpoints' X-Instructions-Ignored header.
         ignored = {"instructions_ignored": True} if instructions_ignored(svc.engine, params) else {}
         rate = prep.sample_rate
@@ -157,7 +160,7 @@ class _Connection:
         done = time.monotonic()
         self.ws.send(json.dumps({
             "type": "done", "chunks": sent,
-            "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
+            "duration": round(encoder.seconds, 3),  # what was sent, SSML pauses included
             "latency": round(done - prep.received_at, 3),
             "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None, **ignored,
             **({"captions": captions_json(svc, prep)} if req.timestamps else {}),
