@@ -101,8 +101,8 @@ mv "$htpasswd.tmp" "$htpasswd"
 chmod 644 "$htpasswd"
 
 # --- bearer API keys ----------------------------------------------------------------------
-keys_map="$gen/api_keys.map"; ids_map="$gen/api_key_ids.map"
-: > "$keys_map.tmp"; : > "$ids_map.tmp"
+keys_map="$gen/api_keys.map"; ids_map="$gen/api_key_ids.map"; clients_map="$gen/api_key_clients.map"
+: > "$keys_map.tmp"; : > "$ids_map.tmp"; : > "$clients_map.tmp"
 keys=0
 seen_ids=" "
 add_key() {
@@ -112,8 +112,10 @@ add_key() {
         *) bad=$(( ${#key} < 16 || ${#key} > 256 )) ;;
     esac
     [ "$bad" = 0 ] || die "API key '$(printf %s "$key" | head -n1 | cut -c1-4)…' must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
-    # Logs name a key by a short hash, never by its value.
-    id=$(printf '%s' "$key" | sha256sum | cut -c1-8)
+    # Logs name a key by a short hash, never by its value; the worker counts usage under a longer one
+    # (X-Client-Id: key:<16 hex>), which an operator computes the same way to set a key's quota.
+    digest=$(printf '%s' "$key" | sha256sum | cut -c1-16)
+    id=$(printf '%s' "$digest" | cut -c1-8)
     case "$seen_ids" in *" $id "*) echo "gateway: API key $id is listed twice; using it once" >&2; return ;; esac
     seen_ids="$seen_ids$id "
     # A regex entry ("~"), because nginx compares plain map strings without regard to case: a key
@@ -122,6 +124,7 @@ add_key() {
     pattern="^[Bb][Ee][Aa][Rr][Ee][Rr] +$(printf '%s' "$key" | sed 's/[.+]/[&]/g')\$"
     printf '"~%s" 1;\n' "$pattern" >> "$keys_map.tmp"
     printf '"~%s" "%s";\n' "$pattern" "$id" >> "$ids_map.tmp"
+    printf '"~%s" "key:%s";\n' "$pattern" "$digest" >> "$clients_map.tmp"
     keys=$((keys + 1))
 }
 old_ifs=$IFS; IFS=','
@@ -138,8 +141,8 @@ if [ -n "$API_KEYS_FILE" ]; then
         add_key "$key"
     done < "$API_KEYS_FILE"
 fi
-mv "$keys_map.tmp" "$keys_map"; mv "$ids_map.tmp" "$ids_map"
-chmod 644 "$keys_map" "$ids_map"
+mv "$keys_map.tmp" "$keys_map"; mv "$ids_map.tmp" "$ids_map"; mv "$clients_map.tmp" "$clients_map"
+chmod 644 "$keys_map" "$ids_map" "$clients_map"
 [ $((users + keys)) -gt 0 ] || die "no credentials: set BASIC_AUTH_USERS (user:password) and/or API_KEYS; the gateway never runs open"
 
 # --- IP allowlist -------------------------------------------------------------------------

@@ -11,14 +11,16 @@ from typing import Optional
 from flask import Flask, g, request
 from werkzeug.exceptions import ClientDisconnected
 
-from .api import errors, health, models as models_api, tts, ui, voices as voices_api, ws
+from .api import errors, health, models as models_api, tts, ui, usage as usage_api, voices as voices_api, ws
 from .api.errors import ApiError
 from .engines import Engine
+from .lexicon import load as load_lexicon
 from .metrics import Metrics
 from .models import ModelSet, build_models
 from .scheduler import Scheduler
 from .settings import Settings
 from .synthesis import SynthesisService
+from .usage import Usage, parse_quotas
 from .voices import VoiceError, VoiceStore
 
 log = logging.getLogger("voxbox")
@@ -31,6 +33,7 @@ class AppContext:
     models: ModelSet
     voices: VoiceStore
     metrics: Metrics
+    usage: Usage
 
     # The default model's parts, for what does not name a model (presets listed, the OpenAPI document).
     @property
@@ -69,14 +72,19 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
         leftovers = []
     if leftovers:
         log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
-    models = build_models(settings, metrics, store, engine)
-    ctx = AppContext(settings, models, store, metrics)
+    lexicon = load_lexicon(settings.lexicon_file)  # checked by settings.check(): a bad one never gets here
+    if len(lexicon):
+        log.info("lexicon: %d entries from %s", len(lexicon), settings.lexicon_file)
+    usage = Usage(metrics, settings.daily_char_quota, parse_quotas(settings.client_char_quotas)
+                  if settings.client_char_quotas.strip() else {}, settings.usage_max_clients)
+    models = build_models(settings, metrics, store, engine, lexicon, usage)
+    ctx = AppContext(settings, models, store, metrics, usage)
 
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.voice_max_bytes + 1024 * 1024  # multipart overhead
     app.extensions["voxbox"] = ctx
     errors.install(app)
-    for bp in (health.bp, models_api.bp, tts.bp, voices_api.bp, ui.bp):
+    for bp in (health.bp, models_api.bp, tts.bp, voices_api.bp, ui.bp, usage_api.bp):
         app.register_blueprint(bp)
     ws.register(app)
     # JSON bodies: text is capped at MAX_TEXT_CHARS characters (up to 12 bytes each as \\uXXXX pairs);

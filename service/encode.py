@@ -1,4 +1,5 @@
-"""Encoding float audio to the response formats, whole or incrementally for streams (soundfile)."""
+"""Encoding float audio to the response formats, whole or incrementally for streams (soundfile; AAC through
+FFmpeg, which the PyAV wheel ships)."""
 from __future__ import annotations
 
 import io
@@ -16,9 +17,10 @@ from .audio import resample, to_pcm16
 class Format:
     name: str
     content_type: str
-    sf_format: str | None  # None: raw PCM, written by hand
+    sf_format: str | None  # None: raw PCM written by hand, or an FFmpeg format (ffmpeg_format)
     sf_subtype: str | None
-    fixed_rates: tuple[int, ...] = ()  # codecs that only accept some rates (Opus)
+    fixed_rates: tuple[int, ...] = ()  # codecs that only accept some rates (Opus, AAC)
+    ffmpeg_format: str | None = None  # written by FFmpeg (PyAV): its muxer's name
 
 
 FORMATS: dict[str, Format] = {
@@ -27,8 +29,12 @@ FORMATS: dict[str, Format] = {
     "mp3": Format("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III"),
     "opus": Format("opus", "audio/ogg; codecs=opus", "OGG", "OPUS", (8000, 12000, 16000, 24000, 48000)),
     "pcm": Format("pcm", "audio/L16", None, None),
+    # AAC in ADTS: every frame carries its own header, so it streams, and a file is all of its frames.
+    # AAC's sampling frequencies (ISO 14496-3) include every rate this service offers.
+    "aac": Format("aac", "audio/aac", None, None,
+                  (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000), "adts"),
 }
-STREAMABLE = ("pcm", "wav", "opus")
+STREAMABLE = ("pcm", "wav", "opus", "aac")
 
 
 def codec_rate(fmt: Format, rate: int) -> int:
@@ -40,10 +46,16 @@ def codec_rate(fmt: Format, rate: int) -> int:
 
 def encode(audio: np.ndarray, rate: int, fmt_name: str) -> bytes:
     fmt = FORMATS[fmt_name]
-    if fmt.sf_format is None:
-        return to_pcm16(audio)
     target = codec_rate(fmt, rate)
     audio = resample(audio, rate, target)
+    if fmt.ffmpeg_format is not None:
+        sink = _AppendOnlySink()
+        writer = _FfmpegFile(sink, fmt, target)
+        writer.write(audio)
+        writer.close()
+        return sink.take()
+    if fmt.sf_format is None:
+        return to_pcm16(audio)
     buf = io.BytesIO()
     sf.write(buf, audio, target, format=fmt.sf_format, subtype=fmt.sf_subtype)
     return buf.getvalue()
@@ -102,8 +114,48 @@ class _AppendOnlySink(io.RawIOBase):
         return data
 
 
+class _FfmpegFile:
+    """A mono audio file written through FFmpeg (PyAV) into a sink, with soundfile's write/close.
+
+    Each packet is flushed to the sink as it is muxed (flush_packets), so a stream's bytes leave as the
+    encoder makes them instead of waiting for FFmpeg's I/O buffer to fill.
+    """
+
+    # Bits per second per Hz of sample rate: 96 kb/s at 48 kHz, 16 kb/s at 8 kHz (mono speech).
+    BITS_PER_HZ = 2
+
+    def __init__(self, sink: io.RawIOBase, fmt: Format, rate: int):
+        import av  # FFmpeg is loaded only by a worker that is asked for such a format
+
+        self._av = av
+        self._container = av.open(sink, "w", format=fmt.ffmpeg_format, options={"flush_packets": "1"})
+        self._stream = self._container.add_stream(fmt.name, rate=rate, layout="mono")
+        self._stream.bit_rate = self.BITS_PER_HZ * rate
+        # The encoder takes whole frames of its frame size (1024 for AAC); this buffers pushes into them.
+        self._frames = av.AudioResampler(format=self._stream.codec_context.format, layout="mono", rate=rate,
+                                         frame_size=self._stream.codec_context.frame_size or None)
+        self._rate = rate
+
+    def write(self, audio: np.ndarray) -> None:
+        if audio.size == 0:
+            return
+        frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
+                                                 format="flt", layout="mono")
+        frame.sample_rate = self._rate
+        self._encode(self._frames.resample(frame))
+
+    def close(self) -> None:
+        self._encode(self._frames.resample(None))
+        self._encode([None])  # drains the encoder
+        self._container.close()
+
+    def _encode(self, frames) -> None:
+        for frame in frames:
+            self._container.mux(self._stream.encode(frame))
+
+
 class StreamEncoder:
-    """Encodes successive float chunks into bytes of one continuous stream (pcm, wav, ogg/opus)."""
+    """Encodes successive float chunks into bytes of one continuous stream (pcm, wav, ogg/opus, adts/aac)."""
 
     def __init__(self, fmt_name: str, in_rate: int, out_rate: int):
         if fmt_name not in STREAMABLE:
@@ -116,8 +168,11 @@ class StreamEncoder:
         # A stateful resampler: resampling each chunk on its own would click at every chunk edge.
         self._resampler = soxr.ResampleStream(rate, self.rate, 1, dtype="float32") if self.rate != rate else None
         self._sink: _AppendOnlySink | None = None
-        self._file: sf.SoundFile | None = None
-        if self.fmt.name == "opus":
+        self._file: sf.SoundFile | _FfmpegFile | None = None
+        if self.fmt.ffmpeg_format is not None:
+            self._sink = _AppendOnlySink()
+            self._file = _FfmpegFile(self._sink, self.fmt, self.rate)
+        elif self.fmt.name == "opus":
             self._sink = _AppendOnlySink()
             self._file = sf.SoundFile(self._sink, "w", self.rate, 1, format=self.fmt.sf_format,
                                       subtype=self.fmt.sf_subtype)

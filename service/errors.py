@@ -15,6 +15,7 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not_found"  # it names something that does not exist (a deleted voice)
     TOO_LARGE = "too_large"  # text or a file beyond a stated limit
     UNSUPPORTED_MEDIA = "unsupported_media"  # a file that is not audio this server decodes
+    QUOTA = "quota"  # the client's own allowance (characters per day) is spent: retry after the stated seconds
     OVERLOADED = "overloaded"  # the queue is full: retry after the stated seconds
     UNAVAILABLE = "unavailable"  # not ready yet, or shutting down: retry, maybe elsewhere
     DEADLINE = "deadline"  # the request's own time limit passed

@@ -35,6 +35,17 @@ class Metrics:
         self.rtf = Histogram("voxbox_real_time_factor", "Synthesis time / audio duration per job", m,
                              buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5, 10), registry=r)
 
+        # Per client (service/usage.py: the gateway's key hash or user name; "other" beyond USAGE_MAX_CLIENTS).
+        c = ["client"]
+        self.client_requests = Counter("voxbox_client_requests", "Synthesis requests accepted, per client", c,
+                                       registry=r)
+        self.client_characters = Counter("voxbox_client_characters", "Input characters accepted (SSML: its text "
+                                         "without markup), per client", c, registry=r)
+        self.client_audio_seconds = Counter("voxbox_client_audio_seconds", "Seconds of audio sent, per client", c,
+                                            registry=r)
+        self.client_quota_refused = Counter("voxbox_client_quota_refused", "Requests refused because the "
+                                            "client's daily character quota was spent", c, registry=r)
+
     def for_model(self, model: str) -> "ModelMetrics":
         return ModelMetrics(self, model)
 

@@ -197,9 +197,14 @@ class ModelSet:
         return any(rt.scheduler.draining for rt in self)
 
 
-def build_models(settings, metrics, voices, engine: Optional["Engine"] = None) -> ModelSet:
+def build_models(settings, metrics, voices, engine: Optional["Engine"] = None, lexicon=None,
+                 usage=None) -> ModelSet:
     """Engines, schedulers and service layers for every model entry; `engine` replaces the default
-    model's engine (tests' fake engines). Models load one after another, in the order listed."""
+    model's engine (tests' fake engines). Models load one after another, in the order listed. The
+    lexicon and the usage counts are the deployment's, shared by every model (default: no lexicon, and
+    usage counted with no quota)."""
+    from .lexicon import EMPTY
+    from .usage import Usage
     from .engines.registry import family_for
     from .scheduler import Scheduler
     from .synthesis import SynthesisService
@@ -207,13 +212,16 @@ def build_models(settings, metrics, voices, engine: Optional["Engine"] = None) -
     specs = settings.model_specs
     families = {s.name: family_for(s) for s in specs}
     lay_out_memory(specs, settings.tts_device, {n: f.needs_checkpoint for n, f in families.items()})
+    usage, lexicon = usage or Usage(metrics), lexicon or EMPTY
     runtimes, previous = [], None
     for spec in specs:
         eng = engine if engine is not None and spec.default else families[spec.name].build(spec, settings)
         sched = Scheduler(eng, metrics.for_model(spec.name), settings.queue_size, settings.retry_after_s,
-                          settings.warmup, spec.max_batch(settings), settings.batch_capacity, load_after=previous)
+                          settings.warmup, spec.max_batch(settings), settings.batch_capacity, load_after=previous,
+                          carry_s=settings.carry_seconds)
         previous = sched.loaded
-        runtimes.append(ModelRuntime(spec, eng, sched, SynthesisService(settings, eng, sched, voices)))
+        runtimes.append(ModelRuntime(spec, eng, sched, SynthesisService(settings, eng, sched, voices, usage,
+                                                                                lexicon)))
         log.info("model %s: %s engine%s%s", spec.name, eng.name, f", {spec.dir}" if spec.dir else "",
                  f", {spec.memory_fraction:.0%} of the GPU memory free at its load" if spec.memory_fraction < 1
                  else "")

@@ -13,14 +13,15 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .admission import Waiting, choose_admissions
 from .audio import resample, time_stretch
-from .engines import Engine, NothingToSay, SynthesisParams, VoicePrompt
+from .carry import continuation
+from .engines import Continuation, Engine, NothingToSay, SynthesisParams, VoicePrompt
 from .engines.base import BatchingEngine, GenerationBatch
 from .metrics import ModelMetrics
 
@@ -134,8 +135,10 @@ class Job:
 class Scheduler:
     def __init__(self, engine: Engine, metrics: "ModelMetrics", queue_size: int, retry_after_s: int,
                  warmup: bool = True, max_batch: str = "1", batch_cap: int = 1,
-                 load_after: Optional[threading.Event] = None):
+                 load_after: Optional[threading.Event] = None, carry_s: float = 0.0):
         self.engine = engine
+        # Voice carry (Settings.carry_seconds): the continuation prompt's bound in seconds; 0 is off.
+        self.carry_s = carry_s
         self.max_batch = max_batch
         # Most requests one batch may hold: what the request threads can carry (Settings.batch_capacity),
         # so a batch never takes the threads that answer health checks and shed load.
@@ -338,16 +341,31 @@ class Scheduler:
     def _execute(self, job: Job) -> None:
         job.started_at = time.monotonic()
         self.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        carries = self.carries(job)
+        # A carried job is generated at speed 1 and stretched here (as the batch loop does): the prompt
+        # then carries the model's own pace, not a stretched one the next chunk would copy and the
+        # stretch compound. Otherwise the engine applies the speed its own way.
+        params = replace(job.params, speed=1.0) if carries else job.params
+        stretch = job.params.speed if carries and abs(job.params.speed - 1.0) > 1e-3 else None
+        carry = None
         try:
-            for sentence in job.sentences:
+            for i, sentence in enumerate(job.sentences):
                 self._check(job)
+                pieces = []
                 if job.stream:
-                    for piece in self.engine.stream(sentence, job.preset, job.prompt, job.params):
-                        self.emit(job, piece, False)
+                    for piece in self.engine.stream(sentence, job.preset, job.prompt, params, carry):
+                        pieces.append(piece)
+                        if stretch is None:
+                            self.emit(job, piece, False)
                         self._check(job)
+                    if stretch is not None:
+                        self.emit(job, time_stretch(np.concatenate(pieces), stretch), False)
                     self.emit(job, np.zeros(0, dtype=np.float32), True)
                 else:
-                    self.emit(job, self.engine.synthesize(sentence, job.preset, job.prompt, job.params), True)
+                    pieces.append(self.engine.synthesize(sentence, job.preset, job.prompt, params, carry))
+                    self.emit(job, time_stretch(pieces[0], stretch or 1.0), True)
+                if carries and i + 1 < len(job.sentences):
+                    carry = self.carry_from(job, i, pieces)
             job.finished_at = time.monotonic()
             self.record(job)
             job.events.put(Done())
@@ -358,6 +376,15 @@ class Scheduler:
         except Exception as e:
             log.exception("synthesis failed")
             job.events.put(Failed(e))
+
+    # -- voice carry: each chunk after the first continues from the one before (service/carry.py) --------
+    def carries(self, job: Job) -> bool:
+        return self.carry_s > 0 and self.engine.supports_carry and len(job.sentences) > 1
+
+    def carry_from(self, job: Job, sentence: int, pieces: list[np.ndarray]) -> Continuation:
+        """The prompt that sentence `sentence`, just made as `pieces` (at speed 1), leaves for the next."""
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return continuation(audio, job.sentences[sentence], self.engine.sample_rate, self.carry_s)
 
     def _check(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -395,6 +422,10 @@ class BatchLoop:
         # A request another key's rows hold back waits at most this long before the batch drains for it.
         self.drain_after_s = 2.0
         self.held: dict[int, list] = {}  # id(job) -> audio of the current sentence, for time-stretching
+        # Voice carry (Scheduler.carries): id(job) -> its current sentence's audio so far (at speed 1), and
+        # the prompt its finished sentence left for its next one.
+        self.made: dict[int, list] = {}
+        self.carry: dict[int, Continuation] = {}
 
     def run(self) -> None:
         s = self.s
@@ -420,6 +451,8 @@ class BatchLoop:
                 if done:
                     del self.rows[row]
                     if sentence + 1 < len(job.sentences):
+                        if s.carries(job):  # built now, as the sentence ends: nothing waits for later ones
+                            self.carry[id(job)] = s.carry_from(job, sentence, self.made.pop(id(job), []))
                         next_sentences.append((job, sentence + 1))
                     else:
                         self._complete(job)
@@ -446,7 +479,8 @@ class BatchLoop:
                 self.s.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
         try:
             rows = self.s.engine.batch_add(self.batch, [(job.sentences[i], job.prompt, job.params)
-                                                        for job, i in starts])
+                                                        for job, i in starts],
+                                           carries=[self.carry.get(id(job)) for job, _ in starts])
         except Exception as e:
             if len(starts) > 1:  # find the request that cannot join; the others still go in
                 for one in starts:
@@ -458,6 +492,7 @@ class BatchLoop:
             return
         for row, start in zip(rows, starts):
             self.rows[row] = start
+            self.carry.pop(id(start[0]), None)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -469,6 +504,8 @@ class BatchLoop:
                     f"synthesis did not finish within the {job.timeout_s:.0f}s request deadline"))
 
     def _audio(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
+        if self.s.carries(job):
+            self.made.setdefault(id(job), []).append(audio)
         speed = job.params.speed
         if abs(speed - 1.0) > 1e-3:  # tempo change needs the whole sentence
             self.held.setdefault(id(job), []).append(audio)
@@ -491,4 +528,6 @@ class BatchLoop:
 
     def _end(self, job: Job, event: Optional[JobEvent]) -> None:
         self.held.pop(id(job), None)
+        self.made.pop(id(job), None)
+        self.carry.pop(id(job), None)
         self.s.left_batch(job, event)

@@ -49,6 +49,25 @@ class Settings(BaseSettings):
     # Streamed requests start with a short first chunk (its first sentence or clause) on engines that
     # make a chunk's audio all at once (the embedded one), so the first audio comes early.
     stream_short_first_chunk: bool = True
+    # Voice carry: a multi-chunk request keeps one voice, each chunk after the first continuing from the
+    # previous chunk's audio and text (its last VOICE_CARRY_MAX_S seconds), on engines that support it
+    # (Engine.supports_carry). off: every chunk is generated on its own (the zero-shot voice may change).
+    voice_carry: Literal["on", "off"] = "on"
+    voice_carry_max_s: float = Field(5.0, ge=1.0, le=30.0)
+    # SSML input (service/ssml.py): the longest <break> and the most pause one request may ask for.
+    ssml_max_break_s: float = Field(10.0, gt=0)
+    ssml_max_total_break_s: float = Field(60.0, gt=0)
+    # Pronunciation lexicon (service/lexicon.py): a JSON or TSV file of word -> replacement, applied to
+    # every request's text. A malformed file stops the worker at start.
+    lexicon_file: Optional[Path] = None
+
+    # Usage per client (service/usage.py): the gateway's X-Client-Id (a key's hash or a user name).
+    # Characters one client may send per UTC day (0: no quota), and per-client limits that replace it:
+    # JSON, {"key:0123456789abcdef": 100000, "user:alice": 0} (0 there: no quota for that client).
+    daily_char_quota: int = Field(0, ge=0)
+    client_char_quotas: str = ""
+    # Clients counted by name in /metrics; more than this share the label "other" (bounded cardinality).
+    usage_max_clients: int = Field(200, ge=1)
 
     # Scheduling
     # Requests waiting for the inference thread; one more gets 503 at once. Each waits on a request
@@ -104,6 +123,20 @@ class Settings(BaseSettings):
         if not rates or any(r < 8000 or r > 192000 for r in rates):
             raise ValueError("ALLOWED_SAMPLE_RATES must be comma-separated rates between 8000 and 192000")
         return v
+
+    @field_validator("client_char_quotas")
+    @classmethod
+    def _quotas_are_a_json_object(cls, v: str) -> str:
+        if v.strip():
+            from .usage import parse_quotas
+
+            parse_quotas(v)
+        return v
+
+    @property
+    def carry_seconds(self) -> float:
+        """The continuation prompt's bound for the scheduler; 0 when voice carry is off."""
+        return self.voice_carry_max_s if self.voice_carry == "on" else 0.0
 
     @property
     def ws_connection_limit(self) -> int:
@@ -191,6 +224,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate is not None and self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
+        if self.lexicon_file is not None:  # a malformed lexicon (LexiconError names its line) stops the start
+            from .lexicon import load
+
+            load(self.lexicon_file)
 
 
 def load_settings() -> Settings:

@@ -9,13 +9,15 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from . import text as textmod
+from . import ssml, text as textmod
 from .errors import ErrorKind, ServiceError
+from .lexicon import EMPTY, Lexicon
 from .audio import Stitcher, resample
 from .encode import StreamEncoder
 from .engines import Engine, NothingToSay, SynthesisParams, UnsupportedRequest, VoicePrompt
 from .scheduler import Cancelled, DeadlineExceeded, Job, NotReady, Overloaded, Scheduler, ShuttingDown
 from .settings import Settings
+from .usage import ANONYMOUS, QuotaExceeded, Usage
 from .voices import VoiceStore, is_voice_id
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,29 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "on
 
 
 @dataclass
+class Plan:
+    """A request's text, ready to queue: its chunks, the silence around them (SSML breaks), its size."""
+    chunks: list[str]
+    pauses: tuple[float, ...]  # seconds before chunk 0, then after each chunk (len(chunks) + 1)
+    characters: int  # what usage counts: the input (SSML: its text without the markup)
+
+
+@dataclass
 class Prepared:
     job: Job
     sample_rate: int
     received_at: float
+    stitcher: Stitcher  # joins the job's sentences and their pauses; knows where each one ends (captions)
+    client: str = ANONYMOUS
+    characters: int = 0  # the input's, as usage counts them (SSML: without the markup)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One sentence chunk's text and where it is heard, in seconds of the output audio."""
+    text: str
+    start: float
+    end: float
 
 
 @dataclass
@@ -39,11 +60,15 @@ class Result:
 
 
 class SynthesisService:
-    def __init__(self, settings: Settings, engine: Engine, scheduler: Scheduler, voices: VoiceStore):
+    def __init__(self, settings: Settings, engine: Engine, scheduler: Scheduler, voices: VoiceStore, usage: Usage,
+                 lexicon: Lexicon = EMPTY):
         self.settings = settings
         self.engine = engine
         self.scheduler = scheduler
         self.voices = voices
+        self.lexicon = lexicon
+        self.usage = usage
+        self.ssml_limits = ssml.Limits(settings.ssml_max_break_s, settings.ssml_max_total_break_s)
 
     # -- validation --------------------------------------------------------------------------
     def resolve_voice(self, name: str) -> tuple[str, Optional[VoicePrompt]]:
@@ -120,8 +145,17 @@ class SynthesisService:
             raise ServiceError(ErrorKind.INVALID, e.code, str(e)) from None
 
     def prepare_text(self, raw: str, lang: str, stream: bool = False) -> list[str]:
-        """Checked, normalised text in chunks; a stream starts with a short chunk where the engine makes a
-        chunk's audio all at once (Engine.first_chunk_chars; STREAM_SHORT_FIRST_CHUNK)."""
+        """Checked, normalised text in chunks (see prepare)."""
+        return self.prepare(raw, lang, stream).chunks
+
+    def prepare(self, raw: str, lang: str, stream: bool = False, input_format: str = "auto") -> Plan:
+        """Checked, normalised text in chunks, with the lexicon applied and SSML breaks placed between
+        chunks; a stream starts with a short chunk where the engine makes a chunk's audio all at once
+        (Engine.first_chunk_chars; STREAM_SHORT_FIRST_CHUNK).
+
+        input_format: "ssml" parses the text as SSML, "text" never does, "auto" does when it starts
+        with <speak>. Text is never chunked across a break, so each pause falls exactly where it was written.
+        """
         if len(raw) > self.settings.max_text_chars:
             raise ServiceError(
                 ErrorKind.TOO_LARGE,
@@ -129,10 +163,12 @@ class SynthesisService:
                 f"text has {len(raw)} characters; the limit is "
                 f"{self.settings.max_text_chars} (MAX_TEXT_CHARS). Split it into several requests",
             )
+        spoken = self._spoken(raw, input_format)
         try:
-            text = textmod.normalize(raw)
+            texts = [textmod.normalize(piece.text) for piece in spoken.pieces] or [textmod.normalize("")]
         except textmod.TextError as e:
             raise ServiceError(ErrorKind.INVALID, "invalid_text", str(e)) from None
+        text = "\n".join(texts)
         langs = self.engine.info().languages
         # auto reads Chinese characters as Chinese; other languages are told by the model itself.
         wanted = lang if lang != "auto" else "zh" if textmod.has_cjk(text) else None
@@ -148,18 +184,52 @@ class SynthesisService:
         if not textmod.has_speakable(text, langs):
             raise _nothing_to_say(langs)
         short_first = stream and self.settings.stream_short_first_chunk
-        return textmod.split_sentences(text, min(self.settings.max_chunk_chars, self.engine.max_chunk_chars),
-                                       first_max=self.engine.first_chunk_chars if short_first else 0)
+        max_chars = min(self.settings.max_chunk_chars, self.engine.max_chunk_chars)
+        chunks: list[str] = []
+        pauses = [spoken.lead_s]
+        for piece, piece_text in zip(spoken.pieces, texts):
+            if not textmod.has_speakable(piece_text, langs):  # punctuation between two breaks: only the pause
+                pauses[-1] += piece.pause_s
+                continue
+            part = textmod.split_sentences(piece_text, max_chars,
+                                           first_max=self.engine.first_chunk_chars if short_first and not chunks
+                                           else 0)
+            chunks += part
+            pauses += [0.0] * (len(part) - 1) + [piece.pause_s]
+        return Plan(chunks, tuple(pauses), len(raw) if spoken.plain else len(spoken.text))
+
+    def _spoken(self, raw: str, input_format: str) -> ssml.Spoken:
+        """The text to say and its pauses: SSML parsed, the lexicon applied to the text as written."""
+        if input_format == "text" or (input_format == "auto" and not ssml.is_ssml(raw)):
+            return ssml.Spoken([ssml.Piece(self.lexicon.apply(raw))], plain=True)
+        try:
+            return ssml.parse(raw, self.ssml_limits, self.lexicon.apply)
+        except ssml.SSMLError as e:
+            raise ServiceError(ErrorKind.INVALID, e.code, str(e)) from None
 
     # -- execution ---------------------------------------------------------------------------
     def start(self, text: str, lang: str, voice: str, params: SynthesisParams, rate: Optional[int], stream: bool,
-              endpoint: str) -> Prepared:
-        """The one way a request becomes a queued job, for every endpoint: output rate, text, voice, queue."""
+              endpoint: str, input_format: str = "auto", client: str = ANONYMOUS) -> Prepared:
+        """The one way a request becomes a queued job, for every endpoint: output rate, text, voice, the
+        client's quota, queue."""
         rate = self.check_rate(rate)
-        return self.submit(self.prepare_text(text, lang, stream), voice, params, rate, stream, endpoint)
+        plan = self.prepare(text, lang, stream, input_format)
+        try:
+            self.usage.admit(client, plan.characters)
+        except QuotaExceeded as e:
+            raise ServiceError(ErrorKind.QUOTA, "quota_exceeded", str(e), retry_after=e.retry_after) from None
+        try:
+            prep = self.submit(plan.chunks, voice, params, rate, stream, endpoint, plan.pauses)
+        except ServiceError:  # not queued (a full queue, an unknown voice): its characters are not spent
+            self.usage.refund(client, plan.characters)
+            raise
+        self.usage.accepted(client, plan.characters)
+        prep.client, prep.characters = client, plan.characters
+        return prep
 
     def submit(
-        self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str
+        self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str,
+        pauses: tuple[float, ...] = (),
     ) -> Prepared:
         received = time.monotonic()
         preset, prompt = self.resolve_voice(voice)
@@ -183,10 +253,10 @@ class SynthesisService:
             raise ServiceError(
                 ErrorKind.UNAVAILABLE, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s
             ) from None
-        return Prepared(job, rate, received)
+        return Prepared(job, rate, received, Stitcher(self.engine.sample_rate, self.settings.crossfade_ms, pauses))
 
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
-        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        stitcher = prep.stitcher
         parts = []
         for event in self._events(prep, client_gone):
             parts.append(stitcher.push(event.audio, event.sentence_ends))
@@ -194,6 +264,7 @@ class SynthesisService:
         if sum(p.size for p in parts) == 0:
             raise _nothing_to_say()
         audio = resample(np.concatenate(parts), self.engine.sample_rate, prep.sample_rate)
+        self.usage.audio(prep.client, audio.size / prep.sample_rate)
         return Result(audio, prep.sample_rate, time.monotonic() - prep.received_at)
 
     def stream(self, prep: Prepared, encoder: StreamEncoder, client_gone: Callable[[], bool]) -> Iterator[bytes]:
@@ -202,7 +273,7 @@ class SynthesisService:
         Nothing is yielded before the first audio exists, so a job that fails early (deadline, engine
         error) still gets a proper JSON error status instead of a 200 followed by a broken stream.
         """
-        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms)
+        stitcher = prep.stitcher
         try:
             first = True
             for event in self._events(prep, client_gone):
@@ -221,6 +292,15 @@ class SynthesisService:
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
+            self.usage.audio(prep.client, encoder.seconds)
+
+    def captions(self, prep: Prepared) -> list[Caption]:
+        """Each sentence chunk with its start and end, once the job's audio is complete (collect or stream)."""
+        rate, start, out = self.engine.sample_rate, 0.0, []
+        for text, end in zip(prep.job.sentences, prep.stitcher.ends):
+            out.append(Caption(text, round(start / rate, 3), round(end / rate, 3)))
+            start = end
+        return out
 
     def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
         try:

@@ -102,7 +102,9 @@ class VoiceStore:
         if not 1 <= len(name) <= 64 or not name.isprintable():
             raise VoiceError(ErrorKind.INVALID, "invalid_name", "name must be 1-64 printable characters")
         try:
-            transcript = textmod.normalize(transcript or "")
+            # A clip cloned as a reference alone (VoxCPM2) needs no transcript; continuing one does.
+            reference_only = not (transcript or "").strip() and CloneMode.REFERENCE.value in modes
+            transcript = "" if reference_only else textmod.normalize(transcript or "")
         except textmod.TextError as e:
             raise VoiceError(ErrorKind.INVALID, "invalid_transcript", f"transcript: {e}") from None
         if len(transcript) > 1000:

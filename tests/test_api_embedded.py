@@ -90,6 +90,35 @@ def test_openai_speech_formats(worker, fmt, ctype):
     assert_speech(audio, rate)
 
 
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_openai_speech_aac_whole_and_streamed(worker, rate):
+    """AAC (ADTS), one of OpenAI's six formats: whole, streamed and as SSE, each decoding to the same speech."""
+    from .test_audio_encode import decode_aac
+
+    body = {"input": SENTENCE, "response_format": "aac", "sample_rate": rate}
+    whole = requests.post(f"{worker.url}/v1/audio/speech", json=body)
+    assert whole.status_code == 200 and whole.headers["Content-Type"] == "audio/aac", whole.text
+    assert whole.headers["X-Sample-Rate"] == str(rate)
+    audio, got = decode_aac(whole.content)
+    assert got == rate
+    assert_speech(audio, rate)
+    seconds = float(whole.headers["X-Audio-Duration"])
+    assert seconds <= audio.size / rate <= seconds + 3 * 1024 / rate  # the codec's priming and last frame
+    with requests.post(f"{worker.url}/v1/audio/speech", json={**body, "stream": True}, stream=True) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"] == "audio/aac"
+        streamed = b"".join(r.iter_content(chunk_size=None))
+    s_audio, _ = decode_aac(streamed)
+    # The same speech (a stream's first chunk is shorter, so its pauses may differ a little).
+    assert abs(s_audio.size - audio.size) / rate < 0.3
+    assert_speech(s_audio, rate)
+    with requests.post(f"{worker.url}/v1/audio/speech", json={**body, "stream_format": "sse"}, stream=True) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    sse_audio, _ = decode_aac(b"".join(base64.b64decode(e["audio"]) for e in events[:-1]))
+    assert abs(sse_audio.size - audio.size) / rate < 0.3
+    assert_speech(sse_audio, rate)
+
+
 def test_openai_speech_pcm_and_speed(worker):
     slow = requests.post(f"{worker.url}/v1/audio/speech",
                          json={"input": SENTENCE, "response_format": "pcm", "speed": 0.5})
@@ -171,7 +200,8 @@ BAD = [
     ("wrong type", {"text": 123}, 400, "invalid_request"),
     ("unknown field", {"text": "hi", "volume": 3}, 400, "invalid_request"),
     ("bad rate", {"text": "hi", "sample_rate": 12345}, 400, "unsupported_sample_rate"),
-    ("bad lang", {"text": "hi", "lang": "fr"}, 400, "invalid_request"),
+    ("lang it does not speak", {"text": "hi", "lang": "fr"}, 400, "unsupported_language"),
+    ("bad lang", {"text": "hi", "lang": 3}, 400, "invalid_request"),
     ("chinese on english engine", {"text": "你好世界"}, 400, "unsupported_language"),
     ("unknown style", {"text": "hi", "style": "nobody"}, 400, "unknown_voice"),
     ("too long", {"text": "a" * 2001}, 413, "text_too_long"),
@@ -209,7 +239,7 @@ def test_invalid_json(worker, raw):
 
 
 def test_speech_bad_inputs(worker):
-    cases = [({"input": "hi", "response_format": "aac"}, "invalid_request"),
+    cases = [({"input": "hi", "response_format": "m4a"}, "invalid_request"),
              ({"input": "hi", "speed": 10}, "invalid_request"),
              ({"input": "hi", "response_format": "flac", "stream": True}, "format_not_streamable"),
              ({"input": "hi", "response_format": "mp3", "stream_format": "sse"}, "format_not_streamable"),
@@ -283,3 +313,88 @@ def test_a_short_text_streams_its_first_audio_early(worker):
     # Not streamed: one chunk as before (the short first chunk is for streams only).
     body = requests.post(f"{worker.url}/tts", json={"text": text}).json()
     assert body["duration"] > 3
+
+
+def test_instructions_are_taken_everywhere_and_said_ignored(worker):
+    """OpenAI's `instructions`: accepted on every endpoint; the embedded engine cannot apply them, and says so."""
+    models = requests.get(f"{worker.url}/v1/models").json()["data"]
+    assert [m["supports_instructions"] for m in models] == [False]
+    cheerful = "Speak in a cheerful tone."
+    tts = requests.post(f"{worker.url}/tts", json={"text": "Hello there.", "instructions": cheerful})
+    assert tts.status_code == 200 and tts.headers["X-Instructions-Ignored"] == "true"
+    assert_speech(*decode_wav(base64.b64decode(tts.json()["audio_base64"])), 0.3)
+    for extra in ({}, {"stream": True}, {"stream_format": "sse"}):
+        r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": "Hello there.", "instructions": cheerful,
+                                                                 "response_format": "wav", **extra})
+        assert r.status_code == 200 and r.headers["X-Instructions-Ignored"] == "true", (extra, r.text)
+    # No instructions (or only blanks): nothing was ignored, no header.
+    for body in ({"text": "Hello there."}, {"text": "Hello there.", "instructions": "  "}):
+        assert "X-Instructions-Ignored" not in requests.post(f"{worker.url}/tts", json=body).headers
+    r = requests.post(f"{worker.url}/tts", json={"text": "Hello.", "instructions": "x" * 1001})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert "instructions" in r.json()["error"]["message"] and "1000" in r.json()["error"]["message"]
+
+
+def test_openai_sdk_with_instructions(worker):
+    """The current OpenAI SDK's call, as its documentation writes it (mp3, gpt-4o-mini-tts, instructions)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{worker.url}/v1", api_key="unused-by-the-bare-worker", max_retries=0)
+    resp = client.audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input=SENTENCE,
+                                                        instructions="Speak in a cheerful tone.")
+    assert resp.http_response.status_code == 200
+    assert resp.headers["content-type"] == "audio/mpeg" and resp.headers["x-instructions-ignored"] == "true"
+    assert_speech(*decode_wav(resp.parse().content))  # what create() itself returns
+
+
+# Three sentences of over 100 characters: no two fit one 200-character chunk, so three captions.
+CAPTIONED = ["The morning train to the city was late again, so most of the people on the platform waited "
+             "in the cold rain.",
+             "Inside the small bakery near the station, the owner was already selling fresh bread and hot "
+             "coffee to everyone.",
+             "By noon the sun came out, the streets dried quickly, and the children in the park started "
+             "playing football."]
+
+
+def assert_captions_tile(captions: list[dict], seconds: float, rate: int):
+    """From 0 to the end of the audio, each caption starting where the one before ends."""
+    assert captions[0]["start"] == 0
+    for before, after in zip(captions, captions[1:]):
+        assert before["start"] < before["end"] == after["start"]
+    assert abs(captions[-1]["end"] - seconds) <= max(1024 / rate, 0.002), (captions[-1], seconds)
+
+
+def test_tts_captions_match_the_audio(worker):
+    """timestamps: sentence: each chunk's caption, cut out of the audio at its times, says that chunk."""
+    from .support.asr import transcribe, word_error_rate
+
+    body = requests.post(f"{worker.url}/tts", json={"text": " ".join(CAPTIONED), "timestamps": "sentence",
+                                                    "sample_rate": 16000}).json()
+    captions = body["captions"]
+    assert [c["text"] for c in captions] == CAPTIONED
+    audio, rate = decode_wav(base64.b64decode(body["audio_base64"]))
+    assert_captions_tile(captions, audio.size / rate, rate)
+    assert abs(captions[-1]["end"] - body["duration"]) <= 0.002
+    for c in captions:
+        heard = transcribe(audio[int(c["start"] * rate):int(c["end"] * rate)], rate)
+        assert word_error_rate(c["text"], heard) <= 0.25, (c, heard)
+    assert "captions" not in requests.post(f"{worker.url}/tts", json={"text": "No captions."}).json()
+
+
+def test_speech_sse_done_carries_captions(worker):
+    text = " ".join(CAPTIONED)
+    with requests.post(f"{worker.url}/v1/audio/speech", stream=True,
+                       json={"input": text, "response_format": "pcm", "stream_format": "sse",
+                             "timestamps": "sentence", "sample_rate": 24000}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")]
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert_captions_tile(done["captions"], len(pcm) / 2 / 24000, 24000)
+    # A stream starts with a short chunk (the first clause), so there may be one caption more.
+    assert " ".join(c["text"] for c in done["captions"]) == text and len(done["captions"]) >= 3
+    # Captions need somewhere to go: an audio body has none.
+    r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": "Hi.", "timestamps": "sentence"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "timestamps_need_sse"
+    r = requests.post(f"{worker.url}/tts", json={"text": "Hi.", "timestamps": "word"})
+    assert r.status_code == 400 and "timestamps" in r.json()["error"]["message"]

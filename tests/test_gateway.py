@@ -185,6 +185,11 @@ def test_openai_sdk_through_gateway(gateway):
     audio = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the OpenAI SDK.",
                                        response_format="wav")
     assert audio.content[:4] == b"RIFF" and len(audio.content) > 20_000
+    # The SDK's current call with instructions, in AAC: through the gateway, the header saying they were ignored too.
+    aac = client.audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input="Hello again.",
+                                                       instructions="Speak in a cheerful tone.", response_format="aac")
+    assert aac.headers["content-type"] == "audio/aac" and aac.headers["x-instructions-ignored"] == "true"
+    assert aac.parse().content[:2] == b"\xff\xf1"  # an ADTS frame's sync word
     bad = OpenAI(base_url=f"{gateway.url}/v1", api_key="not-a-valid-key-000000", max_retries=0)
     with pytest.raises(Exception) as e:
         bad.audio.speech.create(model="tts-1", voice="alloy", input="x")

@@ -21,6 +21,7 @@ from .support.upstream import dns_server, recording_server
 USER, PASSWORD = "alice", "correct horse battery"
 KEY = "vbx_" + "0123456789abcdef" * 3
 KEY_ID = "apikey:" + hashlib.sha256(KEY.encode()).hexdigest()[:8]
+CLIENT_ID = "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]  # X-Client-Id, what usage is counted by
 BASIC_TOKEN = "Basic " + __import__("base64").b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 CREDS = {"BASIC_AUTH_USERS": f"{USER}:{PASSWORD}", "API_KEYS": KEY}
 STREAMS = 2
@@ -54,7 +55,7 @@ LOCATIONS = [("GET", "/healthz", ()), ("GET", "/info", ()), ("GET", "/", ()), ("
                                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="))]
 SPOOFED = ("X-Forwarded-For: 203.0.113.9", "X-Forwarded-User: admin", "X-Forwarded-Proto: https",
            "X-Forwarded-Host: evil.example", "X-Forwarded-Port: 443", "X-Forwarded-Prefix: /evil",
-           "X-Real-IP: 203.0.113.9", "Forwarded: for=203.0.113.9;proto=https")
+           "X-Real-IP: 203.0.113.9", "Forwarded: for=203.0.113.9;proto=https", "X-Client-Id: key:0000000000000000")
 
 
 @pytest.mark.parametrize("auth", ["basic", "bearer"])
@@ -76,6 +77,8 @@ def test_every_location_sends_the_worker_the_same_sanitised_headers(gw, upstream
     # /healthz runs without authentication: no user name is vouched for there.
     expected_user = None if path == "/healthz" else (USER if auth == "basic" else KEY_ID)
     assert seen.get("x-forwarded-user") == expected_user
+    expected_client = None if path == "/healthz" else (f"user:{USER}" if auth == "basic" else CLIENT_ID)
+    assert seen.get("x-client-id") == expected_client  # the gateway's, never the client's own
     if path == "/v1/stream":
         assert seen["upgrade"] == "websocket" and seen["connection"].lower() == "upgrade"
         assert seen["sec-websocket-key"] == "dGhlIHNhbXBsZSBub25jZQ=="

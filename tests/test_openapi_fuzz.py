@@ -36,6 +36,14 @@ def test_document_states_the_limits_the_worker_enforces(worker):
     assert speech["lang"]["enum"] == ["auto", "en"]  # the embedded engine speaks English only
     assert next(s for s in tts["seed"]["anyOf"] if s.get("type") == "integer")["maximum"] == 2**31 - 1
     assert {"401", "403", "413", "429"} <= set(doc["paths"]["/v1/audio/speech"]["post"]["responses"])
+    # OpenAI's instructions (bounded) and aac; the header that says instructions were ignored; captions.
+    instructions = next(s for s in speech["instructions"]["anyOf"] if s.get("type") == "string")
+    assert instructions["maxLength"] == 1000 and "instructions" in tts
+    assert "aac" in speech["response_format"]["enum"]
+    assert "audio/aac" in doc["paths"]["/v1/audio/speech"]["post"]["responses"]["200"]["content"]
+    for path in ("/tts", "/v1/audio/speech"):
+        assert "X-Instructions-Ignored" in doc["paths"][path]["post"]["responses"]["200"]["headers"]
+    assert "captions" in schemas["TTSResponse"]["properties"] and "captions" in schemas["SpeechAudioDone"]["properties"]
     # mp3 (the default) cannot be streamed: the document says so, the worker refuses it.
     assert "allOf" in schemas["SpeechRequest"]
     r = requests.post(f"{worker.url}/v1/audio/speech", json={"input": "Hi.", "stream_format": "sse"}, timeout=30)

@@ -73,6 +73,27 @@ def test_tts_is_44k1_audio_in_whole_tokens(worker):
     assert float(np.abs(audio).max()) > 0
 
 
+def test_captions_fall_on_token_boundaries_and_instructions_are_said_ignored(worker):
+    """Without a crossfade, each chunk's audio is whole 160 ms tokens: every caption edge is on one, serial or
+    batched. VoxCPM-1.5 has no control text, so instructions are ignored, and said so."""
+    text = ("The first chunk of this request is a sentence long enough that the second one cannot join it here. "
+            "The second chunk is another sentence of over a hundred characters, so the two stay separate chunks.")
+    r = requests.post(f"{worker.url}/tts", json={"text": text, "seed": 3, "max_len": 8, "timestamps": "sentence",
+                                                 "instructions": "Whisper it."})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Instructions-Ignored"] == "true"
+    body = r.json()
+    audio, rate = wav(body)
+    captions = body["captions"]
+    assert len(captions) == 2 and captions[0]["start"] == 0 and captions[0]["end"] == captions[1]["start"]
+    assert captions[1]["end"] == round(audio.size / rate, 3)
+    token_s = TOKEN_SAMPLES / 44100
+    for edge in (captions[0]["end"], captions[1]["end"]):
+        assert edge > 0 and abs(edge / token_s - round(edge / token_s)) < 1e-2, captions
+    model = requests.get(f"{worker.url}/v1/models").json()["data"][0]
+    assert model["supports_instructions"] is False
+
+
 def test_same_seed_same_audio(worker):
     body = {"text": "Determinism check.", "seed": 7, "sample_rate": 16000}
     a, _ = wav(requests.post(f"{worker.url}/tts", json=body).json())

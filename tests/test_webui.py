@@ -12,6 +12,7 @@ import requests
 import soundfile as sf
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from .support.browser import chromium
@@ -21,8 +22,10 @@ from .support.worker import SLOW_APP, start_worker
 from service.voices import VoiceStore
 
 ARTIFACTS = REPO_ROOT / "artifacts"
-DOCS_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-ui.png"
-DOCS_SCREENSHOT_PHONE = REPO_ROOT / "docs" / "screenshot-ui-phone.png"
+# The screenshots in docs/ (desktop, phone, desktop in dark mode), refreshed by test_docs_screenshots.
+DOCS_SCREENSHOTS = {"ui": REPO_ROOT / "docs" / "screenshot-ui.png",
+                    "ui-phone": REPO_ROOT / "docs" / "screenshot-ui-phone.png",
+                    "ui-dark": REPO_ROOT / "docs" / "screenshot-ui-dark.png"}
 AUTH = ("ui", "secret-password")
 
 
@@ -111,11 +114,7 @@ def test_generate_plays_audio_of_the_right_length(browser, worker):
     # The embedded engine has no VoxCPM knobs: they are hidden, not silently sent.
     assert not browser.find_element(By.ID, "cfg").is_enabled()
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "ui-desktop.png"
-    browser.save_screenshot(str(shot))
-    assert 0 < shot.stat().st_size < 300_000
-    if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":  # refresh the committed copy on request only
-        shutil.copyfile(shot, DOCS_SCREENSHOT)
+    browser.save_screenshot(str(ARTIFACTS / "ui-desktop.png"))
 
 
 def test_stream_receives_chunks_before_done(browser, worker):
@@ -139,6 +138,35 @@ def test_stream_receives_chunks_before_done(browser, worker):
     assert abs(duration - streamed) < 0.05 * streamed
 
 
+def test_stream_starts_playing_before_generate_would_have_finished(browser, worker):
+    """Issue 17, item 7: for a short text the UI's Stream is heard before Generate has its audio. Both are
+    timed by the page itself (performance.now()), alternating in one page so that a busy machine slows both;
+    the medians of three rounds are compared. Measured on a 2-core VM: Stream is heard after about 0.3-0.4 of
+    Generate's time; with the first chunk as long as any other (STREAM_SHORT_FIRST_CHUNK=0) after about 0.9,
+    which the two-thirds bound below refuses."""
+    open_page(browser, worker.url + "/")
+    set_text(browser, "Streaming starts with the first sentence, while the rest is made. Generate has to wait "
+                      "for the whole text before it can play anything at all.")
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    played, generated = [], []
+    for _ in range(3):
+        before = browser.execute_script("return window.voxbox.generations")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+        vb = browser.execute_script("return window.voxbox")
+        generated.append((vb["generateDoneAt"] - vb["generateStartedAt"]) / 1000)
+        browser.find_element(By.ID, "stream").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+        vb = browser.execute_script("return window.voxbox")
+        assert vb["lastError"] is None and vb["chunksReceived"] >= 2, vb
+        # Scheduled on a running AudioContext: the time it is due is when it is heard.
+        assert vb["playState"] == "running", vb
+        played.append((vb["playStartAt"] - vb["streamStartedAt"]) / 1000)
+    play, gen = sorted(played)[1], sorted(generated)[1]
+    print(f"stream first sound {played} s; generate audio in hand {generated} s; medians {play:.3f} / {gen:.3f}")
+    assert play < 2 / 3 * gen, (played, generated)
+
+
 def test_stop_cancels_a_stream(browser, worker):
     open_page(browser, worker.url + "/")
     set_text(browser, " ".join(f"Sentence {i} of a long stream that the user stops early." for i in range(16)))
@@ -149,6 +177,12 @@ def test_stop_cancels_a_stream(browser, worker):
     assert "Stream stopped" in browser.find_element(By.ID, "result-info").text
     assert browser.find_element(By.ID, "stream").is_enabled()
     assert not browser.find_element(By.ID, "error").is_displayed()
+    # Esc does what Stop does, from the keyboard.
+    browser.find_element(By.ID, "stream").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.chunksReceived >= 1"))
+    browser.find_element(By.ID, "text").send_keys(Keys.ESCAPE)
+    wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"), timeout=10)
+    assert "Stream stopped" in browser.find_element(By.ID, "result-info").text
 
 
 def test_upload_voice_appears_in_picker(browser, cloning_worker, tmp_path):
@@ -315,6 +349,111 @@ def test_voice_preview_plays_a_preset_sample_and_an_uploaded_clip(browser, worke
     assert not browser.find_element(By.ID, "error").is_displayed()
 
 
+def test_controls_are_labelled_for_assistive_technology(browser, worker):
+    open_page(browser, worker.url + "/")
+    controls = [el for el in browser.find_elements(By.CSS_SELECTOR, "input, select, textarea, button, a, summary")
+                if el.is_displayed()]
+    assert len(controls) > 15
+    # Every control a person can reach has a name a screen reader says (Chromium's computed label).
+    unnamed = [el.get_attribute("outerHTML")[:80] for el in controls if not el.accessible_name.strip()]
+    assert unnamed == []
+    assert browser.find_element(By.ID, "text").accessible_name == "Text"
+    assert browser.find_element(By.ID, "rate").accessible_name == "Sample rate"
+    assert browser.find_element(By.ID, "preview").accessible_name == "Preview voice"
+    assert browser.find_element(By.ID, "error").get_attribute("role") == "alert"  # hidden until an error: no computed role
+    assert browser.find_element(By.ID, "status").aria_role == "status"
+    assert "Control+Enter" in browser.find_element(By.ID, "generate").get_attribute("aria-keyshortcuts")
+
+
+def test_ctrl_enter_generates_with_a_busy_button_that_keeps_its_size(browser, worker):
+    open_page(browser, worker.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    open_page(browser, worker.url + "/")
+    # What the busy state did, recorded as it happened (the request is too quick to catch by polling).
+    browser.execute_script("""
+        window.busySeen = [];
+        const gen = document.getElementById('generate');
+        new MutationObserver(() => window.busySeen.push([gen.getAttribute('aria-busy'), gen.disabled,
+            gen.getBoundingClientRect().width, document.getElementById('stream').disabled,
+            document.getElementById('stop').disabled])).observe(gen, {attributes: true, attributeFilter: ['aria-busy']});
+        window.widthBefore = gen.getBoundingClientRect().width;""")
+    set_text(browser, "Made with the keyboard.")
+    browser.find_element(By.ID, "text").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    seen, before = browser.execute_script("return [window.busySeen, window.widthBefore]")
+    # Busy, then idle again: Generate spins (its width unchanged) while Stream is off and Stop is on.
+    assert [s[0] for s in seen] == ["true", "false"], seen
+    assert seen[0][1:] == [True, before, True, False] and seen[1][1:] == [False, before, False, True], seen
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "Made with the keyboard."  # no newline typed
+    # The result's waveform is drawn (bars on the canvas), and a click on it seeks.
+    painted = wait(browser, lambda b: b.execute_script("""
+        const c = document.getElementById('waveform'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n > 200 ? n : null;"""))
+    assert painted
+    player = browser.find_element(By.ID, "player")
+    browser.execute_script("arguments[0].pause()", player)
+    wave = browser.find_element(By.ID, "waveform")
+    browser.execute_script("""
+        const c = arguments[0], r = c.getBoundingClientRect();
+        c.dispatchEvent(new MouseEvent('click', {clientX: r.left + r.width * 0.75, clientY: r.top + 5, bubbles: true}));""", wave)
+    at = browser.execute_script("return arguments[0].currentTime / arguments[0].duration", player)
+    assert 0.7 < at < 0.8
+    # A history entry can be deleted on its own.
+    items = browser.find_elements(By.CSS_SELECTOR, "#history li")
+    assert len(items) == 1
+    items[0].find_element(By.XPATH, ".//button[contains(., 'Delete')]").click()
+    assert not browser.find_element(By.ID, "recent").is_displayed()
+    assert browser.execute_script("return localStorage.getItem('voxbox.history.v1')") == "[]"
+
+
+def test_dark_mode_follows_the_system_setting(worker):
+    def colours(b):
+        return b.execute_script("""
+            const lum = (c) => { const [r, g, bl] = c.match(/[0-9.]+/g).map(Number); return (0.2126 * r + 0.7152 * g + 0.0722 * bl) / 255; };
+            const s = (id) => getComputedStyle(id ? document.getElementById(id) : document.body);
+            return {page: lum(s().backgroundColor), text: lum(s().color), field: lum(s('text').backgroundColor),
+                    fieldText: lum(s('text').color)};""")
+
+    with chromium() as b:
+        open_page(b, worker.url + "/")
+        light = colours(b)
+        b.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark = colours(b)
+    assert light["page"] > 0.8 and light["text"] < 0.3 and light["field"] > 0.8
+    assert dark["page"] < 0.15 and dark["text"] > 0.7 and dark["field"] < 0.15 and dark["fieldText"] > 0.7, dark
+
+
+def test_instructions_box_only_for_models_that_apply_instructions(browser, worker):
+    open_page(browser, worker.url + "/")
+    entry = requests.get(f"{worker.url}/v1/models").json()["data"][0]
+    # The page follows GET /v1/models; a model without the field does not apply instructions.
+    applies = entry.get("supports_instructions") is True
+    assert browser.find_element(By.ID, "instructions-field").is_displayed() == applies
+    if not applies:
+        # Text left in a hidden box is not sent: this model takes the request as ever.
+        browser.execute_script("document.getElementById('instructions').value = 'Whisper it.'")
+        set_text(browser, "Instructions are not sent to this model.")
+        before = browser.execute_script("return window.voxbox.generations")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == before + 1)
+        assert browser.execute_script("return window.voxbox.lastError") is None
+    # The same entry saying it applies them (as a VoxCPM2 model's does): the box shows, and what is typed
+    # goes with Generate and Stream and is kept with the history entry.
+    browser.execute_script("state.models = state.models.map((m) => ({...m, supports_instructions: true})); applyModel();")
+    assert browser.find_element(By.ID, "instructions-field").is_displayed()
+    box = browser.find_element(By.ID, "instructions")
+    assert box.accessible_name.startswith("Instructions")
+    box.clear()
+    box.send_keys("  Speak in a cheerful tone.  ")
+    body = browser.execute_script("return requestBody()")
+    assert body["instructions"] == "Speak in a cheerful tone."
+    assert browser.execute_script("return streamRequest(requestBody())")["instructions"] == "Speak in a cheerful tone."
+    assert browser.execute_script("return settingsOf(requestBody())")["instructions"] == "Speak in a cheerful tone."
+    box.clear()
+    assert "instructions" not in browser.execute_script("return streamRequest(requestBody())")
+
+
 def test_phone_width_layout(worker):
     with chromium(390, 844) as phone:
         open_page(phone, worker.url + "/")
@@ -338,11 +477,44 @@ def test_phone_width_layout(worker):
         assert phone.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", label)
         assert label.text == "Choose a clip…"
         ARTIFACTS.mkdir(exist_ok=True)
-        phone.set_window_size(390, phone.execute_script("return document.documentElement.scrollHeight") + 140)
-        shot = ARTIFACTS / "ui-phone.png"
-        phone.save_screenshot(str(shot))
-        if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":
-            shutil.copyfile(shot, DOCS_SCREENSHOT_PHONE)
+        phone.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
+
+
+@pytest.mark.parametrize("name, width, height, dark", [("ui", 1280, 1000, False), ("ui-phone", 390, 0, False),
+                                                       ("ui-dark", 1280, 1000, True)])
+def test_docs_screenshots(worker, name, width, height, dark):
+    """The screenshots in docs/, of the page as a user has it after a Stream and a Generate, with the real
+    Chromium and the embedded engine. They land in artifacts/ every run; VOXBOX_UPDATE_SCREENSHOT=1 copies them
+    over docs/ (height 0: the whole page)."""
+    with chromium(width, height or 844) as b:
+        if dark:
+            b.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        open_page(b, worker.url + "/")
+        b.execute_script("localStorage.clear()")
+        b.refresh()
+        open_page(b, worker.url + "/")
+        set_text(b, "Welcome to VoxBox. Type anything here and it is read aloud in a moment.")
+        b.find_element(By.ID, "stream").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.streamDone"))
+        set_text(b, "Streaming starts with the first sentence. Generate makes the whole file, "
+                    "ready to download in the format you picked.")
+        Select(b.find_element(By.ID, "voice")).select_by_value("joe-lively")
+        b.find_element(By.ID, "generate").click()
+        wait(b, lambda x: x.execute_script("return window.voxbox.generations") == 2)
+        # A still moment: paused a third of the way through, the waveform drawn up to there.
+        wait(b, lambda x: x.execute_script("""
+            const p = document.getElementById('player');
+            if (!(p.readyState >= 1 && isFinite(p.duration)) || !wave.data) return false;
+            p.pause(); p.currentTime = p.duration / 3; paintWaveform(); return true;"""))
+        b.execute_script("document.activeElement.blur()")
+        if not height:
+            b.set_window_size(width, b.execute_script("return document.documentElement.scrollHeight") + 140)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / f"{name}.png"
+        b.save_screenshot(str(shot))
+    assert 10_000 < shot.stat().st_size < 250_000  # a page, not a blank; small enough to keep in git
+    if os.environ.get("VOXBOX_UPDATE_SCREENSHOT") == "1":  # refresh the committed copies on request only
+        shutil.copyfile(shot, DOCS_SCREENSHOTS[name])
 
 
 def test_through_the_gateway_with_basic_auth(gateway):
@@ -408,6 +580,15 @@ def test_api_docs_page_works_offline_through_the_gateway(gateway, worker):
         b.save_screenshot(str(ARTIFACTS / "api-docs.png"))
 
 
+def generate_then_stream(browser, text):
+    """Generate `text` once, then stream it, each to its end."""
+    set_text(browser, text)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
+    browser.find_element(By.ID, "stream").click()
+    wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+
+
 def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_factory):
     """A worker with several models shows a picker (hidden with one model, as elsewhere here); Generate
     and Stream go to the model picked, which its per-model metrics show."""
@@ -420,11 +601,7 @@ def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_f
         assert [o.get_attribute("value") for o in picker.options] == ["en-a", "en-b"]
         assert picker.first_selected_option.get_attribute("value") == "en-a"  # the default
         picker.select_by_value("en-b")
-        set_text(browser, "Picked the second model.")
-        browser.find_element(By.ID, "generate").click()
-        wait(browser, lambda b: b.execute_script("return window.voxbox.generations") == 1)
-        browser.find_element(By.ID, "stream").click()
-        wait(browser, lambda b: b.execute_script("return window.voxbox.streamDone"))
+        generate_then_stream(browser, "Picked the second model.")
         text = requests.get(f"{w.url}/metrics").text
         served = {m: float(line.split()[-1]) for m in ("en-a", "en-b") for line in text.splitlines()
                   if line.startswith(f'voxbox_audio_seconds_total{{model="{m}"}}')}
@@ -434,3 +611,33 @@ def test_the_model_picker_sends_requests_to_the_model_picked(browser, tmp_path_f
 def test_one_model_shows_no_picker(browser, worker):
     open_page(browser, worker.url + "/")
     assert not browser.find_element(By.ID, "model-field").is_displayed()
+
+
+def test_instructions_box_for_models_that_apply_them(browser, tmp_path_factory):
+    """VoxCPM2 applies instructions (its /v1/models entry says supports_instructions): the page shows the box
+    for it, sends what is typed on Generate and Stream, and hides the box for a model that would ignore it."""
+    from .support.voxcpm_checkpoint import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("ui-v2") / "voxcpm2-tiny", size="tiny", seed=0, family="voxcpm2")
+    models = [{"name": "vox2", "dir": str(ckpt), "settings": {"inference_timesteps": 2, "max_len": 16}},
+              {"name": "en", "engine": "embedded"}]
+    env = {"MODELS": json.dumps(models), "TTS_DEVICE": "cpu", "GUNICORN_THREADS": "32"}
+    with start_worker(tmp_path_factory.mktemp("ui-v2-run"), env) as w:
+        open_page(browser, w.url + "/", presets=1)
+        # What the page sends, recorded on the way out (the requests themselves still go to the worker).
+        browser.execute_script("""
+            window.sent = [];
+            const fetch0 = window.fetch;
+            window.fetch = (u, o) => { if (o && o.body) window.sent.push(JSON.parse(o.body)); return fetch0(u, o); };
+            const send0 = WebSocket.prototype.send;
+            WebSocket.prototype.send = function (d) { window.sent.push(JSON.parse(d)); return send0.call(this, d); };
+        """)
+        box = browser.find_element(By.ID, "instructions")
+        assert box.is_displayed()
+        box.send_keys("a calm older woman, slow pace")
+        generate_then_stream(browser, "Designed.")
+        sent = browser.execute_script("return window.sent")
+        assert [s.get("instructions") for s in sent] == ["a calm older woman, slow pace"] * 2, sent
+        assert browser.execute_script("return window.voxbox.lastError") is None
+        Select(browser.find_element(By.ID, "model")).select_by_value("en")
+        assert not box.is_displayed()

@@ -220,3 +220,26 @@ def outcome(conn) -> str:
                 return "served"
     except (websocket.WebSocketConnectionClosedException, OSError):
         return "closed"
+
+
+def test_instructions_are_said_ignored_in_header_and_done(ws):
+    ws.send(json.dumps({"text": "Cheerful, please.", "instructions": "Speak in a cheerful tone."}))
+    header, _, done = ws_collect(ws)
+    assert header["instructions_ignored"] is True and done["instructions_ignored"] is True
+    ws.send(json.dumps({"text": "No instructions."}))
+    header, _, done = ws_collect(ws)
+    assert "instructions_ignored" not in header and "instructions_ignored" not in done
+    ws.send(json.dumps({"text": "Too many.", "instructions": "x" * 1001}))
+    err = json.loads(ws.recv())
+    assert err["type"] == "error" and err["code"] == "invalid_request" and "instructions" in err["message"]
+
+
+def test_done_carries_captions_when_asked(ws):
+    text = "First sentence of two, with captions. And here is the second one, which ends it."
+    ws.send(json.dumps({"text": text, "timestamps": "sentence", "sample_rate": 16000}))
+    _, chunks, done = ws_collect(ws)
+    seconds = sum(len(c) for _, c in chunks) / 2 / 16000
+    captions = done["captions"]
+    assert " ".join(c["text"] for c in captions) == text and len(captions) >= 2 and captions[0]["start"] == 0
+    assert all(a["end"] == b["start"] and a["start"] < a["end"] for a, b in zip(captions, captions[1:]))
+    assert abs(captions[-1]["end"] - seconds) <= 1 / 50 and abs(done["duration"] - seconds) <= 1 / 50

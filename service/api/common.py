@@ -1,6 +1,7 @@
 """Helpers shared by the routes: parse a JSON body into a schema, detect a client that went away."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import select
 import socket
@@ -60,6 +61,13 @@ def client_gone_probe() -> Callable[[], bool]:
     return gone
 
 
+def client_id() -> str:
+    """The calling client for usage and quotas: the gateway's X-Client-Id (it replaces any the client sent)."""
+    from flask import current_app
+
+    return current_app.extensions["voxbox"].usage.client(request.headers.get("X-Client-Id"))
+
+
 def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
     """The generation knobs of any synthesis request body (schemas.VoxCPMKnobs)."""
     return SynthesisParams(speed=float(speed), cfg_value=req.cfg_value, inference_timesteps=req.inference_timesteps,
@@ -67,3 +75,17 @@ def synthesis_params(req, speed: float = 1.0) -> SynthesisParams:
                            instructions=(req.instructions or "").strip() or None,
                            lang=None if req.lang == "auto" else req.lang,
                            clone_mode=req.clone_mode.value if req.clone_mode else None)
+
+
+def instructions_ignored(engine, params: SynthesisParams) -> bool:
+    """The request gave instructions and this model cannot apply them (the client is told so)."""
+    return params.instructions is not None and not engine.info().supports_instructions
+
+
+def instruction_headers(engine, params: SynthesisParams) -> dict:
+    return {"X-Instructions-Ignored": "true"} if instructions_ignored(engine, params) else {}
+
+
+def captions_json(svc, prep) -> list[dict]:
+    """A finished request's captions (timestamps: sentence) as JSON objects {text, start, end}."""
+    return [dataclasses.asdict(c) for c in svc.captions(prep)]

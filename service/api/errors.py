@@ -19,6 +19,7 @@ STATUS = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.QUOTA: 429,
     ErrorKind.OVERLOADED: 503,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.DEADLINE: 504,

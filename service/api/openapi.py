@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from functools import lru_cache
 
-from .. import text as textmod
+from .. import ssml, text as textmod
 from ..encode import FORMATS, STREAMABLE
 from ..models import OPENAI_MODEL_NAMES
 from ..synthesis import OPENAI_VOICES
 from ..voices import VOICE_ID_PATTERN
 from .schemas import (Error, Health, Readiness, SpeechAudioDelta, SpeechAudioDone, SpeechError, SpeechRequest,
-                      TTSRequest, TTSResponse, Voice, VoiceDeleted, VoiceList)
+                      TTSRequest, TTSResponse, Usage, Voice, VoiceDeleted, VoiceList)
 
 _REF = "#/components/schemas/{model}"
 
@@ -83,18 +83,38 @@ def _request_schema(model, settings, languages: tuple[str, ...], rates: tuple[in
     props[voice_field] = _voice_schema(presets, props[voice_field].get("description", ""))
     props["lang"]["enum"] = ["auto", *languages]
     props["sample_rate"]["anyOf"] = [{"type": "integer", "enum": list(rates)}, {"type": "null"}]
-    rules = []
+    # clone_mode says how an uploaded voice is cloned: with a preset it is refused (clone_mode_without_voice).
+    rules = [{"anyOf": [{"not": {"required": ["clone_mode"]}}, {"properties": {"clone_mode": {"const": None}}},
+                        {"required": [voice_field], "properties": {voice_field: {"pattern": VOICE_ID_PATTERN}}}]}]
     if "zh" not in languages:  # lang=auto reads Chinese characters as Chinese, which this engine refuses
         rules.append({"anyOf": [
             {"required": ["lang"], "properties": {"lang": {"const": "en"}}},
             {"properties": {text_field: _text_schema(settings, languages, desc, refuse_cjk=True)}}]})
+    rules.append(_ssml_rule(text_field, props[text_field].pop("allOf")))
     if model is SpeechRequest:  # mp3 and flac cannot be streamed, as audio or as SSE (mp3 is the default)
         rules.append({"anyOf": [
             {"properties": {"stream": {"const": False}, "stream_format": {"const": "audio"}}},
             {"required": ["response_format"], "properties": {"response_format": {"enum": list(STREAMABLE)}}}]})
-    if rules:
-        schema["allOf"] = rules
+        rules.append({"anyOf": [  # captions come in the SSE done event only (an audio body has no room)
+            {"properties": {"timestamps": {"type": "null"}}},
+            {"required": ["stream_format"], "properties": {"stream_format": {"const": "sse"}}}]})
+    schema["allOf"] = rules
     return schema
+
+
+def _ssml_rule(text_field: str, text_patterns: list) -> dict:
+    """SSML input (service/ssml.py) as far as patterns can state it: input_format text is never SSML, auto is
+    SSML when the text starts with <speak>, and SSML is a <speak> document. For SSML the pattern states a
+    plain form only, <speak> around printable ASCII with a letter or digit (markup inside, and other
+    scripts, are accepted but not stated), and text that starts with <speak> is left out of input_format
+    text: a fuzzer generating from this rule beside the others was too slow with Unicode-wide classes and
+    three branches."""
+    plain = "[ -%'-;=?-~]*"  # printable ASCII but & < >
+    document = f"^{ssml.SSML_SPACE}<speak>{plain}[A-Za-z0-9]{plain}</speak>{ssml.SSML_SPACE}$"
+    return {"anyOf": [
+        {"properties": {"input_format": {"enum": ["auto", "text"]},
+                        text_field: {"allOf": [*text_patterns, {"not": {"pattern": ssml.SSML_START}}]}}},
+        {"properties": {"input_format": {"enum": ["auto", "ssml"]}, text_field: {"pattern": document}}}]}
 
 
 def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
@@ -106,6 +126,13 @@ def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
 
 _RETRY_AFTER = {"Retry-After": {"required": True, "description": "Seconds to wait before retrying",
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+
+# On a synthesis answer when the request gave `instructions` and the model cannot apply them.
+_INSTRUCTIONS_IGNORED = {"X-Instructions-Ignored": {
+    "required": False, "description": "true: the request's instructions were ignored (the model's "
+                                      "supports_instructions is false, GET /v1/models)",
+    "schema": {"type": "string", "enum": ["true"]}}}
 
 
 def _error(description: str, retry_after: bool = False) -> dict:
@@ -128,6 +155,9 @@ def _synthesis_errors() -> dict:
                       "sample rate, language or format this worker does not serve"),
         "404": _error("voice_not_found: a well-formed uploaded voice id that is not stored (deleted?)"),
         **_GATEWAY,
+        "429": _error("Gateway: rate limit (RATE_LIMIT_RPS) or concurrent streams (MAX_STREAMS_PER_CLIENT); "
+                      "worker: quota_exceeded, the client's daily character quota is spent (until 00:00 UTC)",
+                      retry_after=True),
         "503": _error("overloaded (the queue is full), not_ready (loading) or shutting_down", retry_after=True),
         "504": _error("deadline_exceeded: the request took longer than REQUEST_TIMEOUT_S"),
     }
@@ -150,21 +180,22 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
     components = {name: m.model_json_schema(ref_template=_REF) for name, m in (
         ("TTSResponse", TTSResponse), ("Voice", Voice), ("VoiceList", VoiceList), ("VoiceDeleted", VoiceDeleted),
         ("Error", Error), ("Health", Health), ("Readiness", Readiness), ("SpeechAudioDelta", SpeechAudioDelta),
-        ("SpeechAudioDone", SpeechAudioDone), ("SpeechError", SpeechError))}
+        ("SpeechAudioDone", SpeechAudioDone), ("SpeechError", SpeechError), ("Usage", Usage))}
     defs = {}
     for schema in [*requests_.values(), *components.values()]:
         defs.update(schema.pop("$defs", {}))
     audio_types = sorted({f.content_type.split(";")[0] for f in FORMATS.values()})
     audio = {"description": "Audio in response_format (chunked as generated when stream=true); with "
                             "stream_format=sse, server-sent events: speech.audio.delta {audio: base64}, then "
-                            "speech.audio.done {usage}, or error {error: {code, message}}",
+                            "speech.audio.done {usage, captions}, or error {error: {code, message}}",
              "content": {**{t: {"schema": {"type": "string", "format": "binary"}} for t in audio_types},
                          # One event (OpenAPI 3.1: the schema describes each): its data is JSON.
                          "text/event-stream": {"schema": {
                              "type": "object", "required": ["data"], "properties": {"data": {
                                  "type": "string", "contentMediaType": "application/json", "contentSchema": {
                                      "oneOf": [_ref("SpeechAudioDelta"), _ref("SpeechAudioDone"),
-                                               _ref("SpeechError")]}}}}}}}
+                                               _ref("SpeechError")]}}}}}},
+             "headers": _INSTRUCTIONS_IGNORED}
     voice_id = {"name": "voice_id", "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": VOICE_ID_PATTERN}}
     upload = {"type": "object", "required": ["file", "name", "text"], "properties": {
@@ -192,7 +223,8 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
             "/tts": {"post": {
                 "summary": "Synthesise text to a base64 WAV",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TTSRequest")}}},
-                "responses": {"200": _json(_ref("TTSResponse"), "Audio"), **_synthesis_errors()}}},
+                "responses": {"200": _json(_ref("TTSResponse"), "Audio", _INSTRUCTIONS_IGNORED),
+                              **_synthesis_errors()}}},
             "/v1/audio/speech": {"post": {
                 "summary": "OpenAI-compatible speech",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SpeechRequest")}}},
@@ -206,7 +238,7 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                               "503": _error("Too many WebSockets open, or shutting down", retry_after=True)}}},
             "/v1/models": {"get": {
                 "summary": "The models this worker serves (OpenAI's list format, with family, phase, sample "
-                           "rate, languages and whether it clones)",
+                           "rate, languages, whether it clones and whether it applies instructions)",
                 "responses": {"200": _json({"type": "object", "required": ["object", "data"], "properties": {
                     "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
                     "Models"), **_GATEWAY}}},
@@ -237,6 +269,10 @@ def build_openapi(version: str, settings, engine, model_names: list[str]) -> dic
                                 "responses": {"200": _json(_ref("Readiness"), "Ready"),
                                               "503": _json(_ref("Readiness"), "Not ready", _RETRY_AFTER),
                                               **_GATEWAY}}},
+            "/v1/usage": {"get": {
+                "summary": "The caller's own usage today (UTC) on this worker: requests, characters, audio "
+                           "seconds, and its daily character quota",
+                "responses": {"200": _json(_ref("Usage"), "Usage"), **_GATEWAY}}},
             "/info": {"get": {"summary": "Engine, device, limits and startup timings",
                               "responses": {"200": _json({"type": "object"}, "Worker information"), **_GATEWAY}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",

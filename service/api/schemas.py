@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from ..engines.base import CloneMode
 
+# OpenAI sets no limit; delivery directions are a sentence or two, and an engine that applies them
+# (VoxCPM2) reads them as part of its prompt, so a bound keeps a request from smuggling a long text in.
+MAX_INSTRUCTIONS_CHARS = 1000
+
 # StrictFloat takes JSON integers too (1 is a number) but no strings or booleans, and publishes one
 # JSON-Schema number with minimum/maximum (a float|int union published pydantic's own ge/le instead).
 
@@ -23,6 +27,12 @@ class _Strict(BaseModel):
 
 
 class VoxCPMKnobs(_Strict):
+    """The generation options every synthesis request body shares (POST /tts, /v1/audio/speech, WebSocket)."""
+    instructions: Optional[StrictStr] = Field(
+        None, max_length=MAX_INSTRUCTIONS_CHARS,
+        description="How to speak, e.g. \"Speak in a cheerful tone.\" (OpenAI's field). Applied by models whose "
+                    "supports_instructions is true (GET /v1/models); the others ignore it and answer with the "
+                    "header X-Instructions-Ignored: true")
     cfg_value: Optional[StrictFloat] = Field(None, ge=0.5, le=5.0, description="VoxCPM classifier-free guidance")
     inference_timesteps: Optional[StrictInt] = Field(None, ge=1, le=50, description="VoxCPM diffusion steps")
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**31 - 1, description="Random seed (VoxCPM)")
@@ -30,14 +40,21 @@ class VoxCPMKnobs(_Strict):
     max_len: Optional[StrictInt] = Field(None, ge=4, le=8192,
                                          description="VoxCPM: most tokens (6.25/s) per sentence chunk; "
                                                      "capped by VOXCPM_MAX_LEN")
-    instructions: Optional[StrictStr] = Field(
-        None, max_length=500, description="How to speak, in words (e.g. \"a calm older woman, slow pace\"): "
-        "designs the voice, or steers a cloned voice's delivery, on models whose GET /v1/models entry says "
-        "supports_instructions")
     clone_mode: Optional[CloneMode] = Field(
         None, description="How an uploaded voice is cloned (its `modes`, GET /v1/voices); default: its first")
     lang: StrictStr = Field("auto", max_length=16, description="Language of the text: auto, or one of the "
                                                               "model's languages (GET /v1/models)")
+
+
+# Captions: each sentence chunk with its start and end in the audio. Word timings would need an aligner no
+# engine here has cheaply (Piper and VoxCPM report no durations), so only sentences are offered.
+Timestamps = Optional[Literal["sentence"]]
+_TIMESTAMPS = "sentence: return captions, each sentence chunk's text with its start and end (seconds) in the audio"
+# SSML: "auto" reads text that starts with <speak> as SSML, "ssml" requires it to, "text" never does (to
+# say "<speak>" itself).
+InputFormat = Literal["auto", "text", "ssml"]
+INPUT_FORMAT_DESCRIPTION = ("auto: SSML when the text starts with <speak>; ssml: the text must be an SSML "
+                            "document (<speak>...</speak>); text: never SSML (README: Pauses and pronunciation)")
 
 
 class TTSRequest(VoxCPMKnobs):
@@ -47,6 +64,8 @@ class TTSRequest(VoxCPMKnobs):
     style: StrictStr = Field("default", description="Voice: a preset name (GET /v1/voices) or an uploaded voice id")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default: the model's own, "
                                                                 "at least 44100)")
+    timestamps: Timestamps = Field(None, description=_TIMESTAMPS)
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 class SpeechRequest(VoxCPMKnobs):
@@ -55,23 +74,45 @@ class SpeechRequest(VoxCPMKnobs):
                                                          "gpt-4o-mini-tts mean the default one")
     input: StrictStr = Field(..., description="Text to speak")
     voice: StrictStr = Field("default", description="Preset name, uploaded voice id, or an OpenAI voice name")
-    response_format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "mp3"
+    response_format: Literal["wav", "flac", "mp3", "opus", "aac", "pcm"] = "mp3"
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
-    stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav or opus)")
+    stream: StrictBool = Field(False, description="Send the audio as it is generated (pcm, wav, opus or aac)")
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the body is the audio file; sse: server-sent events "
                              "(speech.audio.delta with base64 audio, then speech.audio.done), always streamed")
     sample_rate: Optional[StrictInt] = Field(None, description="Output rate in Hz (default: the model's own, "
                                                                 "at least 44100)")
+    timestamps: Timestamps = Field(None, description=_TIMESTAMPS + ", in the speech.audio.done event (needs "
+                                                                   "stream_format sse)")
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
+
+
+class Usage(BaseModel):
+    """GET /v1/usage: the caller's own usage today (UTC), counted by this worker."""
+    client: str = Field(..., description="key:<16 hex of the API key's sha256>, user:<name>, or anonymous")
+    day: str
+    requests: int
+    characters: int
+    audio_seconds: float
+    daily_char_quota: Optional[int] = Field(None, description="Characters per UTC day; null: no quota")
+    remaining_characters: Optional[int] = None
+    resets_at: str
 
 
 # Responses: only for the document (the views build these bodies), so they say exactly what is sent.
+
+class Caption(BaseModel):
+    text: str = Field(..., description="The sentence chunk, as spoken (normalised)")
+    start: float = Field(..., description="Seconds into the audio")
+    end: float = Field(..., description="Seconds into the audio; the next caption starts here")
+
 
 class TTSResponse(BaseModel):
     audio_base64: str = Field(..., description="WAV file, base64")
     duration: float = Field(..., description="Seconds of audio")
     latency: float = Field(..., description="Seconds from request to response")
     sample_rate: int
+    captions: Optional[list[Caption]] = Field(None, description="With timestamps: sentence")
 
 
 class Voice(BaseModel):
@@ -148,6 +189,7 @@ class SpeechUsage(BaseModel):
 class SpeechAudioDone(BaseModel):
     type: Literal["speech.audio.done"]
     usage: SpeechUsage
+    captions: Optional[list[Caption]] = Field(None, description="With timestamps: sentence")
 
 
 class SpeechError(BaseModel):

@@ -21,11 +21,11 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from ..encode import StreamEncoder
 from ..synthesis import shutting_down
-from .common import NESTED_TOO_DEEPLY, json_problem, synthesis_params
+from .common import NESTED_TOO_DEEPLY, captions_json, client_id, instructions_ignored, json_problem, synthesis_params
 from ..errors import ServiceError
 from .errors import ApiError, describe_validation_error
 from .models import model_or_400
-from .schemas import VoxCPMKnobs
+from .schemas import INPUT_FORMAT_DESCRIPTION, InputFormat, Timestamps, VoxCPMKnobs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class StreamRequest(VoxCPMKnobs):
     format: Literal["pcm16", "wav"] = "pcm16"
     sample_rate: Optional[StrictInt] = None
     speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)
+    timestamps: Timestamps = None  # captions in done
+    input_format: InputFormat = Field("auto", description=INPUT_FORMAT_DESCRIPTION)
 
 
 def _error(ws, code: str, message: str, retry_after: Optional[int] = None) -> None:
@@ -69,6 +71,7 @@ def _parse(raw) -> dict:
 class _Connection:
     def __init__(self, ws, ctx):
         self.ws, self.ctx = ws, ctx
+        self.client = client_id()  # from the handshake: the gateway names the caller once per connection
         self.cancelled = False
 
     def serve(self) -> None:
@@ -123,8 +126,11 @@ class _Connection:
 
     def synthesize(self, req: StreamRequest) -> None:
         svc = model_or_400(self.ctx, req.model).synthesis
-        prep = svc.start(req.text, req.lang, req.voice, synthesis_params(req, req.speed), req.sample_rate,
-                         stream=True, endpoint="websocket")
+        params = synthesis_params(req, req.speed)
+        prep = svc.start(req.text, req.lang, req.voice, params, req.sample_rate, stream=True, endpoint="websocket",
+                         input_format=req.input_format, client=self.client)
+        # Said in the header and in done, like the HTTP endpoints' X-Instructions-Ignored header.
+        ignored = {"instructions_ignored": True} if instructions_ignored(svc.engine, params) else {}
         rate = prep.sample_rate
         encoder = StreamEncoder("pcm" if req.format == "pcm16" else "wav", svc.engine.sample_rate, rate)
         self.cancelled = False
@@ -136,7 +142,7 @@ class _Connection:
             first = next(chunks, None)
             if not self.cancelled:
                 self.ws.send(json.dumps({"type": "header", "sample_rate": encoder.rate, "channels": 1,
-                                         "format": req.format, "sample_format": "s16le"}))
+                                         "format": req.format, "sample_format": "s16le", **ignored}))
             for data in itertools.chain([first] if first is not None else [], chunks):
                 if self.cancel_requested():
                     break
@@ -154,9 +160,10 @@ class _Connection:
         done = time.monotonic()
         self.ws.send(json.dumps({
             "type": "done", "chunks": sent,
-            "duration": round(job.audio_samples / svc.engine.sample_rate, 3),
+            "duration": round(encoder.seconds, 3),  # what was sent, SSML pauses included
             "latency": round(done - prep.received_at, 3),
-            "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None,
+            "ttfa": round(job.first_audio_at - prep.received_at, 3) if job.first_audio_at else None, **ignored,
+            **({"captions": captions_json(svc, prep)} if req.timestamps else {}),
         }))
 
 

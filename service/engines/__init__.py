@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import (CloneMode, Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams,
+from .base import (CloneMode, Continuation, Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams,
                    UnsupportedRequest, VoicePrompt)
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["CloneMode", "Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset", "SynthesisParams",
-           "UnsupportedRequest", "VoicePrompt", "build_engine"]
+__all__ = ["CloneMode", "Continuation", "Engine", "EngineError", "EngineInfo", "NothingToSay", "Preset",
+           "SynthesisParams", "UnsupportedRequest", "VoicePrompt", "build_engine"]
 
 
 def build_engine(settings: "Settings") -> Engine:

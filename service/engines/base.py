@@ -45,6 +45,20 @@ class VoicePrompt:
     modes: tuple[str, ...] = (CloneMode.CONTINUATION.value,)
 
 
+@dataclass(frozen=True, eq=False)
+class Continuation:
+    """The previous chunk of the same request, for the next chunk to continue from (voice carry).
+
+    `audio` is float32 mono at the engine's sample_rate, generated at speed 1 (the scheduler applies a
+    request's speed itself when it carries, so a prompt never teaches the model a stretched pace), and
+    already trimmed to its tail (VOICE_CARRY_MAX_S); `text` is what that tail says, as sent to the engine.
+    Built by the scheduler when a chunk finishes (service/carry.py), so a stream still starts after the
+    first chunk. Held in memory only: never cached by voice id.
+    """
+    audio: np.ndarray
+    text: str
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -60,8 +74,8 @@ class SynthesisParams:
     seed: Optional[int] = None
     normalize: Optional[bool] = None
     max_len: Optional[int] = None
-    # A natural-language description of the voice or delivery (OpenAI's `instructions`); engines with
-    # EngineInfo.supports_instructions apply it, others ignore it.
+    # Free-text delivery directions (OpenAI's `instructions`, e.g. "Speak in a cheerful tone."); engines
+    # that cannot apply them (EngineInfo.supports_instructions False) ignore them.
     instructions: Optional[str] = None
     # The request's language as checked against EngineInfo.languages; None: not stated (auto).
     lang: Optional[str] = None
@@ -80,7 +94,7 @@ class EngineInfo:
     # Audio tokens per second of output: usage figures (OpenAI's output_tokens) count audio in them.
     token_rate: float
     details: dict = field(default_factory=dict)
-    supports_instructions: bool = False
+    supports_instructions: bool = False  # applies SynthesisParams.instructions (others ignore them)
     # CloneMode values this engine clones in (empty: it does not clone); the first is its default.
     clone_modes: tuple[str, ...] = ()
     # The rate uploaded voices are stored at for this engine's family (what its encoder reads); None: sample_rate.
@@ -98,6 +112,10 @@ class Engine(ABC):
     # Engines that make a chunk's audio all at once: a streamed request's first chunk is at most this long,
     # so its first audio comes early (0: the engine streams within a chunk, any first chunk starts fast).
     first_chunk_chars = 0
+    # True: a multi-chunk request's chunks after the first get `carry`, the previous chunk's tail (so the
+    # whole text keeps one voice). Given a voice as well, the engine decides what conditions the chunk
+    # (VoxCPM-1.5: the voice; see its engine). False: `carry` is always None.
+    supports_carry = False
 
     @abstractmethod
     def load(self) -> None:
@@ -105,12 +123,12 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-               params: SynthesisParams) -> Iterator[np.ndarray]:
+               params: SynthesisParams, carry: Optional[Continuation] = None) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at `sample_rate` for one sentence-sized text, as generated."""
 
     def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-                   params: SynthesisParams) -> np.ndarray:
-        chunks = list(self.stream(text, preset, prompt, params))
+                   params: SynthesisParams, carry: Optional[Continuation] = None) -> np.ndarray:
+        chunks = list(self.stream(text, preset, prompt, params, carry))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
     @abstractmethod
@@ -179,8 +197,12 @@ class BatchingEngine(Protocol):
         """Whatever the batch needs before serving (kernels compiled, graphs captured)."""
 
     def batch_add(self, batch: GenerationBatch,
-                  requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
-        """Join (sentence, voice, params) requests, prefilled together; returns their rows."""
+                  requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]],
+                  carries: Optional[Sequence[Optional[Continuation]]] = None) -> list[int]:
+        """Join (sentence, voice, params) requests, prefilled together; returns their rows.
+
+        carries: one per request (None where that request carries nothing), or None when none does;
+        engines without Engine.supports_carry are never given one."""
 
     def batch_key(self, params: SynthesisParams) -> Optional[Hashable]:
         """Requests whose keys differ cannot share a step (None everywhere: every request can)."""

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .base import Engine, EngineError, EngineInfo, Preset, SynthesisParams, VoicePrompt
+from .base import Continuation, Engine, EngineError, EngineInfo, Preset, SynthesisParams, VoicePrompt
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class EmbeddedEngine(Engine):
         return ids
 
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-               params: SynthesisParams) -> Iterator[np.ndarray]:
+               params: SynthesisParams, carry: Optional[Continuation] = None) -> Iterator[np.ndarray]:
+        # One fixed voice per preset: nothing to carry (supports_carry is False, so carry is None).
         if prompt is not None:
             raise EngineError("the embedded engine cannot clone voices")
         _, noise, length, noise_w = _PRESETS[preset]

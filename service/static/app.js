@@ -1,11 +1,14 @@
 // VoxBox web UI: plain JS, no build step.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { info: null, ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [],
+const state = { info: null, models: [], ws: null, audioCtx: null, nextTime: 0, recorder: null, abort: null, pcm: [],
                 voices: new Map(), cloning: false, previews: new Map(), previewAudio: null };
 // Counters the browser tests read (times are performance.now() milliseconds).
+// generateStartedAt/generateDoneAt: a Generate's click and its audio in hand; streamStartedAt/playStartAt: a
+// Stream's click and the moment its first chunk is due to sound (playState: the AudioContext's state then).
 window.voxbox = { chunksReceived: 0, streamDone: false, streamHeader: null, lastError: null, generations: 0,
-                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0, previews: 0 };
+                  firstChunkAt: null, doneAt: null, scheduledSeconds: 0, previews: 0, generateStartedAt: null,
+                  generateDoneAt: null, streamStartedAt: null, playStartAt: null, playState: null };
 
 // Every request URL is absolute, from location.origin and the page's directory (so a path prefix still
 // works): a page opened as http://user:pass@host/ resolves relative URLs to ones carrying the
@@ -43,12 +46,18 @@ function updateCounter() {
   const n = $("text").value.length;
   const max = limit();
   $("counter").textContent = max === null ? `${n} characters` : `${n} / ${max} characters`;
+  // Over the limit the buttons would only earn an error: say so before (the counter is red, and why).
+  $("counter").title = max !== null && n > max ? `The server takes at most ${max} characters per request.` : "";
   $("counter").classList.toggle("over", max !== null && n > max);
 }
 
 async function loadInfo() {
   try {
+    // GET /v1/models says per model what it can do (supports_instructions; absent means no). Without it the
+    // page still works, only with no instructions box: it is not a reason to call the server unreachable.
+    const listed = api("v1/models").then((r) => r.json()).catch(() => ({ data: [] }));
     state.info = await (await api("info")).json();
+    state.models = (await listed).data || [];
     const e = state.info.engine;
     $("status").textContent = `${e.name} on ${e.device} · ${state.info.phase}`;
     $("status").classList.toggle("ready", state.info.phase === "ready");
@@ -83,9 +92,18 @@ function engine() {
   return m ? m.engine : state.info.engine;
 }
 
+// The picked model's GET /v1/models entry (the default model's when there is no picker).
+function modelEntry() {
+  const id = $("model").value || ((state.info.models || []).find((m) => m.default) || {}).id;
+  return state.models.find((m) => m.id === id) || state.models.find((m) => m.default) || {};
+}
+
 function applyModel() {
   const e = engine();
-  const voxcpm = e.name === "voxcpm";
+  // Instructions (style / voice design text) only where the model applies them; elsewhere the field would
+  // promise what the engine ignores.
+  $("instructions-field").hidden = modelEntry().supports_instructions !== true;
+  const voxcpm = e.name.startsWith("voxcpm");  // VoxCPM-1.5 and VoxCPM2 take the same knobs
   document.querySelectorAll(".voxcpm").forEach((el) => {
     el.disabled = !voxcpm;
     el.closest("label").hidden = !voxcpm;
@@ -182,6 +200,8 @@ async function preview(id = $("voice").value) {
 function requestBody() {
   const body = { input: $("text").value, voice: $("voice").value, speed: Number($("speed").value) || 1 };
   if ($("model").value) body.model = $("model").value;
+  const instructions = $("instructions").value.trim();
+  if (!$("instructions-field").hidden && instructions) body.instructions = instructions;
   // No rates listed means /info did not answer: let the server pick its default rather than send 0.
   if ($("rate").value) body.sample_rate = Number($("rate").value);
   if (!$("cfg").disabled && $("cfg").value) body.cfg_value = Number($("cfg").value);
@@ -238,6 +258,8 @@ function restoreSettings(item) {
   if (item.format) $("format").value = item.format;
   if ([...$("rate").options].some((o) => Number(o.value) === item.sample_rate)) $("rate").value = item.sample_rate;
   $("speed").value = item.speed || 1;
+  showSpeed();
+  $("instructions").value = item.instructions || "";
   $("cfg").value = item.cfg_value || "";
   $("steps").value = item.inference_timesteps || "";
   updateCounter();
@@ -253,7 +275,8 @@ function renderHistory() {
     const snippet = item.text.length > 80 ? `${item.text.slice(0, 77)}…` : item.text;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = `${item.kind} · ${item.voiceName} · ${item.duration.toFixed(2)} s of audio in ` +
+    const instructions = item.instructions ? ` · “${item.instructions.slice(0, 40)}${item.instructions.length > 40 ? "…" : ""}”` : "";
+    meta.textContent = `${item.kind} · ${item.voiceName}${instructions} · ${item.duration.toFixed(2)} s of audio in ` +
       `${item.latency.toFixed(2)} s · ${new Date(item.at).toLocaleString()}`;
     const actions = document.createElement("div");
     actions.className = "actions";
@@ -261,8 +284,10 @@ function renderHistory() {
     if (audio) {
       const save = document.createElement("a");
       save.href = audio.url; save.download = `voxbox.${audio.ext}`; save.textContent = "Download";
-      actions.append(button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); }),
-                     save);
+      save.setAttribute("aria-label", `Download “${snippet}”`);
+      const play = button("▶ Play", () => { showResult(audio.url, audio.ext, false); $("player").play().catch(() => {}); });
+      play.setAttribute("aria-label", `Play “${snippet}”`);
+      actions.append(play, save);
     }
     actions.append(button("↻ Regenerate", () => {
       if ($("generate").disabled) return;  // one request at a time, as with the form's own buttons
@@ -270,9 +295,21 @@ function renderHistory() {
       (item.kind === "Stream" ? stream : generate)();
     },
                           "Put this text and its settings back in the form and make it again"));
+    const remove = button("Delete", () => deleteHistory(item.id), "Remove this entry from the history");
+    remove.setAttribute("aria-label", `Delete “${snippet}” from the history`);
+    remove.className = "link delete";
+    actions.append(remove);
     li.append(`“${snippet}”`, meta, actions);
     list.append(li);
   }
+}
+
+function deleteHistory(id) {
+  const audio = sessionAudio.get(id);
+  if (audio && audio.url !== $("player").src) URL.revokeObjectURL(audio.url);
+  sessionAudio.delete(id);
+  saveHistory(loadHistory().filter((i) => i.id !== id));
+  renderHistory();
 }
 
 function clearHistory() {
@@ -282,16 +319,71 @@ function clearHistory() {
   renderHistory();
 }
 
+// The result's waveform: its samples decoded once per result, drawn as bars; the played part in the accent
+// colour, and a click seeks. A format the browser cannot decode leaves the player alone, which still works.
+const wave = { data: null, url: null, peaks: null };
+
+async function loadWaveform(audioUrl) {
+  wave.url = audioUrl;
+  wave.data = null;
+  paintWaveform();
+  try {
+    const bytes = await (await fetch(audioUrl)).arrayBuffer();
+    const audio = await new OfflineAudioContext(1, 1, 44100).decodeAudioData(bytes);
+    if (wave.url === audioUrl) { wave.data = audio.getChannelData(0); wave.peaks = null; }  // unless a newer one came
+  } catch (_) { /* undecodable here: no waveform */ }
+  paintWaveform();
+}
+
+function paintWaveform() {
+  const canvas = $("waveform");
+  const width = canvas.clientWidth, height = canvas.clientHeight;
+  if (!width) return;
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  const g = canvas.getContext("2d");
+  g.scale(dpr, dpr);
+  if (!wave.data) return;
+  const css = getComputedStyle(document.documentElement);
+  const [accent, rest] = [css.getPropertyValue("--accent"), css.getPropertyValue("--wave")];
+  const player = $("player");
+  const played = player.duration ? player.currentTime / player.duration : 0;
+  const bars = Math.max(16, Math.floor(width / 4));
+  // Peaks are computed once per result and width: playback repaints every frame.
+  if (!wave.peaks || wave.peaks.length !== bars) {
+    const step = wave.data.length / bars;
+    wave.peaks = Array.from({ length: bars }, (_, b) => {
+      let peak = 0;
+      for (let i = Math.floor(b * step); i < Math.floor((b + 1) * step); i++) peak = Math.max(peak, Math.abs(wave.data[i]));
+      return peak;
+    });
+  }
+  const top = Math.max(...wave.peaks) || 1;
+  wave.peaks.forEach((p, b) => {
+    const h = Math.max(2, (p / top) * (height - 12));
+    g.fillStyle = (b + 0.5) / bars <= played ? accent : rest;
+    g.fillRect(b * 4 + 1, (height - h) / 2, 2, h);
+  });
+}
+
+function followPlayback() {
+  paintWaveform();
+  if (!$("player").paused) requestAnimationFrame(followPlayback);
+}
+
 function showResult(audioUrl, ext, autoplay) {
   const player = $("player");
   player.src = audioUrl;
   $("download").href = audioUrl; $("download").download = `voxbox.${ext}`; $("download").hidden = false;
   $("result").hidden = false;
+  loadWaveform(audioUrl);
   if (autoplay) player.play().catch(() => { /* autoplay may be blocked; the controls still work */ });
 }
 
 // After a failure the last audio must not stay under "Failed." as if it were the answer.
 function clearResult(message) {
+  wave.data = null;
   const player = $("player");
   player.pause();
   player.removeAttribute("src");
@@ -305,15 +397,17 @@ function clearResult(message) {
 async function generate() {
   showError("");
   const body = { ...requestBody(), response_format: $("format").value };
-  setBusy(true, true);
+  setBusy(true, "generate");
   state.abort = new AbortController();
   $("result-info").textContent = "Generating…";
   const t0 = performance.now();
+  Object.assign(window.voxbox, { generateStartedAt: t0, generateDoneAt: null });
   try {
     const resp = await api("v1/audio/speech", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       signal: state.abort.signal });
     const blob = await resp.blob();
+    window.voxbox.generateDoneAt = performance.now();
     const audioUrl = URL.createObjectURL(blob);
     const ext = body.response_format === "opus" ? "ogg" : body.response_format;
     const duration = Number(resp.headers.get("X-Audio-Duration")) || 0;
@@ -334,7 +428,7 @@ async function generate() {
 function settingsOf(body) {
   return { text: body.input, voice: body.voice, format: body.response_format || "wav", sample_rate: body.sample_rate,
            speed: body.speed, cfg_value: body.cfg_value, inference_timesteps: body.inference_timesteps,
-           model: body.model };
+           model: body.model, instructions: body.instructions };
 }
 
 // location.host never carries user:pass, so neither does this URL.
@@ -356,6 +450,10 @@ function playPcm(buf) {
   src.connect(ctx.destination);
   state.nextTime = Math.max(state.nextTime, ctx.currentTime + 0.05);
   src.start(state.nextTime);
+  if (window.voxbox.playStartAt === null) {
+    window.voxbox.playStartAt = performance.now() + (state.nextTime - ctx.currentTime) * 1000;
+    window.voxbox.playState = ctx.state;
+  }
   state.nextTime += audio.duration;
   window.voxbox.scheduledSeconds += audio.duration;
 }
@@ -372,22 +470,28 @@ function wavBlob(chunks, rate) {
   return new Blob([head.buffer, ...chunks], { type: "audio/wav" });
 }
 
+// The WebSocket request for the form's settings (its field names are the HTTP API's, but `text`).
+function streamRequest(body) {
+  const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
+  for (const key of ["model", "sample_rate", "cfg_value", "inference_timesteps", "instructions"]) {
+    if (body[key]) req[key] = body[key];
+  }
+  return req;
+}
+
 function stream() {
   showError("");
   const body = requestBody();
-  const req = { text: body.input, voice: body.voice, format: "pcm16", speed: body.speed };
-  if (body.model) req.model = body.model;
-  if (body.sample_rate) req.sample_rate = body.sample_rate;
-  if (body.cfg_value) req.cfg_value = body.cfg_value;
-  if (body.inference_timesteps) req.inference_timesteps = body.inference_timesteps;
+  const req = streamRequest(body);
   Object.assign(window.voxbox, { chunksReceived: 0, streamDone: false, streamHeader: null, firstChunkAt: null,
-                                 doneAt: null, scheduledSeconds: 0 });
+                                 doneAt: null, scheduledSeconds: 0, streamStartedAt: performance.now(),
+                                 playStartAt: null, playState: null });
   state.pcm = [];
   // Created in the click handler (a user gesture), so browsers let it play.
   if (state.audioCtx) state.audioCtx.close();
   state.audioCtx = new AudioContext();
   state.audioCtx.resume().catch(() => {});
-  setBusy(true, true);
+  setBusy(true, "stream");
   $("result-info").textContent = "Connecting…";
   const t0 = performance.now();
   const ws = new WebSocket(wsUrl());
@@ -449,10 +553,14 @@ function stop() {
   if (state.audioCtx) { state.audioCtx.close(); state.audioCtx = null; }
 }
 
-function setBusy(busy, streaming = false) {
-  $("generate").disabled = busy;
-  $("stream").disabled = busy;
-  $("stop").disabled = !(busy && streaming);
+// One request at a time: while one runs, its button shows a spinner (same size, so nothing moves), the
+// other is off and Stop is on.
+function setBusy(busy, which = null) {
+  for (const id of ["generate", "stream"]) {
+    $(id).disabled = busy;
+    $(id).setAttribute("aria-busy", String(busy && id === which));
+  }
+  $("stop").disabled = !busy;
 }
 
 async function uploadVoice(fileOverride) {
@@ -465,15 +573,18 @@ async function uploadVoice(fileOverride) {
   form.append("text", $("voice-text").value);
   if ($("model").value) form.append("model", $("model").value);
   $("voice-msg").textContent = "Uploading…";
+  let voice;
   try {
-    const voice = await (await api("v1/voices", { method: "POST", body: form })).json();
-    $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
-    resetUploadForm();
-    await loadVoices(voice.id);
+    voice = await (await api("v1/voices", { method: "POST", body: form })).json();
   } catch (err) {
     $("voice-msg").textContent = "";
     showError(`Upload failed: ${err.message}`);
+    return;
   }
+  resetUploadForm();
+  // "Added" once the voice is in the picker and selected, not before: that is what the message promises.
+  try { await loadVoices(voice.id); } catch (err) { showError(`The voice list did not refresh: ${err.message}`); }
+  $("voice-msg").textContent = `Added “${voice.name}” (${voice.duration.toFixed(1)} s).`;
 }
 
 function resetUploadForm() {
@@ -530,9 +641,25 @@ async function toggleRecording() {
   }
 }
 
+function showSpeed() { $("speed-value").textContent = `${Number($("speed").value).toFixed(2)}×`; }
+
 $("text").addEventListener("input", updateCounter);
-$("text").addEventListener("keydown", (ev) => {  // Ctrl/Cmd+Enter: Generate
+$("speed").addEventListener("input", showSpeed);
+$("player").addEventListener("play", followPlayback);
+$("player").addEventListener("timeupdate", paintWaveform);
+$("player").addEventListener("loadedmetadata", paintWaveform);
+$("waveform").addEventListener("click", (ev) => {
+  const player = $("player"), box = $("waveform").getBoundingClientRect();
+  if (player.duration) { player.currentTime = player.duration * (ev.clientX - box.left) / box.width; paintWaveform(); }
+});
+window.addEventListener("resize", paintWaveform);
+// A Mac's shortcut is ⌘+Enter: say that one there.
+if (/Mac|iPhone|iPad/.test(navigator.platform)) $("limit-note").querySelector("kbd").textContent = "⌘";
+// Ctrl/Cmd+Enter generates from anywhere in the form (the text, the instructions, a picker).
+document.addEventListener("keydown", (ev) => {
+  if (ev.target instanceof Element && ev.target.closest(".voices-card")) return;  // the upload form is not the request
   if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !$("generate").disabled) { ev.preventDefault(); generate(); }
+  if (ev.key === "Escape" && !$("stop").disabled) { ev.preventDefault(); stop(); }  // as the Stop button
 });
 $("generate").addEventListener("click", generate);
 $("stream").addEventListener("click", stream);
@@ -556,4 +683,5 @@ async function start() {
   try { await loadVoices(); } catch (err) { showError(err.message); }
 }
 updateCounter();
+showSpeed();
 start();

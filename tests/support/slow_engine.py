@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from service.engines import Engine, EngineInfo, Preset, SynthesisParams, VoicePrompt
+from service.engines import Continuation, Engine, EngineInfo, Preset, SynthesisParams, VoicePrompt
 
 RATE = 44100  # the default output rate: no resampling, so the test measures scheduling, not DSP
 
@@ -72,7 +72,7 @@ class SlowEngine(Engine):
         pass
 
     def stream(self, text: str, preset: str, prompt: VoicePrompt | None,
-               params: SynthesisParams) -> Iterator[np.ndarray]:
+               params: SynthesisParams, carry: Continuation | None = None) -> Iterator[np.ndarray]:
         batch = SlowBatch(1, self.step_s, self.steps)
         batch.add(1)
         while batch.active():
@@ -91,7 +91,7 @@ class SlowEngine(Engine):
     def make_batch(self, max_batch: int) -> SlowBatch:
         return SlowBatch(max_batch, self.step_s, self.steps)
 
-    def batch_add(self, batch: SlowBatch, requests: list) -> list[int]:
+    def batch_add(self, batch: SlowBatch, requests: list, carries: list | None = None) -> list[int]:
         return batch.add(len(requests))
 
     def batch_key(self, params: SynthesisParams) -> int:

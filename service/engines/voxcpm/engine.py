@@ -2,6 +2,13 @@
 
 We drive `VoxCPMModel` (the package's own generation loop) rather than the `VoxCPM` wrapper so that
 a cloned voice's encoded prompt can be built once and cached: the wrapper re-encodes it every call.
+
+Voice carry (Engine.supports_carry): a chunk after the first continues from the previous chunk's tail,
+encoded like a voice prompt but from memory and never cached (it is this request's alone). Given a
+voice as well, the voice conditions every chunk and the carry is left out: VoxCPM-1.5 takes one
+continuation prompt, and the voice is the one the user chose; chaining generated chunks instead would
+let each copy drift a little further from the clone and pass any artefact on to every later chunk,
+while the voice alone already gives every chunk the same speaker.
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ...audio import time_stretch
-from ...text import has_speakable
-from ..base import CloneMode, Engine, EngineError, EngineInfo, NothingToSay, Preset, SynthesisParams, VoicePrompt
+from ...text import CJK_RANGES, has_speakable
+from ..base import (CloneMode, Continuation, Engine, EngineError, EngineInfo, NothingToSay, Preset,
+                    SynthesisParams, VoicePrompt)
 from .load import load_voxcpm
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ class VoxCPMEngine(Engine):
     clone_modes: tuple[str, ...] = (CloneMode.CONTINUATION.value,)
     supports_instructions = False
     supports_batching = True
+    supports_carry = True
 
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
@@ -137,20 +146,28 @@ class VoxCPMEngine(Engine):
 
     def _encode_prompt(self, prompt: VoicePrompt) -> dict:
         """The package's build_prompt_cache, minus torchaudio.load (which needs torchcodec + FFmpeg)."""
-        return {"prompt_text": prompt.text, "audio_feat": self._encode_clip(prompt.wav_path, self.sample_rate)}
+        return self._encode_audio(self._read_clip(prompt.wav_path, self.sample_rate), prompt.text)
 
-    def _encode_clip(self, path: Path, rate: int, pad_left: bool = True):
-        """A clip as the VAE's latent patches (T, patch, latent), read at `rate` (what the VAE encodes)."""
+    @staticmethod
+    def _read_clip(path: Path, rate: int) -> np.ndarray:
         import soundfile as sf
-        import torch
-        import torch.nn.functional as F
 
         from ...audio import resample
 
         audio, source_rate = sf.read(str(path), dtype="float32", always_2d=True)
-        audio = resample(audio.mean(axis=1), source_rate, rate)
+        return resample(audio.mean(axis=1), source_rate, rate)
+
+    def _encode_audio(self, audio: np.ndarray, text: str) -> dict:
+        """A prompt cache from audio at the model's rate and its transcript."""
+        return {"prompt_text": text, "audio_feat": self._latents(audio, self.sample_rate)}
+
+    def _latents(self, audio: np.ndarray, rate: int, pad_left: bool = True):
+        """Audio at `rate` (what the VAE encodes) as the VAE's latent patches (T, patch, latent)."""
+        import torch
+        import torch.nn.functional as F
+
         m = self._model
-        wav = torch.from_numpy(audio).unsqueeze(0)
+        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
         patch_len = m.patch_size * m.chunk_size
         if wav.size(1) % patch_len:
             # A continuation prompt is left-padded so its real audio sits next to the generated audio; a
@@ -165,7 +182,28 @@ class VoxCPMEngine(Engine):
         with self._prompts_lock:
             self._prompts.pop(voice_id, None)
 
-    def _generation_args(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> dict:
+    def _carry_cache(self, carry: Optional[Continuation], normalize: bool) -> Optional[dict]:
+        """The previous chunk's tail as a prompt cache (see the module docstring)."""
+        text = self._carry_text(carry, normalize)
+        return None if text is None else self._encode_audio(carry.audio, text)
+
+    def _carry_text(self, carry: Optional[Continuation], normalize: bool, lang: Optional[str] = None) -> Optional[str]:
+        """What the carried tail says, as the model gets it before this chunk's text; None: carry nothing."""
+        if carry is None or carry.audio.size == 0:
+            return None
+        text = carry.text
+        if normalize:
+            try:
+                text = self._normalize(text, lang)
+            except NothingToSay:  # a tail of symbols only: this chunk goes on its own rather than fail
+                return None
+        # The package joins prompt and target text as they are: keep the words apart, as in the request.
+        if text and not text[-1].isspace() and not any(lo <= text[-1] <= hi for lo, hi in CJK_RANGES):
+            text += " "
+        return text
+
+    def _generation_args(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams,
+                         carry: Optional[Continuation] = None) -> dict:
         import torch
 
         if params.seed is not None:
@@ -173,7 +211,7 @@ class VoxCPMEngine(Engine):
         normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
         if normalize:
             text = self._normalize(text, params.lang)
-        target, prompt_cache = self._condition(text, prompt, params)
+        target, prompt_cache = self._condition(text, prompt, params, carry, normalize)
         args = dict(
             target_text=target,
             prompt_cache=prompt_cache,
@@ -186,17 +224,18 @@ class VoxCPMEngine(Engine):
             args.update(min_len=self.fixed_tokens, max_len=self.fixed_tokens, retry_badcase_ratio_threshold=1e9)
         return args
 
-    def _condition(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> tuple[str, Optional[dict]]:
+    def _condition(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams,
+                   carry: Optional[Continuation], normalize: bool) -> tuple[str, Optional[dict]]:
         """(the text the model is given, the prompt cache it generates from) for one chunk."""
-        return text, self._prompt_cache(prompt)
+        return text, self._prompt_cache(prompt) if prompt is not None else self._carry_cache(carry, normalize)
 
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-               params: SynthesisParams) -> Iterator[np.ndarray]:
+               params: SynthesisParams, carry: Optional[Continuation] = None) -> Iterator[np.ndarray]:
         if abs(params.speed - 1.0) > 1e-3:
             # VoxCPM has no tempo control; a phase vocoder needs the whole sentence to sound right.
-            yield self.synthesize(text, preset, prompt, params)
+            yield self.synthesize(text, preset, prompt, params, carry)
             return
-        args = self._generation_args(text, prompt, params)
+        args = self._generation_args(text, prompt, params, carry)
         gen = self._model.generate_with_prompt_cache_streaming(**args)
         try:
             for wav, _, _ in gen:
@@ -205,8 +244,8 @@ class VoxCPMEngine(Engine):
             gen.close()
 
     def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
-                   params: SynthesisParams) -> np.ndarray:
-        args = self._generation_args(text, prompt, params)
+                   params: SynthesisParams, carry: Optional[Continuation] = None) -> np.ndarray:
+        args = self._generation_args(text, prompt, params, carry)
         wav, _, _ = self._model.generate_with_prompt_cache(**args, retry_badcase=self.retry_badcase)
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
 
@@ -251,13 +290,14 @@ class VoxCPMEngine(Engine):
         if captured:
             log.info("voxcpm: %d CUDA graphs captured for batch sizes %s", captured, list(batch.buckets))
 
-    def batch_add(self, batch, requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]]) -> list[int]:
+    def batch_add(self, batch, requests: list[tuple[str, Optional[VoicePrompt], SynthesisParams]],
+                  carries: Optional[list[Optional[Continuation]]] = None) -> list[int]:
         """Join (text, voice, params) requests to the batch, prefilled together; returns their rows."""
         from .batch import Join
 
         joins = []
-        for text, prompt, params in requests:
-            args = self._generation_args(text, prompt, params)
+        for (text, prompt, params), carry in zip(requests, carries or [None] * len(requests)):
+            args = self._generation_args(text, prompt, params, carry)
             fixed = {"min_len": args["min_len"], "length_ratio": None} if self.fixed_tokens else {}
             joins.append(Join(args["target_text"], args["prompt_cache"], max_len=args["max_len"],
                               inference_timesteps=args["inference_timesteps"], cfg_value=args["cfg_value"],

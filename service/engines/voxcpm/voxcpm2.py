@@ -8,7 +8,11 @@ package's VoxCPM2Model has the same prompt-cache generation API); what differs i
   a continuation of the clip (needs its transcript), or both (the default when there is a transcript);
 - `instructions` become the model's parenthesised control prefix (control.py) in the modes that read it:
   zero-shot (voice design), reference, reference + continuation. Continuation alone starts its text with the
-  clip's transcript, where the model does not take a description as one, so it is refused there (check).
+  clip's transcript, where the model does not take a description as one, so it is refused there (check);
+- voice carry (a chunk after the first): the reference stays (the voice's clip, or without a voice the
+  previous chunk's tail itself) and the continuation is the previous chunk's tail and words, so every mode
+  that reads instructions keeps reading them; a voice used in continuation alone wins over the carry, as
+  on VoxCPM-1.5.
 
 Requests are batched as VoxCPM-1.5's are (the engine's make_batch / batch_add; batch.py runs both families'
 steps, family.py holds VoxCPM2's differences); TTS_MAX_BATCH=1 serves them through the package's own loop.
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..base import CloneMode, SynthesisParams, UnsupportedRequest, VoicePrompt
+from ...audio import resample
+from ..base import CloneMode, Continuation, SynthesisParams, UnsupportedRequest, VoicePrompt
 from .control import as_spoken, control_prefix
 from .engine import VoxCPMEngine
 
@@ -76,20 +81,33 @@ class VoxCPM2Engine(VoxCPMEngine):
     def _encode_prompt(self, prompt: VoicePrompt) -> dict:
         """The voice's clip as a reference (right-padded) and, with a transcript, as a continuation prompt
         (left-padded), both at the VAE's input rate; each request picks what its mode needs."""
-        encoded = {"ref_audio_feat": self._encode_clip(prompt.wav_path, self.voice_sample_rate, pad_left=False)}
-        if prompt.text.strip():
-            encoded["prompt_text"] = as_spoken(prompt.text)
-            encoded["audio_feat"] = self._encode_clip(prompt.wav_path, self.voice_sample_rate, pad_left=True)
+        return self._encode_clip(self._read_clip(prompt.wav_path, self.voice_sample_rate), prompt.text)
+
+    def _encode_clip(self, audio, text: str) -> dict:
+        """Audio at the VAE's input rate as a reference and, with its words, as a continuation prompt."""
+        encoded = {"ref_audio_feat": self._latents(audio, self.voice_sample_rate, pad_left=False)}
+        if text.strip():
+            encoded["prompt_text"] = as_spoken(text)
+            encoded["audio_feat"] = self._latents(audio, self.voice_sample_rate, pad_left=True)
         return encoded
 
-    def _condition(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams) -> tuple[str, Optional[dict]]:
+    def _condition(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams,
+                   carry: Optional[Continuation] = None, normalize: bool = False) -> tuple[str, Optional[dict]]:
         """The control prefix goes in front of the first text of the sequence: the chunk itself, or (when
-        the voice is continued) the transcript that precedes it."""
+        a clip is continued) the words that precede it."""
         self.check(prompt, params)
         spoken, prefix = as_spoken(text), control_prefix(params.instructions)
+        carried = self._carry_text(carry, normalize, params.lang)
+        tail = None if carried is None else self._encode_clip(
+            resample(carry.audio, self.sample_rate, self.voice_sample_rate), carried)
         if prompt is None:
-            return prefix + spoken, None
+            if tail is None or "prompt_text" not in tail:
+                return prefix + spoken, None
+            return spoken, {**tail, "mode": "ref_continuation", "prompt_text": prefix + tail["prompt_text"]}
         voice, mode = self._prompt_cache(prompt), self._mode(prompt, params)
+        if tail is not None and "prompt_text" in tail and mode != _CONTINUATION:
+            return spoken, {"mode": "ref_continuation", "ref_audio_feat": voice["ref_audio_feat"],
+                            "prompt_text": prefix + tail["prompt_text"], "audio_feat": tail["audio_feat"]}
         if mode == _REFERENCE:
             return prefix + spoken, {"mode": "reference", "ref_audio_feat": voice["ref_audio_feat"]}
         cache = {"prompt_text": prefix + voice["prompt_text"], "audio_feat": voice["audio_feat"]}
