@@ -14,7 +14,6 @@ Usage: python bench/batch_vs_serial.py --model-dir DIR [--n 4] [--tokens 32] [--
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.engines.voxcpm.batch import BatchedGenerator, Join  # noqa: E402
 from service.engines.voxcpm.engine import pick_device  # noqa: E402
 from service.engines.voxcpm.family import Family  # noqa: E402
+from service.engines.registry import checkpoint_architecture  # noqa: E402
 from service.engines.voxcpm.load import model_classes  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -52,7 +52,7 @@ def main() -> None:
                     help="also time the prefill of N requests arriving at once")
     args = ap.parse_args()
     # The package's own model class for the checkpoint's family (it defaults to VoxCPM-1.5 without the key).
-    architecture = json.loads((Path(args.model_dir) / "config.json").read_text()).get("architecture", "voxcpm")
+    architecture = checkpoint_architecture(Path(args.model_dir)) or "voxcpm"
     model_class = model_classes(architecture)[1]
 
     device, why = pick_device(args.device)

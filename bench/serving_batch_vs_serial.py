@@ -1,7 +1,8 @@
 """The service under load, side by side in one run: requests serialised (TTS_MAX_BATCH=1) vs
 continuous batching (TTS_MAX_BATCH=N), same model, same texts, same seeds, same fixed length.
 
-Starts the real worker (gunicorn + service.app) twice on a VoxCPM checkpoint, drives each with
+Starts the real worker (gunicorn + service.app) twice on a VoxCPM checkpoint (its architecture, voxcpm or
+voxcpm2, picks the engine), drives each with
 bench/tts_load.py's levels over HTTP streaming (or --ws), and prints both tables and, per
 concurrency level, the batched/serial ratio of audio-seconds per wall-second and of p95 TTFA.
 Every sentence chunk generates exactly --fixed-tokens tokens (VOXCPM_FIXED_TOKENS), so random
@@ -9,7 +10,8 @@ weights do the work of real speech of that length.
 
 Usage: python bench/serving_batch_vs_serial.py --model-dir DIR [--batch 8] [--levels 1,4,16,64]
        [--requests-per-level 32] [--fixed-tokens 32] [--device auto] [--json out.json]
-       (python -m tests.support.voxcpm_checkpoint DIR --size full builds a full-size random checkpoint)
+       (python -m tests.support.voxcpm_checkpoint DIR --size full [--family voxcpm2] builds a full-size
+        random checkpoint)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from service.engines.registry import FAMILIES, checkpoint_architecture  # noqa: E402
 from service.settings import THREAD_RESERVE  # noqa: E402
 from tests.support.worker import start_worker  # noqa: E402
 from tts_load import describe, max_level_below_rtf_1, run_level, table  # noqa: E402
@@ -34,7 +37,9 @@ def measure(model_dir: str, batch: str, args, tmp: Path) -> tuple[dict, list[dic
     # (auto: up to 128), the WebSockets and the reserve, as the worker's start-up check requires.
     queue, rows = max(64, 2 * max(args.levels)), int(batch) if batch.isdigit() else 128
     websockets = max(args.levels) if args.ws else 1
-    env = {"TTS_ENGINE": "voxcpm", "MODEL_DIR": model_dir, "TTS_DEVICE": args.device, "TTS_MAX_BATCH": batch,
+    arch = checkpoint_architecture(Path(model_dir)) or "voxcpm"
+    engine = next(f.name for f in FAMILIES.values() if arch in f.architectures)
+    env = {"TTS_ENGINE": engine, "MODEL_DIR": model_dir, "TTS_DEVICE": args.device, "TTS_MAX_BATCH": batch,
            "VOXCPM_FIXED_TOKENS": str(args.fixed_tokens), "QUEUE_SIZE": str(queue),
            "WS_MAX_CONNECTIONS": str(websockets), "GUNICORN_THREADS": str(queue + rows + websockets + THREAD_RESERVE),
            "REQUEST_TIMEOUT_S": str(args.timeout)}

@@ -1,4 +1,4 @@
-"""One batched VoxCPM generation step, side by side in one run: eager kernels vs CUDA graphs per batch
+"""One batched VoxCPM generation step (1.5 or VoxCPM2, as the checkpoint's architecture says), side by side in one run: eager kernels vs CUDA graphs per batch
 size, against the package's own one-request loop per token (compiled on CUDA, as it serves there).
 
 Per batch size: wall ms per step, ms per row-step, the RTF of one row (a step makes 160 ms of audio),
@@ -8,7 +8,8 @@ prefix of --context positions.
 
 Usage: python bench/step_profile.py --model-dir DIR [--batches 1,8,64,128] [--device auto]
        [--timesteps 10] [--steps 20] [--package-tokens 96] [--compile]
-       (python -m tests.support.voxcpm_checkpoint DIR --size full builds a full-size random checkpoint)
+       (python -m tests.support.voxcpm_checkpoint DIR --size full [--family voxcpm2] builds a full-size
+        random checkpoint)
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.engines.voxcpm.batch import BatchedGenerator, Join  # noqa: E402
+from service.engines.registry import checkpoint_architecture  # noqa: E402
 from service.engines.voxcpm.engine import pick_device  # noqa: E402
+from service.engines.voxcpm.family import Family  # noqa: E402
 from service.engines.voxcpm.load import load_voxcpm  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank, and then it runs far away."
@@ -69,11 +72,12 @@ def main() -> None:
     args = ap.parse_args()
     device, why = pick_device(args.device)
     t0 = time.perf_counter()
-    model = load_voxcpm(Path(args.model_dir), device, optimize=device == "cuda")
+    architecture = checkpoint_architecture(Path(args.model_dir)) or "voxcpm"
+    model = load_voxcpm(Path(args.model_dir), device, optimize=device == "cuda", architecture=architecture)
     sync(device)
-    print(f"device {device} ({why}); model loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"{architecture} on device {device} ({why}); model loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     budget = args.steps + 10
-    audio_s = model.patch_size * model.chunk_size / model.sample_rate
+    audio_s = Family(model).samples_per_token / model.sample_rate
 
     print(f"{'batch':>5} | {'mode':>6} | {'ms/step':>8} | {'ms/row-step':>11} | {'RTF/row':>7} | "
           f"{'GPU ms':>7} | {'busy':>5} | {'launches':>8} | graphs vs eager")
