@@ -13,13 +13,11 @@ import io
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
 from .support.gateway import start_gateway
+from .support.load import Outcome, SpeechLoad
 from .support.procs import loopback_port, wait_until
 from .support.upstream import dns_server
 from .support.voxcpm_checkpoint import build_checkpoint
@@ -40,7 +39,6 @@ KEY = "vbx_" + "0a1b2c3d4e5f6789" * 3
 AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "tts.scale-out.test"
 HOSTS = {"w1": "127.0.0.1", "w2": "127.0.0.2", "w3": "127.0.0.3"}
-TOKEN_BYTES = 4 * 1764 * 2  # one 6.25 Hz token of 16-bit PCM at 44.1 kHz
 # The gateway caches the name's addresses this long (render.sh: resolver valid=5s), plus a margin.
 RESOLVE_S = 6.0
 
@@ -124,74 +122,6 @@ def cluster(s3_server, tmp_path_factory):
             c.close()
 
 
-# -- load ---------------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    rid: str
-    started: float
-    ended: float
-    streamed: bool
-    status: int | None = None
-    served_by: str | None = None
-    audio_bytes: int = 0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and self.error is None and self.audio_bytes > 0 and \
-            self.audio_bytes % TOKEN_BYTES == 0
-
-
-class Load:
-    """`clients` clients, each sending one request after another through the gateway while it runs: short
-    syntheses, every other one streamed (an interrupted stream raises; a whole one is a whole number of tokens)."""
-
-    def __init__(self, url: str, clients: int, max_len: int = 6):
-        self.url, self.max_len = url, max_len
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def _client(self, i: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            out = self.one(stream=(n + i) % 2 == 0)
-            with self._lock:
-                self.outcomes.append(out)
-
-    def one(self, stream: bool, **body) -> Outcome:
-        rid = uuid.uuid4().hex
-        out = Outcome(rid, time.monotonic(), 0.0, stream)
-        try:
-            with requests.post(f"{self.url}/v1/audio/speech", stream=stream, timeout=60,
-                               headers={**AUTH, "X-Request-ID": rid},
-                               json={"input": "Steady load.", "response_format": "pcm", "stream": stream,
-                                     "max_len": self.max_len, "seed": 1, **body}) as r:
-                out.status, out.served_by = r.status_code, r.headers.get("X-Served-By")
-                for piece in r.iter_content(None):
-                    out.audio_bytes += len(piece)
-        except requests.RequestException as e:
-            out.error = f"{type(e).__name__}: {e}"
-        out.ended = time.monotonic()
-        return out
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
-
-    def between(self, t0: float, t1: float) -> list[Outcome]:
-        with self._lock:
-            return [o for o in self.outcomes if t0 <= o.started and o.ended <= t1]
-
-
 def queue_wait(worker: Worker) -> tuple[float, float]:
     """The worker's total queue wait (seconds) and the number of jobs it measured (its histogram)."""
     total = count = 0.0
@@ -230,7 +160,7 @@ def test_a_voice_uploaded_through_the_gateway_is_used_by_every_worker(cluster):
     assert r.status_code == 201, r.text
     voice, uploaded_on = r.json()["id"], r.headers["X-Served-By"]
 
-    load = Load(gw.url, 0)
+    load = SpeechLoad(gw.url, 0, AUTH)
     by_worker: dict[str, list[Outcome]] = {}
     for _ in range(60):  # the gateway picks a worker at random per request: until all three served it
         out = load.one(stream=False, voice=voice, seed=5)
@@ -280,7 +210,7 @@ def test_adding_a_worker_spreads_the_load_onto_it_and_queue_waits_fall(cluster):
         jobs = sum(after[n][1] - before[n][1] for n in names)
         return load.between(t0, t1), waited / max(jobs, 1), t1 - t0
 
-    with Load(cluster.gateway.url, clients) as load:
+    with SpeechLoad(cluster.gateway.url, clients, AUTH) as load:
         time.sleep(1)
         two, wait_two, span_two = measure(["w1", "w2"])
         cluster.start("w3")
@@ -301,7 +231,7 @@ def test_killing_a_worker_under_load_costs_only_the_streams_it_was_sending(clust
     """SIGKILL, no drain. A request it had not answered yet is retried on another worker by the gateway
     (synthesis has no side effects); only streams whose audio had started flowing from it end early."""
     cluster.ensure(["w1", "w2", "w3"])
-    with Load(cluster.gateway.url, 4, max_len=16) as load:
+    with SpeechLoad(cluster.gateway.url, 4, AUTH, max_len=16) as load:
         time.sleep(4)
         killed_at = time.monotonic()
         cluster.stop("w2", signal.SIGKILL)
@@ -325,7 +255,7 @@ def test_restarting_every_worker_one_by_one_under_load_loses_no_request(cluster)
     which the gateway retries elsewhere, and finishes what it accepted), exits, and comes back."""
     cluster.ensure(["w1", "w2", "w3"])
     back: dict[str, float] = {}
-    with Load(cluster.gateway.url, 4, max_len=16) as load:
+    with SpeechLoad(cluster.gateway.url, 4, AUTH, max_len=16) as load:
         time.sleep(2)
         t0 = time.monotonic()
         for name in ("w1", "w2", "w3"):
