@@ -193,10 +193,11 @@ def test_a_voice_uploaded_through_the_gateway_is_used_by_every_worker(cluster):
 
 
 def test_adding_a_worker_spreads_the_load_onto_it_and_queue_waits_fall(cluster):
-    """On two shared CPU cores the model is CPU-bound, so a third worker cannot raise raw throughput here
-    (on GPU hosts each worker brings its own GPU). What scaling out must do regardless: the new worker takes
-    its share of the requests, and requests wait less in the workers' queues (Little's law: with the same
-    clients and the same total rate, the time a request spends queued behind another one falls)."""
+    """Raw throughput is no measure on two CPU cores shared with other work: the model is CPU-bound, so what
+    a third worker adds depends on what else the cores run (on GPU hosts each worker brings its own GPU). It
+    is printed, not asserted. What scaling out must do regardless: the new worker takes its share of the
+    requests, and requests wait less in the workers' queues (the same clients spread over more queues; even
+    at the same total rate, more of a request's time is spent being synthesised, less waiting its turn)."""
     cluster.ensure(["w1", "w2"])
     clients, phase_s = 4, 10.0
 
@@ -228,26 +229,32 @@ def test_adding_a_worker_spreads_the_load_onto_it_and_queue_waits_fall(cluster):
 
 
 def test_killing_a_worker_under_load_costs_only_the_streams_it_was_sending(cluster):
-    """SIGKILL, no drain. A request it had not answered yet is retried on another worker by the gateway
-    (synthesis has no side effects); only streams whose audio had started flowing from it end early."""
+    """SIGKILL, no drain, while it sends a stream. A request it had not answered yet is retried on another
+    worker by the gateway (synthesis has no side effects); only streams whose audio had started flowing
+    from it end early."""
     cluster.ensure(["w1", "w2", "w3"])
     with SpeechLoad(cluster.gateway.url, 4, AUTH, max_len=16) as load:
-        time.sleep(4)
-        killed_at = time.monotonic()
-        cluster.stop("w2", signal.SIGKILL)
+        time.sleep(2)
+        cut = load.streaming(30)
+        victim = cut.served_by
+        killing = time.monotonic()
+        cluster.stop(victim, signal.SIGKILL)
+        killed_at = time.monotonic()  # dead by now
         time.sleep(3)  # its address is still listed: the gateway meets refused connections and goes elsewhere
-        cluster.list(["w1", "w3"])  # as Compose / Kubernetes drop a dead replica's address
+        left = sorted(set(HOSTS) - {victim})
+        cluster.list(left)  # as Compose / Kubernetes drop a dead replica's address
         time.sleep(1)
     outcomes = load.outcomes
     failed = [o for o in outcomes if not o.ok]
-    print(f"\n{len(outcomes)} requests, {len(failed)} failed: {[(o.served_by, o.streamed, o.error) for o in failed]}")
+    print(f"\nkilled {victim}: {len(outcomes)} requests, {len(failed)} failed: "
+          f"{[(o.served_by, o.streamed, o.error) for o in failed]}")
+    assert cut.ended < killed_at or not cut.ok, "a stream outlived the worker sending it"
     for o in failed:
-        assert o.served_by == "w2" and o.streamed and o.status == 200, o
-        assert o.started < killed_at < o.ended, o
-    assert len(failed) <= 4  # at most one per client: those in flight on w2
+        assert o.served_by == victim and o.streamed and o.status == 200, o
+        assert o.started < killed_at and o.ended > killing, o
+    assert len(failed) <= 4  # at most one per client: those in flight on the victim
     after = [o for o in outcomes if o.started > killed_at]
-    assert len(after) >= 8 and all(o.ok for o in after) and {o.served_by for o in after} <= {"w1", "w3"}
-    assert Counter(o.served_by for o in outcomes if o.started < killed_at)["w2"] > 0, "w2 served nothing"
+    assert len(after) >= 4 and all(o.ok for o in after) and {o.served_by for o in after} <= set(left)
 
 
 def test_restarting_every_worker_one_by_one_under_load_loses_no_request(cluster):

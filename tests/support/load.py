@@ -36,6 +36,7 @@ class SpeechLoad:
     def __init__(self, url: str, clients: int, headers: dict, max_len: int = 6, timeout: float = 60):
         self.url, self.headers, self.max_len, self.timeout = url, headers, max_len, timeout
         self.outcomes: list[Outcome] = []
+        self._streaming: dict[str, Outcome] = {}  # streams whose audio is flowing, by request id
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
@@ -59,10 +60,25 @@ class SpeechLoad:
                 out.status, out.served_by = r.status_code, r.headers.get("X-Served-By")
                 for piece in r.iter_content(None):
                     out.audio_bytes += len(piece)
+                    if stream:
+                        with self._lock:
+                            self._streaming[rid] = out
         except requests.RequestException as e:
             out.error = f"{type(e).__name__}: {e}"
         out.ended = time.monotonic()
+        with self._lock:
+            self._streaming.pop(rid, None)
         return out
+
+    def streaming(self, timeout: float) -> Outcome:
+        """A stream whose audio is flowing now (its worker is in its X-Served-By), as soon as there is one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._streaming:
+                    return next(iter(self._streaming.values()))
+            time.sleep(0.01)
+        raise AssertionError(f"no stream had its audio flowing within {timeout:.0f}s")
 
     def __enter__(self) -> SpeechLoad:
         for t in self._threads:
