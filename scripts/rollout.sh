@@ -192,9 +192,18 @@ reload_gateway
 # before the reload still take connections for a moment, with the name resolved when only the old
 # worker had it (cached up to 5 s, the resolver's valid=). Stopping the old one sooner fails those.
 run "sleep $SWITCH_WAIT_S"
+# One old worker at a time: a gateway process that still has a stopped worker's address cached (up to 5 s)
+# spends its 5 s connect timeout on it before retrying elsewhere (a removed container's address does not
+# refuse, it is silent); two such addresses would use up a request's whole 10 s retry budget.
+left=$n_old
 for id in $old_ids; do
     run "docker stop --timeout $STOP_TIMEOUT_S $id"
     run "docker rm $id"
+    left=$((left - 1))
+    if [ "$left" -gt 0 ]; then
+        reload_gateway  # forgets the stopped worker's address now
+        run "sleep $SWITCH_WAIT_S"
+    fi
 done
 reload_gateway
 run "$COMPOSE up -d --no-deps gateway"

@@ -56,6 +56,11 @@ def test_a_scaled_service_is_replaced_by_as_many_new_workers(tmp_path):
     stops = [s for s in steps if s.startswith("docker stop")]
     assert stops == [f"docker stop --timeout 45 {i}" for i in ("aaa", "bbb", "ccc")]
     assert steps.index("sleep 7") < steps.index(stops[0])
+    # One at a time: the gateway forgets each stopped worker (reload) and its caches expire before the next.
+    reload = f"{fake} exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
+    for first, second in zip(stops, stops[1:]):
+        between = steps[steps.index(first) + 1:steps.index(second)]
+        assert between == [f"docker rm {first.split()[-1]}", reload, "sleep 7"], between
 
 
 def test_compose_command_adds_the_cpu_file_without_an_nvidia_runtime(tmp_path):
