@@ -4,14 +4,16 @@
 #   scripts/rollout.sh TAG [--dry-run]       roll out TAG
 #   scripts/rollout.sh rollback [--dry-run]  go back to the tag before the last rollout
 #
-# Steps: pull TAG; create a new worker container on TAG beside the running one(s) and check it runs
-# TAG's image; start it without the service name `tts` (so the gateway sends it nothing yet); wait
-# until Docker reports it healthy (/readyz: weights pulled, model loaded, warm-up passed); give it the
-# name `tts` and reload the gateway; stop the old worker(s) gracefully (in-flight requests finish within
-# the stop grace period); then recreate the gateway on TAG; finally record TAG in .env.
-# The previous tag is kept in .rollout-state for `rollback`. A failed or never-healthy new worker is
-# removed and the old one keeps serving. Stopped or never-started tts containers (an old replica, a
-# failed earlier attempt) are removed first: they are not serving, and compose would reuse them.
+# Steps: pull TAG; create as many new worker containers on TAG as are running (at least one; a service
+# scaled with `up --scale tts=N` keeps its N) beside the running ones and check they run TAG's image;
+# start them without the service name `tts` (so the gateway sends them nothing yet); wait until Docker
+# reports each healthy (/readyz: weights pulled, model loaded, warm-up passed); give them the name `tts`
+# and reload the gateway; stop the old workers gracefully (in-flight requests finish within the stop
+# grace period); then recreate the gateway on TAG; finally record TAG in .env.
+# The previous tag is kept in .rollout-state for `rollback`. If a new worker fails or never turns
+# healthy, every new one is removed and the old ones keep serving. Meanwhile the box runs twice the
+# workers (GPU memory for both). Stopped or never-started tts containers (an old replica, a failed
+# earlier attempt) are removed first: they are not serving, and compose would reuse them.
 #
 # COMPOSE is the compose command (default: `docker compose`, plus `-f compose.yaml -f compose.cpu.yaml`
 # when COMPOSE_FILE is unset and the engine has no nvidia runtime, i.e. a CPU-only host).
@@ -103,6 +105,7 @@ else
 fi
 old_ids=$(tts_ids running)
 n_old=$(echo "$old_ids" | wc -w)
+n_new=$(( n_old > 0 ? n_old : 1 ))
 want_image=$($COMPOSE config --images tts 2>/dev/null || echo "?")
 
 # Remove whatever this attempt created, so a later rollout never finds (and compose never reuses) it.
@@ -126,56 +129,61 @@ set_service_name() {  # ID on|off: (re)join the container's networks with or wit
     done
 }
 
-if ! run "$COMPOSE up --no-start --no-deps --no-recreate --scale tts=$((n_old + 1)) tts"; then
+if ! run "$COMPOSE up --no-start --no-deps --no-recreate --scale tts=$((n_old + n_new)) tts"; then
     remove_new
     echo "rollout: starting a worker on $target failed (see above); removed what it created, $previous keeps serving" >&2
     exit 1
 fi
-new_id=""
 if [ "$DRY" = 0 ]; then
     new_ids=""
     for id in $($COMPOSE ps -q -a tts); do
         case " $(echo $old_ids) " in *" $id "*) ;; *) new_ids="$new_ids $id" ;; esac
     done
-    new_id=$(echo $new_ids)
-    if [ -z "$new_id" ] || [ "$(echo "$new_ids" | wc -w)" -ne 1 ]; then
+    new_ids=$(echo $new_ids)
+    if [ "$(echo "$new_ids" | wc -w)" -ne "$n_new" ]; then
         remove_new
-        echo "rollout: expected one new worker container, found '${new_id}'; removed, $previous keeps serving" >&2
+        echo "rollout: expected $n_new new worker container(s), found '${new_ids}'; removed, $previous keeps serving" >&2
         exit 1
     fi
-    got_image=$(docker inspect -f '{{.Config.Image}}' "$new_id")
-    if [ "$got_image" != "$want_image" ]; then
-        remove_new
-        echo "rollout: the new worker $new_id runs $got_image, not $want_image; removed, $previous keeps serving" >&2
-        exit 1
-    fi
-    if ! { set_service_name "$new_id" off && docker start "$new_id" >/dev/null; }; then
-        remove_new
-        echo "rollout: the new worker $new_id did not start; removed, $previous keeps serving" >&2
-        exit 1
-    fi
-    echo "rollout: waiting for worker $new_id ($got_image) to be healthy (up to ${HEALTH_TIMEOUT_S}s)"
-    deadline=$((SECONDS + HEALTH_TIMEOUT_S))
-    while :; do
-        status=$(docker inspect -f '{{.State.Health.Status}}' "$new_id" 2>/dev/null || echo gone)
-        [ "$status" = healthy ] && break
-        if [ "$status" = unhealthy ] || [ "$status" = gone ] || [ $SECONDS -ge $deadline ]; then
-            [ $SECONDS -lt $deadline ] || status="not healthy after ${HEALTH_TIMEOUT_S}s"
-            echo "rollout: new worker is $status; removing it, $previous keeps serving" >&2
+    for new_id in $new_ids; do
+        got_image=$(docker inspect -f '{{.Config.Image}}' "$new_id")
+        if [ "$got_image" != "$want_image" ]; then
             remove_new
+            echo "rollout: the new worker $new_id runs $got_image, not $want_image; removed, $previous keeps serving" >&2
             exit 1
         fi
-        sleep 2
+        if ! { set_service_name "$new_id" off && docker start "$new_id" >/dev/null; }; then
+            remove_new
+            echo "rollout: the new worker $new_id did not start; removed, $previous keeps serving" >&2
+            exit 1
+        fi
     done
-    echo "rollout: worker $new_id is healthy; it takes the name tts"
-    if ! set_service_name "$new_id" on; then
-        remove_new
-        echo "rollout: could not give worker $new_id the name tts; removed, $previous keeps serving" >&2
-        exit 1
-    fi
+    echo "rollout: waiting for worker(s) $new_ids ($want_image) to be healthy (up to ${HEALTH_TIMEOUT_S}s)"
+    deadline=$((SECONDS + HEALTH_TIMEOUT_S))
+    for new_id in $new_ids; do
+        while :; do
+            status=$(docker inspect -f '{{.State.Health.Status}}' "$new_id" 2>/dev/null || echo gone)
+            [ "$status" = healthy ] && break
+            if [ "$status" = unhealthy ] || [ "$status" = gone ] || [ $SECONDS -ge $deadline ]; then
+                [ $SECONDS -lt $deadline ] || status="not healthy after ${HEALTH_TIMEOUT_S}s"
+                echo "rollout: new worker $new_id is $status; removing it, $previous keeps serving" >&2
+                remove_new
+                exit 1
+            fi
+            sleep 2
+        done
+    done
+    for new_id in $new_ids; do
+        echo "rollout: worker $new_id is healthy; it takes the name tts"
+        if ! set_service_name "$new_id" on; then
+            remove_new
+            echo "rollout: could not give worker $new_id the name tts; removed, $previous keeps serving" >&2
+            exit 1
+        fi
+    done
 else
-    echo "+ check the new tts container runs $want_image; start it without the name tts"
-    echo "+ wait until its health status is healthy; then give it the name tts"
+    echo "+ check the new tts container(s) run $want_image; start them without the name tts"
+    echo "+ wait until their health status is healthy; then give them the name tts"
 fi
 
 # The gateway sends new requests to the healthy worker(s) it resolves; a reload makes it look now.
@@ -184,9 +192,18 @@ reload_gateway
 # before the reload still take connections for a moment, with the name resolved when only the old
 # worker had it (cached up to 5 s, the resolver's valid=). Stopping the old one sooner fails those.
 run "sleep $SWITCH_WAIT_S"
+# One old worker at a time: a gateway process that still has a stopped worker's address cached (up to 5 s)
+# spends its 5 s connect timeout on it before retrying elsewhere (a removed container's address does not
+# refuse, it is silent); two such addresses would use up a request's whole 10 s retry budget.
+left=$n_old
 for id in $old_ids; do
     run "docker stop --timeout $STOP_TIMEOUT_S $id"
     run "docker rm $id"
+    left=$((left - 1))
+    if [ "$left" -gt 0 ]; then
+        reload_gateway  # forgets the stopped worker's address now
+        run "sleep $SWITCH_WAIT_S"
+    fi
 done
 reload_gateway
 run "$COMPOSE up -d --no-deps gateway"

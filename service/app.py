@@ -90,7 +90,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     # JSON bodies: text is capped at MAX_TEXT_CHARS characters (up to 12 bytes each as \\uXXXX pairs);
     # the 1 MiB margin lets a moderately oversized text still get text_too_long, which names the limit.
     _install_request_hooks(app, metrics, json_limit=1024 * 1024 + 12 * settings.max_text_chars,
-                           body_timeout_s=settings.body_read_timeout_s)
+                           body_timeout_s=settings.body_read_timeout_s, worker_name=settings.worker_name)
     models.start()
     log.info("VoxBox worker: models %s (default %s), queue=%d per model, threads=%d websockets=%d, batch at most "
              "%d per model", ", ".join(models.names()), models.default.name, settings.queue_size,
@@ -116,7 +116,8 @@ def _read_body(timeout_s: float) -> None:
     sock.settimeout(None)  # streamed responses and WebSockets must not time out while idle
 
 
-def _install_request_hooks(app: Flask, metrics: Metrics, json_limit: int, body_timeout_s: float) -> None:
+def _install_request_hooks(app: Flask, metrics: Metrics, json_limit: int, body_timeout_s: float,
+                           worker_name: str) -> None:
     @app.before_request
     def _start():
         rid = request.headers.get("X-Request-ID", "")
@@ -131,6 +132,7 @@ def _install_request_hooks(app: Flask, metrics: Metrics, json_limit: int, body_t
     @app.after_request
     def _finish(resp):
         resp.headers["X-Request-ID"] = g.get("request_id", "")
+        resp.headers["X-Served-By"] = worker_name
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(endpoint, str(resp.status_code)).inc()
         if endpoint not in ("/healthz", "/readyz", "/metrics"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional
@@ -108,6 +109,10 @@ class Settings(BaseSettings):
     # so stalled uploads cannot hold every thread (the gateway buffers bodies; a bare worker does not).
     body_read_timeout_s: float = Field(15.0, gt=0)
     log_level: str = "info"
+    # Sent as X-Served-By on every response, so a client (or a test) behind the gateway can tell which of
+    # several workers answered. Default: the host name, which is the container id under Compose and the
+    # pod name under Kubernetes, so every replica is told apart with nothing set.
+    worker_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
 
     @field_validator("tts_max_batch")
     @classmethod

@@ -24,6 +24,7 @@ import soundfile as sf
 import websocket
 
 from .support import docker_bundle as db
+from .support.load import SpeechLoad
 from .support.procs import REPO_ROOT, free_port
 from .support.voxcpm_checkpoint import build_checkpoint
 from .support.worker import ws_collect
@@ -422,3 +423,96 @@ def test_rollback_under_load(project, images):
     _, log, _ = rollout_under_load(project, "rollback")
     assert f"rolling back to {OLD}" in log
     assert_serving(project, OLD, images)
+
+
+# -- scale-out on one box -------------------------------------------------------------------------
+# Two cores shared with other work, replicas loading beside the one serving (each with OMP_NUM_THREADS=2):
+# a short synthesis can take a minute here. Slow is not lost; the client waits.
+SLOW_S = 300
+
+
+def replica_names(project: db.Project) -> dict[str, str]:
+    """{X-Served-By: container id} of the running tts replicas: a worker's name is its host name, which
+    Docker sets to the container's short id."""
+    return {project.inspect(c)["Config"]["Hostname"]: c for c in tts_running(project)}
+
+
+def explain(project: db.Project, failed: list) -> str:
+    """What the gateway logged for these requests (where it sent them, what it got, how long it took)."""
+    log = project.compose("logs", "--no-color", "gateway", check=False, timeout=60).stdout.decode(errors="replace")
+    lines = [ln for ln in log.splitlines() if any(o.rid in ln for o in failed)]
+    return "\n".join([repr(o) for o in failed] + lines)
+
+
+def served_by_all(url: str, names: set[str], **body) -> dict[str, list]:
+    """Syntheses through the gateway until every one of `names` served one (it picks a worker at random)."""
+    load = SpeechLoad(url, 0, AUTH, timeout=SLOW_S)
+    seen: dict[str, list] = {}
+    for _ in range(60):
+        out = load.one(stream=False, **body)
+        assert out.ok, out
+        seen.setdefault(out.served_by, []).append(out)
+        if set(seen) >= names:
+            break
+    assert set(seen) == names, ({k: len(v) for k, v in seen.items()}, names)
+    return seen
+
+
+def test_scale_to_three_replicas_under_load_shares_voices_and_loses_only_a_killed_ones_streams(project, images,
+                                                                                                  engine):
+    """`docker compose up --scale tts=3`: the gateway finds the new replicas by the service name (no reload)
+    and spreads requests over them; replicas that are still loading answer 503, which it retries elsewhere,
+    so scaling up under load fails nothing. Voices live on the shared models volume: one upload serves on
+    every replica. A replica killed mid-load costs only the streams it was sending; then rollout.sh
+    replaces the two left with two new ones, and the service is scaled back to one."""
+    url = _http(project)
+    with SpeechLoad(url, 2, AUTH, max_len=4, timeout=SLOW_S) as load:
+        time.sleep(2)
+        project.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", "tts=3", "tts")
+        wait_for(lambda: len(tts_running(project)) == 3 and all(
+            project.inspect(c)["State"]["Health"]["Status"] == "healthy" for c in tts_running(project)),
+            240, "three healthy replicas", project, interval=2)
+        time.sleep(3)
+    failed = [o for o in load.outcomes if not o.ok]
+    assert not failed and len(load.outcomes) >= 2, explain(project, failed[:5]) + project.logs("tts")
+    names = replica_names(project)
+    assert len(names) == 3
+    served_by_all(url, set(names))
+
+    r = requests.post(f"{url}/v1/voices", files={"file": ("ref.wav", clip(), "audio/wav")},
+                      data={"name": "Everywhere", "text": "What the clip says."}, headers=AUTH, timeout=60)
+    assert r.status_code == 201, r.text
+    with_voice = served_by_all(url, set(names), voice=r.json()["id"], seed=3)
+    print(f"\nscaled to 3 under load: {len(load.outcomes)} requests, none failed; "
+          f"a voice uploaded on {r.headers['X-Served-By']} served by {({k: len(v) for k, v in with_voice.items()})}")
+
+    with SpeechLoad(url, 3, AUTH, max_len=16, timeout=SLOW_S) as load:
+        cut = load.streaming(120)  # the replica sending it is killed mid-stream
+        victim = cut.served_by
+        killing = time.monotonic()
+        db.docker(engine, "kill", names[victim])
+        killed_at = time.monotonic()  # dead by now
+        time.sleep(10)  # past the gateway's 5 s cache of the name's addresses
+    failed = [o for o in load.outcomes if not o.ok]
+    print(f"killed replica {victim} under load: {len(load.outcomes)} requests, {len(failed)} failed "
+          f"({[(o.served_by, o.streamed, o.error) for o in failed]})")
+    assert cut.ended < killed_at or not cut.ok, "a stream outlived the replica sending it"
+    for o in failed:
+        assert o.served_by == victim and o.streamed and o.status == 200, explain(project, [o])
+        assert o.started < killed_at and o.ended > killing, o
+    after = [o for o in load.outcomes if o.started > killed_at]
+    assert len(after) >= 2 and all(o.ok for o in after) and victim not in {o.served_by for o in after}, \
+        explain(project, [o for o in after if not o.ok])
+
+    _, log, _ = rollout_under_load(project, NEW)  # removes the killed replica; two new ones replace the two left
+    running = tts_running(project)
+    assert len(running) == 2 and {worker_image(project, c) for c in running} == {images[("worker", NEW)]}, log
+    served_by_all(url, set(replica_names(project)))
+
+    # Scaled down, as the README says: a reload makes the gateway forget the removed replicas at once (a
+    # removed container's address is silent: until its cached entry expires, a request could spend the
+    # 5 s connect timeout on it before being retried on the one left).
+    project.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", "tts=1", "tts")
+    project.compose("exec", "-T", "gateway", "sh", "/opt/voxbox-gateway/render.sh", "--reload")
+    wait_for(lambda: gateway_ready(project), 30, "the gateway after scaling down", project)
+    assert_serving(project, NEW, images)

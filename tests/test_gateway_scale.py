@@ -13,7 +13,7 @@ from collections import Counter
 import requests
 
 from .support.gateway import start_gateway
-from .support.procs import free_port, read_head, wait_until
+from .support.procs import free_port, loopback_port, read_head, wait_until
 from .support.upstream import dns_server, recording_server
 
 KEY = "vbx_" + "fedcba9876543210" * 3
@@ -134,25 +134,6 @@ def test_when_every_worker_is_full_the_client_gets_a_503_with_retry_after(tmp_pa
             _, r = call(g, "POST", "/tts", json={"text": "hello"})
             assert r.status_code == 503 and r.headers["Retry-After"]
             assert r.json()["error"]["code"] in ("queue_full", "worker_unavailable")
-
-
-def loopback_port(hosts: list[str]) -> int:
-    """A port free on every one of these loopback addresses: the replicas of one service share a port."""
-    for _ in range(20):
-        port = free_port()
-        socks = []
-        try:
-            for h in hosts:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((h, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no port free on all of {hosts}")
 
 
 def test_a_name_with_several_addresses_is_spread_over_all_of_them_and_retried(tmp_path):

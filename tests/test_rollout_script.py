@@ -28,8 +28,8 @@ def test_dry_run_plans_start_wait_switch_drain(tmp_path):
     # one more than the running workers (none in a dry run), so compose creates exactly one new container
     assert steps[2] == "true up --no-start --no-deps --no-recreate --scale tts=1 tts"
     # the gateway re-resolves `tts`: the new worker takes that name only once it is healthy
-    assert steps[3].startswith("check the new tts container runs") and "without the name tts" in steps[3]
-    assert steps[4] == "wait until its health status is healthy; then give it the name tts"
+    assert steps[3].startswith("check the new tts container(s) run") and "without the name tts" in steps[3]
+    assert steps[4] == "wait until their health status is healthy; then give them the name tts"
     reload = "true exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
     assert steps[5] == reload and steps[-3] == reload  # a reload in place, never `kill` (a "manual stop")
     assert steps[6] == "sleep 7"  # every gateway process has re-resolved the name before the old worker stops
@@ -38,6 +38,29 @@ def test_dry_run_plans_start_wait_switch_drain(tmp_path):
     assert "record 1.0.0" in steps[-1] and "VOXBOX_TAG=1.1.0" in steps[-1]
     assert not any("kill" in s or "--time " in s for s in steps)
     assert (tmp_path / ".env").read_text() == "VOXBOX_TAG=1.0.0\n"  # a dry run changes nothing
+
+
+def test_a_scaled_service_is_replaced_by_as_many_new_workers(tmp_path):
+    """`up --scale tts=3`: three new workers start beside the three running, then the three old ones stop."""
+    fake = tmp_path / "compose"
+    # Lists three running tts containers (and none in any other state), like `docker compose ps` would.
+    fake.write_text('#!/bin/sh\ncase "$*" in *"--status running tts"*) printf "aaa\\nbbb\\nccc\\n" ;; esac\n')
+    fake.chmod(0o755)
+    env_file = tmp_path / ".env"
+    env_file.write_text("VOXBOX_TAG=1.0.0\n")
+    env = {**os.environ, "ENV_FILE": str(env_file), "STATE_FILE": str(tmp_path / "state"), "COMPOSE": str(fake)}
+    r = subprocess.run(["bash", str(SCRIPT), "1.1.0", "--dry-run"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    steps = [line[2:] for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert f"{fake} up --no-start --no-deps --no-recreate --scale tts=6 tts" in steps
+    stops = [s for s in steps if s.startswith("docker stop")]
+    assert stops == [f"docker stop --timeout 45 {i}" for i in ("aaa", "bbb", "ccc")]
+    assert steps.index("sleep 7") < steps.index(stops[0])
+    # One at a time: the gateway forgets each stopped worker (reload) and its caches expire before the next.
+    reload = f"{fake} exec -T gateway sh /opt/voxbox-gateway/render.sh --reload"
+    for first, second in zip(stops, stops[1:]):
+        between = steps[steps.index(first) + 1:steps.index(second)]
+        assert between == [f"docker rm {first.split()[-1]}", reload, "sleep 7"], between
 
 
 def test_compose_command_adds_the_cpu_file_without_an_nvidia_runtime(tmp_path):

@@ -48,6 +48,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_port(hosts: list[str]) -> int:
+    """A port free on every one of these loopback addresses: the replicas of one service share a port."""
+    for _ in range(20):
+        port = free_port()
+        socks = []
+        try:
+            for h in hosts:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((h, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
                log: Path | None = None, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout

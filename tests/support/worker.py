@@ -43,17 +43,20 @@ def _ready(url: str) -> bool:
 
 @contextmanager
 def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: float = 180,
-                 wait_ready: bool = True, app: str = "service.app:create_app()") -> Iterator[Worker]:
+                 wait_ready: bool = True, app: str = "service.app:create_app()", host: str = "127.0.0.1",
+                 port: Optional[int] = None) -> Iterator[Worker]:
     """Start gunicorn with the embedded engine unless `env_overrides` says otherwise; yields a Worker.
     `app` is gunicorn's app spec (tests.support.slow_engine:create_app() serves a timed fake engine).
+    `host` and `port` place it (replicas of one service share a port on addresses of their own);
+    by default a free port on 127.0.0.1.
 
     The Worker's `url` is the base URL; `log` is the combined stdout/stderr log file.
     """
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {
-        "BIND": f"127.0.0.1:{port}",
+        "BIND": f"{host}:{port}",
         "TTS_ENGINE": "embedded",
         "VOICES_DIR": str(tmp_dir / "voices"),
         "GUNICORN_THREADS": "16",
@@ -61,13 +64,13 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         **(env_overrides or {}),
     }
-    log = tmp_dir / f"worker-{port}.log"
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_dir / f"worker-{host}-{port}.log"
+    url = f"http://{host}:{port}"
     gunicorn = str(Path(PYTHON).with_name("gunicorn"))
     cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), app]
     # Without wait_ready, "answers at all" is enough: a worker whose model failed answers 503.
     check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2) is not None)
-    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on :{port}") as proc:
+    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on {host}:{port}") as proc:
         yield Worker(url=url, port=port, log=log, env=env, pid=proc.pid)
 
 
