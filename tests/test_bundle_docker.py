@@ -511,7 +511,7 @@ def test_scale_to_three_replicas_under_load_shares_voices_and_loses_only_a_kille
 
     # Scaled down, as the README says: a reload makes the gateway forget the removed replicas at once (a
     # removed container's address is silent: until its cached entry expires, a request could spend the
-    # 5 s connect timeout on it before being retried on the one left).
+    # 2 s connect timeout on it before being retried on the one left).
     project.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", "tts=1", "tts")
     project.compose("exec", "-T", "gateway", "sh", "/opt/voxbox-gateway/render.sh", "--reload")
     wait_for(lambda: gateway_ready(project), 30, "the gateway after scaling down", project)
