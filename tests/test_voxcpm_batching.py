@@ -321,3 +321,61 @@ def test_a_reference_prompt_needs_voxcpm2(model):
     with pytest.raises(ValueError, match="reference prompts need a VoxCPM2 model; this is voxcpm"):
         gen.add_many([Join("Hello.", ref)])
     assert gen.active() == 0
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_a_graph_capture_leaves_other_inference_threads_free():
+    """Two models in one worker each have an inference thread: while one captures the step's graphs, the
+    other allocates and synchronises; neither fails, and the captured graphs replay the work."""
+    import threading
+
+    from service.engines.voxcpm.batch import GraphCache
+
+    dev = torch.device("cuda")
+    stop, errors = threading.Event(), []
+
+    def other_model():
+        size = 1
+        while not stop.is_set():
+            try:
+                size = size % 4096 + 1  # new sizes: the allocator goes to the driver now and then
+                assert torch.ones(size * 1024, device=dev).sum().item() == size * 1024
+                torch.cuda.synchronize(dev)
+            except Exception as e:  # noqa: BLE001 - reported by the test below
+                errors.append(e)
+                return
+
+    x = torch.zeros(64, device=dev)
+    cache = GraphCache(True, dev)
+    thread = threading.Thread(target=other_model)
+    thread.start()
+    try:
+        for key in range(20):
+            cache.run(key, lambda: x.add_(1))  # eager, then captured
+            cache.run(key, lambda: x.add_(1))  # replayed
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert cache.enabled and len(cache.graphs) == 20
+    assert torch.equal(x, torch.full_like(x, 40))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_are_captured_on_the_batchs_own_device():
+    """A model on cuda:1 driven from a thread whose current device is cuda:0: the graph records its work
+    (captured on cuda:0's stream it would record nothing and run the step once more, eagerly)."""
+    from service.engines.voxcpm.batch import GraphCache
+
+    torch.cuda.set_device(0)
+    x = torch.zeros(8, device="cuda:1")
+    cache = GraphCache(True, torch.device("cuda:1"))
+    cache.run("k", lambda: x.add_(1))
+    torch.cuda.synchronize(1)
+    assert torch.equal(x, torch.ones_like(x))  # the eager call only
+    cache.run("k", lambda: x.add_(1))
+    torch.cuda.synchronize(1)
+    assert torch.equal(x, torch.full_like(x, 2))  # the replay did the work

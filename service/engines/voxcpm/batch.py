@@ -112,10 +112,16 @@ class GraphCache:
     read and write only preallocated tensors, so a replay needs no inputs or outputs of its own; all
     graphs share one memory pool (they never run concurrently). A capture that fails turns graphs off
     for this generator, logged, and the step goes on eagerly.
+
+    Captures run on `device` (the tensors' GPU), whatever the calling thread's current device: a capture
+    stream of another GPU records none of the work, which then runs eagerly during the capture. They are
+    thread-local: each model of a worker has its own inference thread (service/models.py), and a global
+    capture would make the other threads' CUDA calls (an allocation, a synchronisation) fail meanwhile.
     """
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, device=None):
         self.enabled = enabled
+        self.device = device
         self.graphs: dict = {}
         self._pool = None
 
@@ -130,12 +136,13 @@ class GraphCache:
 
     def _capture(self, key, fn) -> None:
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                fn()
+            with torch.cuda.device(self.device):
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    fn()
             self.graphs[key] = graph
         except Exception:  # an op that cannot be captured: correct but slower, and visible in the log
             log.exception("voxcpm: CUDA graph capture failed for %s; the batched step runs eagerly", key)
@@ -167,7 +174,7 @@ class BatchedGenerator:
         self.lengths = length_buckets(self.max_length)
         self.record_latents = record_latents
         self.last_patch: dict[int, torch.Tensor] = {}  # handle -> this step's latent patch [P, D] (record_latents)
-        self.graphs = GraphCache(cuda_graphs and self.device.type == "cuda")
+        self.graphs = GraphCache(cuda_graphs and self.device.type == "cuda", self.device)
 
         b, dev, dt = max_batch, self.device, self.dtype
         h = model.config.lm_config.hidden_size
