@@ -227,6 +227,16 @@ def test_padding_rows_change_nothing(model):
         assert_same(got[row], alone(model, text, seed, n))
 
 
+def test_prepare_leaves_the_idle_batch_as_it_found_it(model):
+    """prepare() runs every part of the step at every bucket on the idle batch (capturing graphs on CUDA);
+    rows joining afterwards still equal the package's own generation."""
+    gen = BatchedGenerator(model, record_latents=True, max_batch=4, max_length=256)
+    assert gen.prepare(timesteps=4) == 0  # graphs only on CUDA
+    out = run_batched(gen, {0: [("a", *REQUESTS[0])], 1: [("b", *REQUESTS[2])]})
+    assert_same(out["a"], alone(model, *REQUESTS[0]))
+    assert_same(out["b"], alone(model, *REQUESTS[2]))
+
+
 def test_the_step_has_no_host_sync_and_no_data_dependent_python(model):
     """Each part of the step traces as one graph (fullgraph: any .item(), .tolist(), or Python
     branch on a tensor value would break it), so it can be captured in a CUDA graph."""

@@ -357,9 +357,9 @@ class BatchedGenerator:
         if not self.slots:
             return []
         b, length, iters = self.shapes()
-        self.graphs.run(("dit", b, iters), lambda: self.dit_step(b, iters))
-        self.graphs.run(("lm", b, length), lambda: self.lm_step(b, length))
-        self.graphs.run(("vae", b), lambda: self.vae_step(b))
+        self._dit(b, iters)
+        self._lm(b, length)
+        self._vae(b)
         n = len(self.slots)
         # The one device-to-host transfer of the step: stop flags and audio, then one wait.
         self._stop_host[:n].copy_(self.stop[:n], non_blocking=True)
@@ -383,6 +383,17 @@ class BatchedGenerator:
         if finished:
             self._release(finished)
         return out
+
+    # The three parts of a step through their graphs: the one place that names a part's graph key, so the
+    # graphs prepare() captures are the ones step() replays.
+    def _dit(self, b: int, iters: int) -> None:
+        self.graphs.run(("dit", b, iters), lambda: self.dit_step(b, iters))
+
+    def _lm(self, b: int, length: int) -> None:
+        self.graphs.run(("lm", b, length), lambda: self.lm_step(b, length))
+
+    def _vae(self, b: int) -> None:
+        self.graphs.run(("vae", b), lambda: self.vae_step(b))
 
     # The three parts of a step, each one fixed-shape function of the buffers (one CUDA graph each).
     def dit_step(self, b: int, iters: int) -> None:
@@ -474,11 +485,11 @@ class BatchedGenerator:
         if self.slots:
             raise RuntimeError("prepare() runs on an idle batch only")
         for b in self.buckets:
-            self.graphs.run(("dit", b, timesteps), lambda: self.dit_step(b, timesteps))
+            self._dit(b, timesteps)
             for length in self.lengths:
                 if length <= max(max_length_bucket, self.lengths[0]):
-                    self.graphs.run(("lm", b, length), lambda: self.lm_step(b, length))
-            self.graphs.run(("vae", b), lambda: self.vae_step(b))
+                    self._lm(b, length)
+            self._vae(b)
         self.decoder.reset(self.rows_idx)
         return len(self.graphs.graphs)
 
