@@ -184,7 +184,8 @@ def test_the_engine_batches_every_clone_mode_as_it_serves_them_one_at_a_time(ckp
 
     def serial(text, prompt, params):
         """What engine.synthesize runs (the package's generate on the engine's arguments), with latents."""
-        args = engine._generation_args(text, prompt, params)  # seeds the global RNG, as synthesize does
+        args = engine._generation_args(text, prompt, params)
+        engine._seed_package(params)  # as synthesize does
         wav, _, feats = engine._model.generate_with_prompt_cache(**args)
         return feats.float().numpy(), wav[0].numpy()
 

@@ -25,10 +25,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("batch") / "tiny", size="tiny", seed=5, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
     from voxcpm.model.voxcpm import VoxCPMModel
 
-    ckpt = build_checkpoint(tmp_path_factory.mktemp("batch") / "tiny", size="tiny", seed=5, dtype="float32")
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["dtype"] == "float32"
     return VoxCPMModel.from_local(str(ckpt), optimize=False, device="cpu")
@@ -235,6 +239,23 @@ def test_prepare_leaves_the_idle_batch_as_it_found_it(model):
     out = run_batched(gen, {0: [("a", *REQUESTS[0])], 1: [("b", *REQUESTS[2])]})
     assert_same(out["a"], alone(model, *REQUESTS[0]))
     assert_same(out["b"], alone(model, *REQUESTS[2]))
+
+
+def test_a_seeded_request_leaves_the_other_rows_random(ckpt):
+    """A request's seed seeds its own row's generator only: an unseeded request joining beside it draws
+    fresh noise every time (the process-wide RNG is not reseeded: other models' inference threads use it)."""
+    from service.engines import SynthesisParams
+    from service.engines.voxcpm.engine import VoxCPMEngine
+
+    engine = VoxCPMEngine(ckpt, device="cpu", compile_mode="off", inference_timesteps=2, max_len=8)
+    engine.load()
+    noise = []
+    for _ in range(2):
+        batch = engine.make_batch(2)
+        engine.batch_add(batch, [("Seeded.", None, SynthesisParams(seed=7)), ("Not seeded.", None, SynthesisParams())])
+        noise.append(batch.noise[:2].clone())
+    assert torch.equal(noise[0][0], noise[1][0])  # the seeded row repeats itself
+    assert not torch.equal(noise[0][1], noise[1][1])
 
 
 def test_the_step_has_no_host_sync_and_no_data_dependent_python(model):

@@ -204,10 +204,6 @@ class VoxCPMEngine(Engine):
 
     def _generation_args(self, text: str, prompt: Optional[VoicePrompt], params: SynthesisParams,
                          carry: Optional[Continuation] = None) -> dict:
-        import torch
-
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         normalize = self.defaults["normalize"] if params.normalize is None else params.normalize
         if normalize:
             text = self._normalize(text, params.lang)
@@ -229,6 +225,15 @@ class VoxCPMEngine(Engine):
         """(the text the model is given, the prompt cache it generates from) for one chunk."""
         return text, self._prompt_cache(prompt) if prompt is not None else self._carry_cache(carry, normalize)
 
+    @staticmethod
+    def _seed_package(params: SynthesisParams) -> None:
+        """The package's loop draws its noise from the process-wide RNG: seeded here for its generation
+        only (a batched row has a generator of its own, and the batch never touches this one)."""
+        if params.seed is not None:
+            import torch
+
+            torch.manual_seed(params.seed)
+
     def stream(self, text: str, preset: str, prompt: Optional[VoicePrompt],
                params: SynthesisParams, carry: Optional[Continuation] = None) -> Iterator[np.ndarray]:
         if abs(params.speed - 1.0) > 1e-3:
@@ -236,6 +241,7 @@ class VoxCPMEngine(Engine):
             yield self.synthesize(text, preset, prompt, params, carry)
             return
         args = self._generation_args(text, prompt, params, carry)
+        self._seed_package(params)
         gen = self._model.generate_with_prompt_cache_streaming(**args)
         try:
             for wav, _, _ in gen:
@@ -246,6 +252,7 @@ class VoxCPMEngine(Engine):
     def synthesize(self, text: str, preset: str, prompt: Optional[VoicePrompt],
                    params: SynthesisParams, carry: Optional[Continuation] = None) -> np.ndarray:
         args = self._generation_args(text, prompt, params, carry)
+        self._seed_package(params)
         wav, _, _ = self._model.generate_with_prompt_cache(**args, retry_badcase=self.retry_badcase)
         return time_stretch(wav.squeeze(0).float().cpu().numpy(), params.speed)
 
