@@ -258,6 +258,20 @@ def test_a_seeded_request_leaves_the_other_rows_random(ckpt):
     assert not torch.equal(noise[0][1], noise[1][1])
 
 
+def test_a_join_failing_part_way_leaves_no_row_behind(model):
+    """add_many fails on its second request (a seed the generator cannot take, standing in for a device
+    out of memory): the first request's row is not left generating with no owner, the failed row is not
+    left advancing as live padding, and the batch then serves as if nothing had happened."""
+    from service.engines.voxcpm.batch import Join
+
+    gen = BatchedGenerator(model, record_latents=True, max_batch=4, max_length=256)
+    with pytest.raises(ValueError):
+        gen.add_many([Join(REQUESTS[0][0], seed=1), Join(REQUESTS[1][0], seed=2**64)])
+    assert gen.active() == 0 and int(gen.live.sum()) == 0 and int(gen.pos.abs().sum()) == 0
+    out = run_batched(gen, {0: [("a", *REQUESTS[2])]})
+    assert_same(out["a"], alone(model, *REQUESTS[2]))
+
+
 def test_the_step_has_no_host_sync_and_no_data_dependent_python(model):
     """Each part of the step traces as one graph (fullgraph: any .item(), .tolist(), or Python
     branch on a tensor value would break it), so it can be captured in a CUDA graph."""

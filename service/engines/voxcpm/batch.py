@@ -251,10 +251,14 @@ class BatchedGenerator:
             for h, m in zip(holes, movers):
                 self.slots[h] = self.slots[m]
         del self.slots[keep:]
-        freed = torch.arange(keep, n, device=self.device)
-        # Idle rows stay at position 0: padding never writes past the cache, whatever it computes.
+        self._idle_from(keep)
+
+    def _idle_from(self, first: int) -> None:
+        """Rows from `first` on become padding. Idle rows stay at position 0: padding never writes past
+        the cache, whatever it computes (a row left live would advance until it indexed beyond it)."""
+        rows = self.rows_idx[first:]
         for t in (self.live, self.pos, self.step_idx):
-            t.index_fill_(0, freed, 0)
+            t.index_fill_(0, rows, 0)
 
     # -- joining ---------------------------------------------------------------------------------
     def add(self, text: str, prompt_cache: Optional[dict] = None, max_len: int = 2000, min_len: int = 2,
@@ -299,27 +303,34 @@ class BatchedGenerator:
         res_in = self.family.residual_input(enc_out, feat_mask.unsqueeze(-1) * feat_embed)
         res_out, res_kv = m.residual_lm(inputs_embeds=res_in, is_causal=True)
 
-        handles = []
-        for i, (join, n) in enumerate(zip(joins, lengths)):
-            row = len(self.slots)
-            self._fill(self.base_kv, row, kv, i, n)
-            self._fill(self.res_kv, row, res_kv, i, n)
-            self.lm_hidden[row] = enc_out[i, n - 1]
-            self.res_hidden[row] = res_out[i, n - 1]
-            self.cond[row] = feat[i, n - 1]
-            target_len = inputs[i].target_len
-            cap = join.max_len if join.length_ratio is None else int(target_len * join.length_ratio + 10)
-            max_len = min(cap, join.max_len, self.max_length - n, self.max_steps)
-            self._set_row(row, n, join, max_len)
-            self.decoder.reset(self.rows_idx[row:row + 1])
-            if inputs[i].context:  # the package decodes a prompt's last patches ahead of the first generated one
-                audio_at = feat_mask[i, :n].nonzero().squeeze(1)[-inputs[i].context:]
-                context = feat[i, audio_at]  # [t, P, D]
-                self.decoder.prime(row, context.reshape(-1, context.shape[-1]).T.float())
-            handle = next(self._handles)
-            self.slots.append(_Slot(handle, max_len=max_len, min_len=join.min_len,
-                                    timesteps=join.inference_timesteps, pos=n))
-            handles.append(handle)
+        first, handles = len(self.slots), []
+        try:
+            for i, (join, n) in enumerate(zip(joins, lengths)):
+                row = len(self.slots)
+                self._fill(self.base_kv, row, kv, i, n)
+                self._fill(self.res_kv, row, res_kv, i, n)
+                self.lm_hidden[row] = enc_out[i, n - 1]
+                self.res_hidden[row] = res_out[i, n - 1]
+                self.cond[row] = feat[i, n - 1]
+                target_len = inputs[i].target_len
+                cap = join.max_len if join.length_ratio is None else int(target_len * join.length_ratio + 10)
+                max_len = min(cap, join.max_len, self.max_length - n, self.max_steps)
+                self._set_row(row, n, join, max_len)
+                self.decoder.reset(self.rows_idx[row:row + 1])
+                if inputs[i].context:  # the package decodes a prompt's last patches ahead of the first generated one
+                    audio_at = feat_mask[i, :n].nonzero().squeeze(1)[-inputs[i].context:]
+                    context = feat[i, audio_at]  # [t, P, D]
+                    self.decoder.prime(row, context.reshape(-1, context.shape[-1]).T.float())
+                handle = next(self._handles)
+                self.slots.append(_Slot(handle, max_len=max_len, min_len=join.min_len,
+                                        timesteps=join.inference_timesteps, pos=n))
+                handles.append(handle)
+        except BaseException:
+            # A join failing part-way (a device out of memory) leaves no row behind: rows added before it
+            # would generate with no owner, and a half-set one would advance as live padding.
+            del self.slots[first:]
+            self._idle_from(first)
+            raise
         return handles
 
     def _set_row(self, row: int, n: int, join: Join, max_len: int) -> None:
