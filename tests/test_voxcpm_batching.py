@@ -272,6 +272,17 @@ def test_a_join_failing_part_way_leaves_no_row_behind(model):
     assert_same(out["a"], alone(model, *REQUESTS[2]))
 
 
+def test_a_rows_audio_holds_only_its_own_samples(model):
+    """Each row's piece of a step owns its samples: the scheduler keeps one row's pieces for a whole
+    sentence (to stretch or carry it), which must not keep the other rows' audio of every step alive."""
+    gen = BatchedGenerator(model, max_batch=4, max_length=256)
+    for text, seed, n in REQUESTS:
+        gen.add(text, None, max_len=n, inference_timesteps=4, seed=seed)
+    out = gen.step()
+    assert len(out) == 3
+    assert all(r.audio.base is None and r.audio.shape == (gen.family.samples_per_token,) for r in out)
+
+
 def test_the_step_has_no_host_sync_and_no_data_dependent_python(model):
     """Each part of the step traces as one graph (fullgraph: any .item(), .tolist(), or Python
     branch on a tensor value would break it), so it can be captured in a CUDA graph."""

@@ -379,7 +379,9 @@ class BatchedGenerator:
             patches = self.pred[:n].float().cpu().clone()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        stop, audio = self._stop_host[:n].tolist(), self._audio_host[:n].numpy().copy()
+        # A copy per row: a view of one array would keep every row's audio alive as long as any one row's
+        # piece is held (a sentence waiting to be stretched or carried, a slow client's queue).
+        stop, audio = self._stop_host[:n].tolist(), [a.copy() for a in self._audio_host[:n].numpy()]
         self.last_patch = {}
         out, finished = [], []
         for i, s in enumerate(self.slots):
