@@ -297,3 +297,20 @@ def test_voice_carry_keeps_the_reference_and_continues_the_previous_chunk(engine
     # A voice used in continuation alone wins over the carry, as on VoxCPM-1.5.
     assert _given(engine, "Next.", voice, carry=tail, clone_mode=CONT)["prompt_text"] == "Sighs, This is my voice."
     assert engine.supports_carry
+
+
+def test_a_carried_tail_is_encoded_only_as_what_the_chunk_uses(engine, voice, monkeypatch):
+    """Each VAE encode holds up every row of a batch: the tail is encoded as a continuation prompt beside a
+    voice's reference (not as a reference too), and not at all when the voice's clip alone is continued."""
+    tail = Continuation(np.full(48000, 0.1, dtype=np.float32), "the previous words.")
+    _given(engine, "Next.", voice)  # the voice's own prompts, cached from here on
+    encodes = []
+    real = engine._latents
+    monkeypatch.setattr(engine, "_latents", lambda *a, **kw: (encodes.append(kw.get("pad_left", True)),
+                                                                real(*a, **kw))[1])
+    expected = {None: [False, True], BOTH: [True], REF: [True], CONT: []}  # pad_left of each encode
+    for mode, want in expected.items():
+        encodes.clear()
+        _given(engine, "Next.", None if mode is None else voice, carry=tail, clone_mode=mode)
+        assert encodes == want, mode
+

@@ -83,9 +83,10 @@ class VoxCPM2Engine(VoxCPMEngine):
         (left-padded), both at the VAE's input rate; each request picks what its mode needs."""
         return self._encode_clip(self._read_clip(prompt.wav_path, self.voice_sample_rate), prompt.text)
 
-    def _encode_clip(self, audio, text: str) -> dict:
-        """Audio at the VAE's input rate as a reference and, with its words, as a continuation prompt."""
-        encoded = {"ref_audio_feat": self._latents(audio, self.voice_sample_rate, pad_left=False)}
+    def _encode_clip(self, audio, text: str, reference: bool = True) -> dict:
+        """Audio at the VAE's input rate as a reference (unless told not to) and, with its words, as a
+        continuation prompt."""
+        encoded = {"ref_audio_feat": self._latents(audio, self.voice_sample_rate, pad_left=False)} if reference else {}
         if text.strip():
             encoded["prompt_text"] = as_spoken(text)
             encoded["audio_feat"] = self._latents(audio, self.voice_sample_rate, pad_left=True)
@@ -97,15 +98,18 @@ class VoxCPM2Engine(VoxCPMEngine):
         a clip is continued) the words that precede it."""
         self.check(prompt, params)
         spoken, prefix = as_spoken(text), control_prefix(params.instructions)
-        carried = self._carry_text(carry, normalize, params.lang)
-        tail = None if carried is None else self._encode_clip(
-            resample(carry.audio, self.sample_rate, self.voice_sample_rate), carried)
+        mode = None if prompt is None else self._mode(prompt, params)
+        # The tail is encoded as what this chunk uses of it, no more (each encode holds up every row of a
+        # batch): nothing when the voice's clip alone is continued, no reference beside the voice's own.
+        carried = None if mode == _CONTINUATION else self._carry_text(carry, normalize, params.lang)
+        tail = None if carried is None or not carried.strip() else self._encode_clip(
+            resample(carry.audio, self.sample_rate, self.voice_sample_rate), carried, reference=prompt is None)
         if prompt is None:
-            if tail is None or "prompt_text" not in tail:
+            if tail is None:
                 return prefix + spoken, None
             return spoken, {**tail, "mode": "ref_continuation", "prompt_text": prefix + tail["prompt_text"]}
-        voice, mode = self._prompt_cache(prompt), self._mode(prompt, params)
-        if tail is not None and "prompt_text" in tail and mode != _CONTINUATION:
+        voice = self._prompt_cache(prompt)
+        if tail is not None:
             return spoken, {"mode": "ref_continuation", "ref_audio_feat": voice["ref_audio_feat"],
                             "prompt_text": prefix + tail["prompt_text"], "audio_feat": tail["audio_feat"]}
         if mode == _REFERENCE:
