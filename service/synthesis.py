@@ -296,11 +296,9 @@ class SynthesisService:
 
     def captions(self, prep: Prepared) -> list[Caption]:
         """Each sentence chunk with its start and end, once the job's audio is complete (collect or stream)."""
-        rate, start, out = self.engine.sample_rate, 0.0, []
-        for text, end in zip(prep.job.sentences, prep.stitcher.ends):
-            out.append(Caption(text, round(start / rate, 3), round(end / rate, 3)))
-            start = end
-        return out
+        rate, stitcher = self.engine.sample_rate, prep.stitcher
+        return [Caption(text, round(start / rate, 3), round(end / rate, 3))
+                for text, start, end in zip(prep.job.sentences, stitcher.starts, stitcher.ends)]
 
     def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
         try:
