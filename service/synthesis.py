@@ -258,8 +258,12 @@ class SynthesisService:
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
         stitcher = prep.stitcher
         parts = []
-        for event in self._events(prep, client_gone):
-            parts.append(stitcher.push(event.audio, event.sentence_ends))
+        try:
+            for event in self._events(prep, client_gone):
+                parts.append(stitcher.push(event.audio, event.sentence_ends))
+        except ServiceError as e:
+            self._unspent(prep, e)
+            raise
         parts.append(stitcher.flush())
         if sum(p.size for p in parts) == 0:
             raise _nothing_to_say()
@@ -287,12 +291,20 @@ class SynthesisService:
                 raise _nothing_to_say()
             yield (encoder.header() if first else b"") + encoder.push(tail) + encoder.close()
         except ServiceError as e:
+            if first:
+                self._unspent(prep, e)
             if first or e.code != "client_closed_request":
                 raise
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
             self.usage.audio(prep.client, encoder.seconds)
+
+    def _unspent(self, prep: Prepared, error: ServiceError) -> None:
+        """A request that failed on our side before the client got any audio gives its characters back to the
+        quota: it was told to retry (503) or that the worker failed (500), and the retry must not pay twice."""
+        if error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.FAILED):
+            self.usage.refund(prep.client, prep.characters)
 
     def captions(self, prep: Prepared) -> list[Caption]:
         """Each sentence chunk with its start and end, once the job's audio is complete (collect or stream)."""
