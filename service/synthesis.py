@@ -278,6 +278,9 @@ class SynthesisService:
         error) still gets a proper JSON error status instead of a 200 followed by a broken stream.
         """
         stitcher = prep.stitcher
+        # Seconds the consumer took: a piece counts once it asks for the next one. A WebSocket that is
+        # cancelled, or a client that went away, leaves the last piece unsent, and usage must not count it.
+        delivered = 0.0
         try:
             first = True
             for event in self._events(prep, client_gone):
@@ -286,10 +289,12 @@ class SynthesisService:
                     data, first = encoder.header() + data, False
                 if data:
                     yield data
+                delivered = encoder.seconds
             tail = stitcher.flush()
             if first and tail.size == 0:  # the engine made no audio at all: say so, not a 200 with none
                 raise _nothing_to_say()
             yield (encoder.header() if first else b"") + encoder.push(tail) + encoder.close()
+            delivered = encoder.seconds
         except ServiceError as e:
             if first:
                 self._unspent(prep, e)
@@ -298,7 +303,7 @@ class SynthesisService:
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
-            self.usage.audio(prep.client, encoder.seconds)
+            self.usage.audio(prep.client, delivered)
 
     def _unspent(self, prep: Prepared, error: ServiceError) -> None:
         """A request that failed on our side before the client got any audio gives its characters back to the

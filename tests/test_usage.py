@@ -19,7 +19,7 @@ from service.settings import Settings
 from service.usage import OTHER, QuotaExceeded, Usage
 
 from .support.gateway import start_gateway, wait_ready_through
-from .support.slow_engine import SlowEngine
+from .support.slow_engine import RATE, SlowEngine
 from .support.worker import SLOW_APP, start_worker
 
 USER, PASSWORD = "alice", "correct horse battery"
@@ -110,6 +110,31 @@ def test_a_request_the_worker_failed_before_any_audio_does_not_spend_the_quota(t
             assert r.status_code == 500 and r.get_json()["error"]["code"] == "synthesis_failed", r.get_data()
         report = client.get("/v1/usage").get_json()
         assert report["characters"] == 0 and report["remaining_characters"] == 30
+    finally:
+        for runtime in ctx.models:
+            runtime.scheduler.stop()
+
+
+def test_a_stream_counts_the_audio_its_consumer_took_not_a_piece_it_left_unsent(tmp_path):
+    """A WebSocket pulls a piece, sees the client's cancel and sends nothing more: that piece was never heard."""
+    from service.app import create_app
+    from service.encode import StreamEncoder
+    from service.engines import SynthesisParams
+
+    app = create_app(Settings(voices_dir=tmp_path / "voices"), engine=SlowEngine(0.001, 8))
+    ctx = app.extensions["voxbox"]
+    try:
+        deadline = time.monotonic() + 30
+        while not ctx.scheduler.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        svc = ctx.synthesis
+        prep = svc.start("One sentence to say.", "auto", "default", SynthesisParams(), RATE, stream=True,
+                         endpoint="websocket", client="user:ws")
+        pieces = svc.stream(prep, StreamEncoder("pcm", RATE, RATE), lambda: False)
+        sent = next(pieces)
+        next(pieces)  # pulled, then the cancel arrives: not sent
+        pieces.close()
+        assert svc.usage.report("user:ws")["audio_seconds"] == round(len(sent) / 2 / RATE, 3) > 0
     finally:
         for runtime in ctx.models:
             runtime.scheduler.stop()
