@@ -196,7 +196,7 @@ class SynthesisService:
                                            else 0)
             chunks += part
             pauses += [0.0] * (len(part) - 1) + [piece.pause_s]
-        return Plan(chunks, tuple(pauses), len(raw) if spoken.plain else len(spoken.text))
+        return Plan(chunks, tuple(pauses), len(raw) if spoken.plain else spoken.written)
 
     def _spoken(self, raw: str, input_format: str) -> ssml.Spoken:
         """The text to say and its pauses: SSML parsed, the lexicon applied to the text as written."""

@@ -223,11 +223,21 @@ def test_plan_chunks_never_cross_a_break(app):
                        "</speak>", "auto")
     assert plan.chunks == ["First part. Still first.", "Second the web."]
     assert plan.pauses == (0.2, 1.0, 0.0)
-    assert plan.characters == len("First part. Still first.\nSecond the web.")
+    assert plan.characters == len("First part. Still first.") + len("Second www.")  # written, not the lexicon's
     # Plain text goes through the lexicon too, and "text" never reads markup.
     assert svc.prepare("visit www now", "auto").chunks == ["visit the web now"]
     assert svc.prepare('<speak>hi<break time="1s"/></speak>', "auto", input_format="text").chunks == \
         ['<speak>hi<break time="1s"/></speak>']
+
+
+def test_usage_counts_the_written_text_of_ssml_as_of_plain_text(app):
+    """A client is charged what it wrote: not the lexicon's replacements, a <sub> alias or <say-as> words."""
+    svc = app.extensions["voxbox"].synthesis
+    written = "Call WWW at 1234 about www."
+    plan = svc.prepare('<speak>\n  Call <sub alias="World Wide Web">WWW</sub> at <say-as interpret-as="cardinal">'
+                       '1234</say-as>\n  about www.<break time="1s"/>\n</speak>', "auto")
+    assert plan.chunks == ["Call World Wide Web at one thousand two hundred thirty-four about the web."]
+    assert plan.characters == len(written) == svc.prepare(written, "auto").characters
 
 
 def test_a_break_is_silence_at_its_place_in_tts_output(app):
