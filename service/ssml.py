@@ -211,8 +211,13 @@ def say_as(kind: str, text: str) -> str:
 
         engine = inflect.engine()
         number = text.replace(",", "")
-        # No commas or "and" inside the number: a comma is a clause break to the chunker and the voice.
-        return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number, comma="", andword="")
+        try:
+            # No commas or "and" inside the number: a comma is a clause break to the chunker and the voice.
+            return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number, comma="",
+                                          andword="")
+        except inflect.NumOutOfRangeError:  # beyond the named powers of ten (decillions)
+            raise SSMLError("invalid_ssml", f'<say-as interpret-as="{kind}"> reads whole parts of at most 36 digits; '
+                            f"'{text[:40]}' has more: use interpret-as=\"digits\" or write it out") from None
     raise SSMLError("unsupported_ssml", f"<say-as interpret-as=\"{kind}\"> is not supported; use one of "
                     f"{', '.join(SAY_AS)}, or write the words out")
 

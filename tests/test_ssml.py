@@ -293,6 +293,8 @@ def test_input_format_ssml_and_text(app):
     ("<speak>a <b</speak>", "invalid_ssml", 400),
     ('<speak><break time="1s"/></speak>', "invalid_text", 400),
     ('<speak>...<break time="1s"/>!</speak>', "nothing_to_say", 400),
+    (f'<speak><say-as interpret-as="cardinal">{"9" * 37}</say-as></speak>', "invalid_ssml", 400),
+    (f'<speak><say-as interpret-as="ordinal">{"1" * 40}</say-as></speak>', "invalid_ssml", 400),
 ])
 def test_refused_ssml_is_a_400_json_error_on_every_endpoint(app, text, code, status):
     client = app.test_client()
