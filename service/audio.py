@@ -37,7 +37,8 @@ class Stitcher:
 
     It also records where each sentence ends in the joined audio (`ends`, in samples; captions): in the
     middle of the crossfade into the next sentence, so consecutive sentences meet with no gap or overlap;
-    a sentence followed by a pause ends where its audio does (the pause opens the next caption).
+    a sentence followed by a pause ends where its audio does, and the next starts after the pause (`starts`):
+    a caption is not shown while nothing is said.
     """
 
     def __init__(self, sample_rate: int, crossfade_ms: float, pauses_s: Sequence[float] = ()):
@@ -89,9 +90,17 @@ class Stitcher:
         self._emitted += joined.size
         return joined
 
+    @property
+    def starts(self) -> list[float]:
+        """Where each placed sentence starts (samples): where the one before ends, after the pause between them."""
+        return [(self.ends[i - 1] if i else 0) + self._pause(i) for i in range(len(self.ends))]
+
+    def _pause(self, sentence: int) -> int:
+        """Samples of silence before `sentence` (after the one before it, or the lead pause)."""
+        return self._pauses[sentence] if sentence < len(self._pauses) else 0
+
     def _silence(self) -> np.ndarray:
-        n = self._pauses[self._sentences] if self._sentences < len(self._pauses) else 0
-        return np.zeros(n, dtype=np.float32)
+        return np.zeros(self._pause(self._sentences), dtype=np.float32)
 
     def flush(self) -> np.ndarray:
         held, self._held = self._held, np.zeros(0, dtype=np.float32)

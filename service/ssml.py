@@ -56,6 +56,7 @@ class Spoken:
     pieces: list[Piece] = field(default_factory=list)
     lead_s: float = 0.0
     plain: bool = False  # plain text, not SSML
+    written: int = 0  # characters of the document's own text, without markup (what usage counts)
 
     @property
     def text(self) -> str:
@@ -117,16 +118,21 @@ class _Builder:
         self.limits, self.words = limits, words
         self.spoken = Spoken()
         self.current: list[str] = []  # text of the piece being built
+        self.written: list[str] = []  # the document's text as written (<sub> and <say-as>: their content)
 
     def done(self) -> Spoken:
         self._close_piece(0.0)
+        self.spoken.written = len(_SPACE.sub(" ", "".join(self.written)).strip())
         return self.spoken
 
-    def say(self, text: str | None, from_document: bool = True) -> None:
+    def say(self, text: str | None, instead: str | None = None) -> None:
+        """Text of the document, spoken through the lexicon, or as `instead` (an alias, say-as words)."""
+        self.written.append(text or "")
         # Whitespace in markup is layout: runs of it (line breaks included) are one space.
-        if text:
-            text = _SPACE.sub(" ", text)
-            self.current.append(self.words(text) if from_document else text)
+        if instead is not None:
+            self.current.append(_SPACE.sub(" ", instead))
+        elif text:
+            self.current.append(self.words(_SPACE.sub(" ", text)))
 
     def boundary(self) -> None:
         """The end of a sentence (<s>, <p>): a line break, which sentence chunking always splits at."""
@@ -175,12 +181,12 @@ class _Builder:
             if "alias" not in el.attrib or len(el):
                 raise SSMLError("invalid_ssml", '<sub> needs an alias attribute and plain text inside, e.g. '
                                 '<sub alias="World Wide Web">WWW</sub>')
-            self.say(el.attrib["alias"], from_document=False)
+            self.say(el.text, instead=el.attrib["alias"])
         elif tag == "say-as":
             _check_attrs(el, ("interpret-as", "format", "detail"))
             if len(el):
                 raise SSMLError("invalid_ssml", "<say-as> holds plain text only, no elements")
-            self.say(say_as(el.attrib.get("interpret-as", ""), el.text or ""), from_document=False)
+            self.say(el.text, instead=say_as(el.attrib.get("interpret-as", ""), el.text or ""))
         elif tag == "speak":
             raise SSMLError("invalid_ssml", "<speak> is the root element only; remove the inner <speak>")
         else:
@@ -205,8 +211,13 @@ def say_as(kind: str, text: str) -> str:
 
         engine = inflect.engine()
         number = text.replace(",", "")
-        # No commas or "and" inside the number: a comma is a clause break to the chunker and the voice.
-        return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number, comma="", andword="")
+        try:
+            # No commas or "and" inside the number: a comma is a clause break to the chunker and the voice.
+            return engine.number_to_words(engine.ordinal(number) if kind == "ordinal" else number, comma="",
+                                          andword="")
+        except inflect.NumOutOfRangeError:  # beyond the named powers of ten (decillions)
+            raise SSMLError("invalid_ssml", f'<say-as interpret-as="{kind}"> reads whole parts of at most 36 digits; '
+                            f"'{text[:40]}' has more: use interpret-as=\"digits\" or write it out") from None
     raise SSMLError("unsupported_ssml", f"<say-as interpret-as=\"{kind}\"> is not supported; use one of "
                     f"{', '.join(SAY_AS)}, or write the words out")
 

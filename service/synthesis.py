@@ -196,7 +196,7 @@ class SynthesisService:
                                            else 0)
             chunks += part
             pauses += [0.0] * (len(part) - 1) + [piece.pause_s]
-        return Plan(chunks, tuple(pauses), len(raw) if spoken.plain else len(spoken.text))
+        return Plan(chunks, tuple(pauses), len(raw) if spoken.plain else spoken.written)
 
     def _spoken(self, raw: str, input_format: str) -> ssml.Spoken:
         """The text to say and its pauses: SSML parsed, the lexicon applied to the text as written."""
@@ -258,8 +258,12 @@ class SynthesisService:
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
         stitcher = prep.stitcher
         parts = []
-        for event in self._events(prep, client_gone):
-            parts.append(stitcher.push(event.audio, event.sentence_ends))
+        try:
+            for event in self._events(prep, client_gone):
+                parts.append(stitcher.push(event.audio, event.sentence_ends))
+        except ServiceError as e:
+            self._unspent(prep, e)
+            raise
         parts.append(stitcher.flush())
         if sum(p.size for p in parts) == 0:
             raise _nothing_to_say()
@@ -274,6 +278,9 @@ class SynthesisService:
         error) still gets a proper JSON error status instead of a 200 followed by a broken stream.
         """
         stitcher = prep.stitcher
+        # Seconds the consumer took: a piece counts once it asks for the next one. A WebSocket that is
+        # cancelled, or a client that went away, leaves the last piece unsent, and usage must not count it.
+        delivered = 0.0
         try:
             first = True
             for event in self._events(prep, client_gone):
@@ -282,25 +289,33 @@ class SynthesisService:
                     data, first = encoder.header() + data, False
                 if data:
                     yield data
+                delivered = encoder.seconds
             tail = stitcher.flush()
             if first and tail.size == 0:  # the engine made no audio at all: say so, not a 200 with none
                 raise _nothing_to_say()
             yield (encoder.header() if first else b"") + encoder.push(tail) + encoder.close()
+            delivered = encoder.seconds
         except ServiceError as e:
+            if first:
+                self._unspent(prep, e)
             if first or e.code != "client_closed_request":
                 raise
             log.info("stream stopped: the client disconnected")
         finally:
             prep.job.cancel()  # no-op when finished; stops generation when the client went away
-            self.usage.audio(prep.client, encoder.seconds)
+            self.usage.audio(prep.client, delivered)
+
+    def _unspent(self, prep: Prepared, error: ServiceError) -> None:
+        """A request that failed on our side before the client got any audio gives its characters back to the
+        quota: it was told to retry (503) or that the worker failed (500), and the retry must not pay twice."""
+        if error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.FAILED):
+            self.usage.refund(prep.client, prep.characters)
 
     def captions(self, prep: Prepared) -> list[Caption]:
         """Each sentence chunk with its start and end, once the job's audio is complete (collect or stream)."""
-        rate, start, out = self.engine.sample_rate, 0.0, []
-        for text, end in zip(prep.job.sentences, prep.stitcher.ends):
-            out.append(Caption(text, round(start / rate, 3), round(end / rate, 3)))
-            start = end
-        return out
+        rate, stitcher = self.engine.sample_rate, prep.stitcher
+        return [Caption(text, round(start / rate, 3), round(end / rate, 3))
+                for text, start, end in zip(prep.job.sentences, stitcher.starts, stitcher.ends)]
 
     def _events(self, prep: Prepared, client_gone: Callable[[], bool]):
         try:

@@ -53,6 +53,20 @@ def test_document_states_the_limits_the_worker_enforces(worker):
     assert requests.post(f"{worker.url}/tts", json={"text": "Hi.", "seed": 40.5}, timeout=30).status_code == 400
 
 
+def test_synthesis_answers_list_the_workers_own_failure():
+    """A model that fails on a request answers 500 synthesis_failed (test_usage.py makes one): a client
+    generated from the document must know that answer."""
+    from service.api.openapi import build_openapi
+    from service.settings import Settings
+
+    from .support.slow_engine import SlowEngine
+
+    doc = build_openapi("test", Settings(), SlowEngine(0.001, 1), ["slow-fake"])
+    for path in ("/tts", "/v1/audio/speech"):
+        answer = doc["paths"][path]["post"]["responses"]["500"]
+        assert "synthesis_failed" in answer["description"] and answer["content"]["application/json"]
+
+
 def test_schemathesis_finds_nothing_the_document_does_not_say(worker, tmp_path):
     requests.get(f"{worker.url}/openapi.json", timeout=30)  # built once (a pass over Unicode), not on the clock
     cmd = [SCHEMATHESIS, "--config-file", str(REPO_ROOT / "tests" / "schemathesis.toml"), "run",

@@ -170,8 +170,9 @@ def test_stitcher_puts_silence_before_and_after_sentences_instead_of_a_crossfade
     assert out.size == 50 + 200 + 100 + 200 - 10 + 20
     assert not out[:50].any() and (out[50:250] == 1).all() and not out[250:350].any()
     assert (out[350:540] > 0.7).all() and not out[540:].any()
-    # Captions: sentence 1 ends where its audio does (the pause opens the next caption), 2 in the middle of
-    # its crossfade into 3, 3 where its audio does, before the closing pause.
+    # Captions: sentence 1 starts after the lead pause and ends where its audio does, 2 starts after the pause
+    # and ends in the middle of its crossfade into 3, 3 ends where its audio does, before the closing pause.
+    assert stitcher.starts == [50, 350, 445]
     assert stitcher.ends == [250, 445, 540]
 
 
@@ -222,11 +223,21 @@ def test_plan_chunks_never_cross_a_break(app):
                        "</speak>", "auto")
     assert plan.chunks == ["First part. Still first.", "Second the web."]
     assert plan.pauses == (0.2, 1.0, 0.0)
-    assert plan.characters == len("First part. Still first.\nSecond the web.")
+    assert plan.characters == len("First part. Still first.") + len("Second www.")  # written, not the lexicon's
     # Plain text goes through the lexicon too, and "text" never reads markup.
     assert svc.prepare("visit www now", "auto").chunks == ["visit the web now"]
     assert svc.prepare('<speak>hi<break time="1s"/></speak>', "auto", input_format="text").chunks == \
         ['<speak>hi<break time="1s"/></speak>']
+
+
+def test_usage_counts_the_written_text_of_ssml_as_of_plain_text(app):
+    """A client is charged what it wrote: not the lexicon's replacements, a <sub> alias or <say-as> words."""
+    svc = app.extensions["voxbox"].synthesis
+    written = "Call WWW at 1234 about www."
+    plan = svc.prepare('<speak>\n  Call <sub alias="World Wide Web">WWW</sub> at <say-as interpret-as="cardinal">'
+                       '1234</say-as>\n  about www.<break time="1s"/>\n</speak>', "auto")
+    assert plan.chunks == ["Call World Wide Web at one thousand two hundred thirty-four about the web."]
+    assert plan.characters == len(written) == svc.prepare(written, "auto").characters
 
 
 def test_a_break_is_silence_at_its_place_in_tts_output(app):
@@ -236,6 +247,20 @@ def test_a_break_is_silence_at_its_place_in_tts_output(app):
     audio, rate = sf.read(io.BytesIO(base64.b64decode(r.get_json()["audio_base64"])), dtype="float32")
     assert runs(audio, rate) == [("sound", TONE_S), ("silence", 1.0), ("sound", TONE_S), ("silence", 0.3),
                                  ("sound", TONE_S)]
+
+
+@pytest.mark.parametrize("path", ["/tts", "/v1/audio/speech"])
+def test_captions_are_shown_when_their_sentence_is_heard_not_during_the_pause_before_it(app, path):
+    text = '<speak><break time="500ms"/>One.<break time="1s"/>Two.</speak>'
+    if path == "/tts":
+        body = app.test_client().post(path, json={"text": text, "timestamps": "sentence"}).get_json()
+    else:
+        events = app.test_client().post(path, json={"input": text, "timestamps": "sentence", "stream_format": "sse",
+                                                    "response_format": "pcm"}).get_data(as_text=True)
+        body = json.loads([e for e in events.split("\n\n") if e.strip()][-1][len("data: "):])
+    captions = [(c["text"], c["start"], c["end"]) for c in body["captions"]]
+    assert captions == [("One.", 0.5, pytest.approx(0.5 + TONE_S, abs=0.002)),
+                        ("Two.", pytest.approx(1.5 + TONE_S, abs=0.002), pytest.approx(1.5 + 2 * TONE_S, abs=0.002))]
 
 
 @pytest.mark.parametrize("fmt", ["pcm", "wav"])
@@ -268,6 +293,8 @@ def test_input_format_ssml_and_text(app):
     ("<speak>a <b</speak>", "invalid_ssml", 400),
     ('<speak><break time="1s"/></speak>', "invalid_text", 400),
     ('<speak>...<break time="1s"/>!</speak>', "nothing_to_say", 400),
+    (f'<speak><say-as interpret-as="cardinal">{"9" * 37}</say-as></speak>', "invalid_ssml", 400),
+    (f'<speak><say-as interpret-as="ordinal">{"1" * 40}</say-as></speak>', "invalid_ssml", 400),
 ])
 def test_refused_ssml_is_a_400_json_error_on_every_endpoint(app, text, code, status):
     client = app.test_client()

@@ -8,6 +8,8 @@ fake engine, with a bearer key and with basic auth; the quota's arithmetic and i
 import datetime as dt
 import hashlib
 import json
+import time
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -18,6 +20,7 @@ from service.settings import Settings
 from service.usage import OTHER, QuotaExceeded, Usage
 
 from .support.gateway import start_gateway, wait_ready_through
+from .support.slow_engine import RATE, SlowEngine
 from .support.worker import SLOW_APP, start_worker
 
 USER, PASSWORD = "alice", "correct horse battery"
@@ -78,6 +81,63 @@ def test_client_ids_are_checked_and_their_number_bounded():
 def test_bad_client_quotas_setting_is_refused(raw, problem):
     with pytest.raises(ValueError, match=problem):
         Settings(client_char_quotas=raw)
+
+
+@contextmanager
+def served_app(settings: Settings, engine):
+    """The real app in this process on `engine`, once its model is warmed up."""
+    from service.app import create_app
+
+    app = create_app(settings, engine=engine)
+    ctx = app.extensions["voxbox"]
+    try:
+        deadline = time.monotonic() + 30
+        while not ctx.scheduler.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ctx.scheduler.ready
+        yield app
+    finally:
+        for runtime in ctx.models:
+            runtime.scheduler.stop()
+
+
+class FailingEngine(SlowEngine):
+    """Serial generation that fails before its first audio on text with "boom" in it (warm-up passes), as a
+    model whose device fell over."""
+    supports_batching = False
+
+    def stream(self, text, preset, prompt, params, carry=None):
+        if "boom" in text:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield from super().stream(text, preset, prompt, params, carry)
+
+
+@pytest.mark.parametrize("path,body", [("/tts", {}), ("/v1/audio/speech", {"stream": True, "response_format": "pcm"}),
+                                       ("/v1/audio/speech", {"stream_format": "sse", "response_format": "pcm"})])
+def test_a_request_the_worker_failed_before_any_audio_does_not_spend_the_quota(tmp_path, path, body):
+    with served_app(Settings(voices_dir=tmp_path / "voices", daily_char_quota=30), FailingEngine(0.001, 2)) as app:
+        client, text = app.test_client(), "Twenty letters, boom."
+        for _ in range(2):  # the retry the 500 invites is admitted: the failed attempt cost nothing
+            r = client.post(path, json={"text" if path == "/tts" else "input": text, **body})
+            assert r.status_code == 500 and r.get_json()["error"]["code"] == "synthesis_failed", r.get_data()
+        report = client.get("/v1/usage").get_json()
+        assert report["characters"] == 0 and report["remaining_characters"] == 30
+
+
+def test_a_stream_counts_the_audio_its_consumer_took_not_a_piece_it_left_unsent(tmp_path):
+    """A WebSocket pulls a piece, sees the client's cancel and sends nothing more: that piece was never heard."""
+    from service.encode import StreamEncoder
+    from service.engines import SynthesisParams
+
+    with served_app(Settings(voices_dir=tmp_path / "voices"), SlowEngine(0.001, 8)) as app:
+        svc = app.extensions["voxbox"].synthesis
+        prep = svc.start("One sentence to say.", "auto", "default", SynthesisParams(), RATE, stream=True,
+                         endpoint="websocket", client="user:ws")
+        pieces = svc.stream(prep, StreamEncoder("pcm", RATE, RATE), lambda: False)
+        sent = next(pieces)
+        next(pieces)  # pulled, then the cancel arrives: not sent
+        pieces.close()
+        assert svc.usage.report("user:ws")["audio_seconds"] == round(len(sent) / 2 / RATE, 3) > 0
 
 
 # --- through the real gateway -------------------------------------------------------------------------------

@@ -160,6 +160,8 @@ def _synthesis_errors() -> dict:
                       retry_after=True),
         "503": _error("overloaded (the queue is full), not_ready (loading) or shutting_down", retry_after=True),
         "504": _error("deadline_exceeded: the request took longer than REQUEST_TIMEOUT_S"),
+        "500": _error("synthesis_failed: the model failed on this request (a fault of the worker; retry, and its "
+                      "characters are not counted against the quota)"),
     }
 
 

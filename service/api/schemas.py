@@ -104,7 +104,8 @@ class Usage(BaseModel):
 class Caption(BaseModel):
     text: str = Field(..., description="The sentence chunk, as spoken (normalised)")
     start: float = Field(..., description="Seconds into the audio")
-    end: float = Field(..., description="Seconds into the audio; the next caption starts here")
+    end: float = Field(..., description="Seconds into the audio; the next caption starts here, or after an SSML "
+                       "<break> where speech resumes")
 
 
 class TTSResponse(BaseModel):
