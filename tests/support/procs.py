@@ -97,8 +97,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 @contextmanager
 def running(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Path | None = None,
             ready: Callable[[], bool] | None = None, timeout: float = 60, what: str = "server",
-            stop_signal: int = signal.SIGTERM) -> Iterator[subprocess.Popen]:
-    """Run `cmd` in its own process group; on exit stop the whole group (no strays left behind)."""
+            stop_signal: int = signal.SIGTERM, stop_grace: float = 15) -> Iterator[subprocess.Popen]:
+    """Run `cmd` in its own process group; on exit stop the whole group (no strays left behind), with
+    SIGKILL after `stop_grace` seconds."""
     full_env = {**os.environ, **(env or {})}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -109,7 +110,7 @@ def running(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Path | 
             wait_until(ready, timeout, what, proc, log)
         yield proc
     finally:
-        stop_group(proc, stop_signal)
+        stop_group(proc, stop_signal, stop_grace)
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:

@@ -70,7 +70,11 @@ def start_worker(tmp_dir: Path, env_overrides: Optional[dict] = None, timeout: f
     cmd = [gunicorn, "-c", str(REPO_ROOT / "service" / "gunicorn.conf.py"), app]
     # Without wait_ready, "answers at all" is enough: a worker whose model failed answers 503.
     check = (lambda: _ready(url)) if wait_ready else (lambda: requests.get(f"{url}/healthz", timeout=2) is not None)
-    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on {host}:{port}") as proc:
+    # Stopped like an orchestrator whose grace period outlasts the worker's own drain (GRACEFUL_TIMEOUT),
+    # where a test sets one: a SIGKILL first would cut requests the drain was finishing.
+    grace = float(env["GRACEFUL_TIMEOUT"]) + 5 if "GRACEFUL_TIMEOUT" in env else 15
+    with running(cmd, log, env=env, ready=check, timeout=timeout, what=f"gunicorn worker on {host}:{port}",
+                 stop_grace=grace) as proc:
         yield Worker(url=url, port=port, log=log, env=env, pid=proc.pid)
 
 
