@@ -263,11 +263,29 @@ class Scheduler:
             return
         finally:
             self.loaded.set()
-        if batch is not None:
-            log.info("continuous batching: up to %d requests per generation step", self.batch_size)
-            BatchLoop(self, batch).run()
-        else:
-            self._serial_loop()
+        loop = BatchLoop(self, batch) if batch is not None else None
+        try:
+            if loop is not None:
+                log.info("continuous batching: up to %d requests per generation step", self.batch_size)
+                loop.run()
+            else:
+                self._serial_loop()
+        except Exception as e:
+            # A fault outside one request's generation (the loop's own bookkeeping): without this the
+            # thread would die silently, /readyz would stay ready and every request would wait for its
+            # deadline. Failed, /healthz says so (the orchestrator restarts the worker) and nothing waits.
+            log.exception("the inference thread stopped")
+            self.error = f"the inference thread stopped: {type(e).__name__}: {e}"
+            self.phase = Phase.FAILED
+            self._fail_all(e, loop)
+
+    def _fail_all(self, error: Exception, loop: Optional["BatchLoop"]) -> None:
+        with self._cv:
+            waiting, self._pending = list(self._pending), deque()
+        for job in waiting:
+            job.events.put(Failed(error))
+        if loop is not None:
+            loop.fail_all(error)
 
     def _warm_serial(self) -> np.ndarray:
         preset = next(iter(self.engine.presets()))
@@ -323,7 +341,7 @@ class Scheduler:
             if job is None:
                 return
             try:
-                self._execute(job)
+                self._execute(job)  # fails only its job on any error
             finally:
                 with self._cv:
                     self._running = None
@@ -493,6 +511,12 @@ class BatchLoop:
         for row, start in zip(rows, starts):
             self.rows[row] = start
             self.carry.pop(id(start[0]), None)
+
+    def fail_all(self, error: Exception) -> None:
+        """Every job in the batch fails (the loop cannot go on)."""
+        for job in {id(job): job for job, _ in self.rows.values()}.values():
+            self._end(job, Failed(error))
+        self.rows.clear()
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()

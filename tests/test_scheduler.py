@@ -133,3 +133,37 @@ def test_metrics_record_ttfa_and_audio_seconds(make_scheduler):
     assert sample(s, "voxbox_audio_seconds_total") > 0.5
     assert sample(s, "voxbox_time_to_first_audio_seconds_count", {"endpoint": "tts"}) == 1
     assert 0 < sample(s, "voxbox_real_time_factor_sum") < 1
+
+
+def test_a_fault_outside_a_batch_step_fails_the_model_visibly_and_nothing_waits(monkeypatch):
+    """A bug in the batch loop's own bookkeeping (here: the speed change) must not leave a dead thread
+    behind a model that still says ready: its jobs fail at once, waiting ones too, and the phase is failed
+    (so /healthz answers 503 and the orchestrator restarts the worker). The serial loop fails only the
+    job whose synthesis raised (Scheduler._execute)."""
+    from service import scheduler as scheduler_module
+    from service.scheduler import Phase
+    from tests.support.slow_engine import SlowEngine
+
+    def broken_stretch(audio, speed):
+        raise RuntimeError("stretch bug")
+
+    monkeypatch.setattr(scheduler_module, "time_stretch", broken_stretch)
+    s = Scheduler(SlowEngine(0.02, 3), Metrics().for_model("test"), queue_size=4, retry_after_s=1, warmup=False,
+                  max_batch="2", batch_cap=2)
+    s.start()
+    try:
+        assert s.loaded.wait(10) and s.ready
+        slow = Job(sentences=["One.", "Two."], preset="default", prompt=None, params=SynthesisParams(speed=2.0),
+                   stream=True, timeout_s=30)
+        s.submit(slow)
+        behind = s.submit(job(["Waiting behind it."], timeout=30))
+        t0 = time.monotonic()
+        for j in (slow, behind):
+            with pytest.raises(Exception):
+                list(j.results())
+        assert time.monotonic() - t0 < 5  # failed at once, not at the 30 s deadline
+        assert s.phase is Phase.FAILED and "stretch bug" in s.error
+        with pytest.raises(NotReady):
+            s.submit(job(["After it."]))
+    finally:
+        s.stop()
