@@ -16,6 +16,7 @@ from service.metrics import Metrics
 from service.scheduler import Job, Scheduler
 from service.settings import Settings
 
+from .support.jobs import sentence_audio
 from .support.recording_engine import RATE, RecordingEngine, speech
 
 SENTENCES = ["The first chunk says quite a few words, more than the bound holds.",
@@ -43,15 +44,8 @@ def make_scheduler():
 
 def run(s, sentences=SENTENCES, prompt=None, speed=1.0, stream=True):
     """The job's audio, one array per sentence."""
-    job = s.submit(Job(sentences=sentences, preset="default", prompt=prompt, params=SynthesisParams(speed=speed),
-                       stream=stream, timeout_s=30))
-    out, current = [], []
-    for event in job.results():
-        current.append(event.audio)
-        if event.sentence_ends:
-            out.append(np.concatenate(current))
-            current = []
-    return out
+    return sentence_audio(s.submit(Job(sentences=sentences, preset="default", prompt=prompt,
+                                       params=SynthesisParams(speed=speed), stream=stream, timeout_s=30)))
 
 
 def word_audio(text: str) -> tuple[np.ndarray, list[int]]:

@@ -15,6 +15,7 @@ from service.engines.voxcpm.engine import VoxCPMEngine
 from service.metrics import Metrics
 from service.scheduler import Job, Scheduler
 
+from .support.jobs import sentence_audio
 from .support.voxcpm_checkpoint import build_checkpoint
 
 SENTENCES = ["The first chunk of a longer text.", "And the second one follows.", "A third."]
@@ -54,15 +55,8 @@ def served(request, checkpoint, monkeypatch):
 
 
 def run(s, prompt=None):
-    job = s.submit(Job(sentences=SENTENCES, preset="default", prompt=prompt, params=SynthesisParams(seed=4),
-                       stream=True, timeout_s=120))
-    out, current = [], []
-    for event in job.results():
-        current.append(event.audio)
-        if event.sentence_ends:
-            out.append(np.concatenate(current))
-            current = []
-    return out
+    return sentence_audio(s.submit(Job(sentences=SENTENCES, preset="default", prompt=prompt,
+                                       params=SynthesisParams(seed=4), stream=True, timeout_s=120)))
 
 
 def as_voice(engine, audio, text, path):

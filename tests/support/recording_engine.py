@@ -16,6 +16,8 @@ import numpy as np
 
 from service.engines import Continuation, Engine, EngineInfo, Preset, SynthesisParams, VoicePrompt
 
+from .slow_engine import FakeRows
+
 RATE = 16000
 SECONDS_PER_CHAR = 0.05
 STEP = RATE // 10
@@ -37,24 +39,15 @@ class Call:
     batched: bool
 
 
-class RecordingBatch:
+class RecordingBatch(FakeRows):
     """A GenerationBatch (service/engines/base.py): each row yields its text's audio a step at a time."""
 
     def __init__(self, max_batch: int):
-        self.max_batch = max_batch
+        super().__init__(max_batch)
         self.rows: dict[int, list[np.ndarray]] = {}  # row -> pieces still to come
 
-    def active(self) -> int:
-        return len(self.rows)
-
-    def free_slots(self) -> int:
-        return self.max_batch - len(self.rows)
-
-    def cancel(self, row: int) -> None:
-        self.rows.pop(row, None)
-
     def add(self, audio: np.ndarray) -> int:
-        row = next(r for r in range(self.max_batch) if r not in self.rows)
+        row = self.free_rows()[0]
         self.rows[row] = pieces(audio)
         return row
 

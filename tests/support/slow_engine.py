@@ -23,13 +23,13 @@ def _tone(seconds: float) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
-class SlowBatch:
-    """A GenerationBatch (service/engines/base.py), like VoxCPM's BatchedGenerator, with a sleep per step."""
+class FakeRows:
+    """The row bookkeeping of a fake GenerationBatch (service/engines/base.py): rows by number, at most
+    max_batch; what a row holds is the fake's own."""
 
-    def __init__(self, max_batch: int, step_s: float, steps: int):
-        self.max_batch, self.step_s, self.steps = max_batch, step_s, steps
-        self.rows: dict[int, int] = {}  # row -> steps left
-        self.chunk = _tone(0.05)
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.rows: dict = {}
 
     def active(self) -> int:
         return len(self.rows)
@@ -40,8 +40,21 @@ class SlowBatch:
     def cancel(self, row: int) -> None:
         self.rows.pop(row, None)
 
+    def free_rows(self) -> list[int]:
+        return [r for r in range(self.max_batch) if r not in self.rows]
+
+
+class SlowBatch(FakeRows):
+    """A GenerationBatch (service/engines/base.py), like VoxCPM's BatchedGenerator, with a sleep per step."""
+
+    def __init__(self, max_batch: int, step_s: float, steps: int):
+        super().__init__(max_batch)
+        self.step_s, self.steps = step_s, steps
+        self.rows: dict[int, int] = {}  # row -> steps left
+        self.chunk = _tone(0.05)
+
     def add(self, n: int) -> list[int]:
-        free = [r for r in range(self.max_batch) if r not in self.rows][:n]
+        free = self.free_rows()[:n]
         if len(free) < n:
             raise RuntimeError(f"no free row for {n} requests ({len(self.rows)} of {self.max_batch} busy)")
         for r in free:
