@@ -40,8 +40,8 @@ class Prepared:
     sample_rate: int
     received_at: float
     stitcher: Stitcher  # joins the job's sentences and their pauses; knows where each one ends (captions)
-    client: str = ANONYMOUS
-    characters: int = 0  # the input's, as usage counts them (SSML: without the markup)
+    client: str
+    characters: int  # the input's, as usage counts them (SSML: without the markup)
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,6 @@ class SynthesisService:
         except UnsupportedRequest as e:
             raise ServiceError(ErrorKind.INVALID, e.code, str(e)) from None
 
-    def prepare_text(self, raw: str, lang: str, stream: bool = False) -> list[str]:
-        """Checked, normalised text in chunks (see prepare)."""
-        return self.prepare(raw, lang, stream).chunks
-
     def prepare(self, raw: str, lang: str, stream: bool = False, input_format: str = "auto") -> Plan:
         """Checked, normalised text in chunks, with the lexicon applied and SSML breaks placed between
         chunks; a stream starts with a short chunk where the engine makes a chunk's audio all at once
@@ -219,23 +215,21 @@ class SynthesisService:
         except QuotaExceeded as e:
             raise ServiceError(ErrorKind.QUOTA, "quota_exceeded", str(e), retry_after=e.retry_after) from None
         try:
-            prep = self.submit(plan.chunks, voice, params, rate, stream, endpoint, plan.pauses)
+            prep = self.submit(plan, voice, params, rate, stream, endpoint, client)
         except ServiceError:  # not queued (a full queue, an unknown voice): its characters are not spent
             self.usage.refund(client, plan.characters)
             raise
         self.usage.accepted(client, plan.characters)
-        prep.client, prep.characters = client, plan.characters
         return prep
 
     def submit(
-        self, sentences: list[str], voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str,
-        pauses: tuple[float, ...] = (),
+        self, plan: Plan, voice: str, params: SynthesisParams, rate: int, stream: bool, endpoint: str, client: str,
     ) -> Prepared:
         received = time.monotonic()
         preset, prompt = self.resolve_voice(voice)
         self.check_voice(prompt, params)
         job = Job(
-            sentences=sentences,
+            sentences=plan.chunks,
             preset=preset,
             prompt=prompt,
             params=params,
@@ -253,7 +247,8 @@ class SynthesisService:
             raise ServiceError(
                 ErrorKind.UNAVAILABLE, "not_ready", f"{e}; retry shortly", retry_after=self.settings.retry_after_s
             ) from None
-        return Prepared(job, rate, received, Stitcher(self.engine.sample_rate, self.settings.crossfade_ms, pauses))
+        stitcher = Stitcher(self.engine.sample_rate, self.settings.crossfade_ms, plan.pauses)
+        return Prepared(job, rate, received, stitcher, client, plan.characters)
 
     def collect(self, prep: Prepared, client_gone: Callable[[], bool]) -> Result:
         stitcher = prep.stitcher

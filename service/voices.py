@@ -148,7 +148,7 @@ class VoiceStore:
             return None
 
     def get(self, voice_id: str) -> Optional[Voice]:
-        if not _ID.match(voice_id or ""):
+        if not is_voice_id(voice_id):
             return None
         found = self.storage.fetch(voice_id)
         return self._load(*found) if found else None
@@ -158,7 +158,7 @@ class VoiceStore:
         return sorted((v for v in voices if v), key=lambda v: v.created_at)
 
     def delete(self, voice_id: str) -> bool:
-        if not _ID.match(voice_id or ""):
+        if not is_voice_id(voice_id):
             return False
         return self.storage.delete(voice_id)
 

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from ..engines.base import CloneMode
+from ..voice_storage import VOICE_ID_PATTERN
 
 # OpenAI sets no limit; delivery directions are a sentence or two, and an engine that applies them
 # (VoxCPM2) reads them as part of its prompt, so a bound keeps a request from smuggling a long text in.
@@ -117,7 +118,7 @@ class TTSResponse(BaseModel):
 
 
 class Voice(BaseModel):
-    id: str = Field(..., pattern=r"^v_[0-9a-f]{16}$")
+    id: str = Field(..., pattern=VOICE_ID_PATTERN)
     name: str
     transcript: str
     duration: float

@@ -62,12 +62,13 @@ def speech():
     params = synthesis_params(req, req.speed)
     prep = svc.start(req.input, req.lang, req.voice, params, req.sample_rate, stream=stream, endpoint="speech",
                      input_format=req.input_format, client=client_id())
+    said = instruction_headers(svc.engine, params)
     rate = prep.sample_rate
     fmt = FORMATS[req.response_format]
     if stream:
         encoder = StreamEncoder(req.response_format, svc.engine.sample_rate, rate)
         headers = {"X-Sample-Rate": str(encoder.rate), "X-Audio-Channels": "1", "Cache-Control": "no-store",
-                   "X-Accel-Buffering": "no", **instruction_headers(svc.engine, params)}
+                   "X-Accel-Buffering": "no", **said}
         if req.response_format == "pcm":
             headers["X-Audio-Format"] = "s16le"
         chunks = svc.stream(prep, encoder, client_gone_probe())
@@ -83,7 +84,7 @@ def speech():
     body = encode(result.audio, result.sample_rate, req.response_format)
     headers = {"X-Sample-Rate": str(codec_rate(fmt, result.sample_rate)), "X-Audio-Channels": "1",
                "X-Audio-Duration": f"{result.audio.size / result.sample_rate:.3f}",
-               "X-Latency": f"{result.latency:.3f}", **instruction_headers(svc.engine, params)}
+               "X-Latency": f"{result.latency:.3f}", **said}
     if req.response_format == "pcm":
         headers["X-Audio-Format"] = "s16le"
     return Response(body, status=200, content_type=fmt.content_type, headers=headers)
