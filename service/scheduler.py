@@ -175,11 +175,15 @@ class Scheduler:
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
             self._stopping = True
-            for job in self._pending:
-                job.events.put(Failed(NotReady("the worker is shutting down")))
-            self._pending.clear()
+            self._fail_pending(NotReady("the worker is shutting down"))
             self._cv.notify_all()
         self._thread.join(timeout)
+
+    def _fail_pending(self, error: Exception) -> None:
+        """Every queued job fails with `error` (call with the lock held)."""
+        for job in self._pending:
+            job.events.put(Failed(error))
+        self._pending.clear()
 
     @property
     def ready(self) -> bool:
@@ -281,9 +285,7 @@ class Scheduler:
 
     def _fail_all(self, error: Exception, loop: Optional["BatchLoop"]) -> None:
         with self._cv:
-            waiting, self._pending = list(self._pending), deque()
-        for job in waiting:
-            job.events.put(Failed(error))
+            self._fail_pending(error)
         if loop is not None:
             loop.fail_all(error)
 
@@ -318,7 +320,7 @@ class Scheduler:
             if self._stopping:
                 return None
             pending = list(self._pending)
-            taken = [pending[i] for i in choose(pending)]
+            taken = [pending[i] for i in choose(pending)] if pending else []  # the policy only when someone waits
             for job in taken:
                 self._pending.remove(job)
             self._batched_jobs += len(taken)
@@ -514,7 +516,7 @@ class BatchLoop:
 
     def fail_all(self, error: Exception) -> None:
         """Every job in the batch fails (the loop cannot go on)."""
-        for job in {id(job): job for job, _ in self.rows.values()}.values():
+        for job, _ in self.rows.values():  # a job holds one row at a time (its sentences go in turn)
             self._end(job, Failed(error))
         self.rows.clear()
 
