@@ -441,11 +441,10 @@ class BatchLoop:
         self.rows: dict[int, tuple[Job, int]] = {}  # row -> (job, sentence index)
         # A request another key's rows hold back waits at most this long before the batch drains for it.
         self.drain_after_s = 2.0
-        self.held: dict[int, list] = {}  # id(job) -> audio of the current sentence, for time-stretching
-        # Voice carry (Scheduler.carries): id(job) -> its current sentence's audio so far (at speed 1), and
-        # the prompt its finished sentence left for its next one.
+        # id(job) -> its current sentence's audio so far (at speed 1), kept when the sentence is needed whole:
+        # for a speed change, or as the voice carry's prompt for the next one (Scheduler.carries).
         self.made: dict[int, list] = {}
-        self.carry: dict[int, Continuation] = {}
+        self.carry: dict[int, Continuation] = {}  # id(job) -> the prompt its finished sentence left
 
     def run(self) -> None:
         s = self.s
@@ -470,9 +469,10 @@ class BatchLoop:
                 self._audio(job, audio, done)
                 if done:
                     del self.rows[row]
+                    made = self.made.pop(id(job), [])
                     if sentence + 1 < len(job.sentences):
                         if s.carries(job):  # built now, as the sentence ends: nothing waits for later ones
-                            self.carry[id(job)] = s.carry_from(job, sentence, self.made.pop(id(job), []))
+                            self.carry[id(job)] = s.carry_from(job, sentence, made)
                         next_sentences.append((job, sentence + 1))
                     else:
                         self._complete(job)
@@ -530,14 +530,14 @@ class BatchLoop:
                     f"synthesis did not finish within the {job.timeout_s:.0f}s request deadline"))
 
     def _audio(self, job: Job, audio: np.ndarray, sentence_ends: bool) -> None:
-        if self.s.carries(job):
-            self.made.setdefault(id(job), []).append(audio)
         speed = job.params.speed
-        if abs(speed - 1.0) > 1e-3:  # tempo change needs the whole sentence
-            self.held.setdefault(id(job), []).append(audio)
+        stretch = abs(speed - 1.0) > 1e-3  # tempo change needs the whole sentence
+        if stretch or self.s.carries(job):
+            self.made.setdefault(id(job), []).append(audio)
+        if stretch:
             if not sentence_ends:
                 return
-            audio = time_stretch(np.concatenate(self.held.pop(id(job))), speed)
+            audio = time_stretch(np.concatenate(self.made[id(job)]), speed)
         self.s.emit(job, audio, False)
         if sentence_ends:
             self.s.emit(job, np.zeros(0, dtype=np.float32), True)
@@ -553,7 +553,6 @@ class BatchLoop:
         self._end(job, Done())
 
     def _end(self, job: Job, event: Optional[JobEvent]) -> None:
-        self.held.pop(id(job), None)
         self.made.pop(id(job), None)
         self.carry.pop(id(job), None)
         self.s.left_batch(job, event)
