@@ -23,7 +23,7 @@ from . import text as textmod
 from .audio import resample
 from .engines import CloneMode, VoicePrompt
 from .errors import ErrorKind
-from .voice_storage import _ID, STALE_TEMP_S, VOICE_ID_PATTERN, LocalVoiceStorage, VoiceError, VoiceStorage
+from .voice_storage import _ID, AUDIO, STALE_TEMP_S, VOICE_ID_PATTERN, LocalVoiceStorage, VoiceError, VoiceStorage
 
 __all__ = ["STALE_TEMP_S", "VOICE_ID_PATTERN", "Voice", "VoiceError", "VoiceStore", "is_voice_id"]
 STORE_RATE = 44100  # when the caller names none
@@ -52,7 +52,7 @@ class Voice:
         return d
 
     def prompt(self) -> VoicePrompt:
-        return VoicePrompt(self.id, self.path / "audio.wav", self.transcript, self.modes)
+        return VoicePrompt(self.id, self.path / AUDIO, self.transcript, self.modes)
 
 
 class VoiceStore:
@@ -132,7 +132,7 @@ class VoiceStore:
         sf.write(wav, audio, rate, subtype="FLOAT", format="WAV")
         meta = {"id": voice_id, "name": name, "transcript": transcript, "duration": round(duration, 3),
                 "sample_rate": rate, "created_at": time.time(), "family": family, "modes": list(modes)}
-        self.storage.put(voice_id, {"audio.wav": wav.getvalue(),
+        self.storage.put(voice_id, {AUDIO: wav.getvalue(),
                                     "voice.json": json.dumps(meta, ensure_ascii=False).encode()})
         return self.get(voice_id)
 

@@ -5,6 +5,7 @@ import soundfile as sf
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..encode import encode
+from ..voice_storage import AUDIO
 from .errors import ApiError
 from .models import model_or_400
 
@@ -67,7 +68,7 @@ def voice_audio(voice_id: str):
     if voice is None:
         raise ApiError(404, "voice_not_found", f"no uploaded voice with id '{voice_id}' (GET /v1/voices lists them)")
     # Stored as float WAV for the engine (about 5 MB for 30 s); 16-bit PCM is half that and plays anywhere.
-    audio, rate = sf.read(voice.path / "audio.wav", dtype="float32")
+    audio, rate = sf.read(voice.path / AUDIO, dtype="float32")
     return Response(encode(audio, rate, "wav"), mimetype="audio/wav",
                     headers={"Cache-Control": "private, max-age=3600"})
 
