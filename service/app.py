@@ -14,7 +14,6 @@ from werkzeug.exceptions import ClientDisconnected
 from .api import errors, health, models as models_api, tts, ui, usage as usage_api, voices as voices_api, ws
 from .api.errors import ApiError
 from .engines import Engine
-from .lexicon import load as load_lexicon
 from .metrics import Metrics
 from .models import ModelSet, build_models
 from .scheduler import Scheduler
@@ -72,7 +71,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
         leftovers = []
     if leftovers:
         log.info("voices: removed %d leftovers of interrupted uploads/deletes: %s", len(leftovers), ", ".join(leftovers))
-    lexicon = load_lexicon(settings.lexicon_file)  # checked by settings.check(): a bad one never gets here
+    lexicon = settings.lexicon  # read by settings.check(): a bad one never gets here
     if len(lexicon):
         log.info("lexicon: %d entries from %s", len(lexicon), settings.lexicon_file)
     usage = Usage(metrics, settings.daily_char_quota, parse_quotas(settings.client_char_quotas)

@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         return threads
 
     @cached_property
+    def lexicon(self):
+        """The pronunciation lexicon of LEXICON_FILE (service/lexicon.py), read once; empty when unset."""
+        from .lexicon import load
+
+        return load(self.lexicon_file)
+
+    @cached_property
     def sample_rates(self) -> tuple[int, ...]:
         return tuple(sorted(int(r) for r in self.allowed_sample_rates.split(",") if r.strip()))
 
@@ -229,10 +236,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{e} (or leave VOICES_URI empty to keep voices in VOICES_DIR)") from None
         if self.default_sample_rate is not None and self.default_sample_rate not in self.sample_rates:
             raise ValueError(f"DEFAULT_SAMPLE_RATE={self.default_sample_rate} is not in ALLOWED_SAMPLE_RATES")
-        if self.lexicon_file is not None:  # a malformed lexicon (LexiconError names its line) stops the start
-            from .lexicon import load
-
-            load(self.lexicon_file)
+        self.lexicon  # read here: a malformed lexicon (LexiconError names its line) stops the start
 
 
 def load_settings() -> Settings:
