@@ -248,21 +248,25 @@ def load_settings() -> Settings:
         settings = Settings()
         settings.check()
     except ValidationError as e:
-        bad = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
-                        for err in e.errors())
-        raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment (see .env.example)") from None
+        raise SystemExit(f"voxbox: invalid setting ({_described(e)}); fix the environment (see .env.example)") from None
     except ValueError as e:
         raise SystemExit(f"voxbox: invalid settings: {e}") from None
     from .engines.registry import family_for
-    from .engines.voxcpm.settings import VoxCPMSettings
 
-    try:  # a family's own settings (VOXCPM_*) are checked at start too, even before its model loads
-        for spec in settings.model_specs:
-            if family_for(spec).name in ("voxcpm", "voxcpm2"):
-                VoxCPMSettings(**spec.settings)
-    except ValidationError as e:
-        bad = "; ".join(f"VOXCPM_{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
-                        for err in e.errors())
-        raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment or the MODELS entry "
-                         "(see .env.example)") from None
+    for spec in settings.model_specs:  # a family's own settings (VOXCPM_*) are checked at start too
+        model = family_for(spec).settings_model
+        if model is None:
+            continue
+        try:
+            model(**spec.settings)
+        except ValidationError as e:
+            bad = _described(e, model.model_config.get("env_prefix", ""))
+            raise SystemExit(f"voxbox: invalid setting ({bad}); fix the environment or the MODELS entry "
+                             "(see .env.example)") from None
     return settings
+
+
+def _described(e, prefix: str = "") -> str:
+    """A pydantic ValidationError as NAME=value: reason, per variable (NAME with its env prefix)."""
+    return "; ".join(f"{prefix.upper()}{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: "
+                     f"{err['msg']}" for err in e.errors())

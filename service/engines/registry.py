@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .base import Engine
+from .voxcpm.settings import VoxCPMSettings
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
@@ -30,6 +31,9 @@ class Family:
     architectures: tuple[str, ...] = ()  # config.json "architecture" values of its checkpoints
     needs_checkpoint: bool = True
     build: Callable[["ModelSpec", "Settings"], Engine] = field(default=None, repr=False)
+    # What its entries' "settings" may hold (a pydantic settings class; env prefix included), checked at
+    # start even before the model loads. None: the family takes no settings.
+    settings_model: Optional[type] = field(default=None, repr=False)
 
 
 def _build_voxcpm(spec: "ModelSpec", settings: "Settings") -> Engine:
@@ -46,8 +50,6 @@ def _build_voxcpm2(spec: "ModelSpec", settings: "Settings") -> Engine:
 
 def _voxcpm_engine(cls, spec: "ModelSpec", settings: "Settings") -> Engine:
     """Both VoxCPM families take the same settings (VOXCPM_*, or the entry's "settings")."""
-    from .voxcpm.settings import VoxCPMSettings
-
     vs = VoxCPMSettings(**spec.settings)
     return cls(
         model_dir=spec.dir, device=spec.device or settings.tts_device, compile_mode=settings.tts_compile,
@@ -68,9 +70,9 @@ def _build_embedded(spec: "ModelSpec", settings: "Settings") -> Engine:
 
 FAMILIES: dict[str, Family] = {
     "voxcpm": Family("voxcpm", "VoxCPM-0.5B / VoxCPM-1.5 (the voxcpm package)", "voxcpm-1.5", ("voxcpm",),
-                     build=_build_voxcpm),
+                     build=_build_voxcpm, settings_model=VoxCPMSettings),
     "voxcpm2": Family("voxcpm2", "VoxCPM2: 48 kHz, 30 languages, voice design (the voxcpm package)", "voxcpm2",
-                      ("voxcpm2",), build=_build_voxcpm2),
+                      ("voxcpm2",), build=_build_voxcpm2, settings_model=VoxCPMSettings),
     "embedded": Family("embedded", "Piper en_US-joe-medium, offline (no checkpoint)", "embedded",
                        needs_checkpoint=False, build=_build_embedded),
 }
