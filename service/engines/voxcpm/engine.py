@@ -57,6 +57,7 @@ class VoxCPMEngine(Engine):
     supports_instructions = False
     supports_batching = True
     supports_carry = True
+    samples_per_token_before_load = 4 * 1764  # VoxCPM-1.5's (info() before the load reads the model's)
 
     def __init__(self, model_dir: Path, device: str = "auto", compile_mode: str = "auto",
                  cfg_value: float = 2.0, inference_timesteps: int = 10, max_len: int = 2048,
@@ -316,8 +317,11 @@ class VoxCPMEngine(Engine):
         return None
 
     def _samples_per_token(self) -> int:
-        m = self._model
-        return m.patch_size * m.chunk_size if m is not None else 4 * 1764  # VoxCPM-1.5's before the load
+        if self._model is None:
+            return self.samples_per_token_before_load
+        from .family import samples_per_token
+
+        return samples_per_token(self._model)
 
     def presets(self) -> dict[str, Preset]:
         return {"default": Preset("default", "The model's own voice (no prompt audio)", self.languages)}

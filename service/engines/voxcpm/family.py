@@ -17,6 +17,11 @@ from typing import NamedTuple, Optional
 import torch
 
 
+def samples_per_token(model) -> int:
+    """Output samples per token: AudioVAE V2 upsamples by decode_chunk_size, not the encoder's chunk."""
+    return model.patch_size * getattr(model, "_decode_chunk_size", model.chunk_size)
+
+
 class Inputs(NamedTuple):
     """One request's prefill inputs (batch of one, on the device) and facts the batch needs of them."""
     tokens: torch.Tensor  # [1, n]
@@ -39,8 +44,7 @@ class Family:
         # The package's streaming_prefix_len - 1: the prompt patches its generate decodes ahead of the
         # first generated one (and cuts off).
         self.context_patches = 3 if self.v2 else 2
-        # Output samples per token: AudioVAE V2 upsamples by decode_chunk_size, not the encoder's chunk.
-        self.samples_per_token = model.patch_size * getattr(model, "_decode_chunk_size", model.chunk_size)
+        self.samples_per_token = samples_per_token(model)
 
     def residual_input(self, lm_out: torch.Tensor, audio_embed: torch.Tensor) -> torch.Tensor:
         """What the residual LM reads: the base LM's (quantised) output with the audio embedding."""

@@ -41,15 +41,12 @@ class VoxCPM2Engine(VoxCPMEngine):
     architecture = "voxcpm2"
     languages = LANGUAGES
     clone_modes = (_BOTH, _REFERENCE, _CONTINUATION)
+    samples_per_token_before_load = 4 * 1920
     supports_instructions = True
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.sample_rate, self.voice_sample_rate = 48000, 16000  # the AudioVAE V2's, until the load reads them
-
-    def _samples_per_token(self) -> int:
-        m = self._model
-        return m.patch_size * m._decode_chunk_size if m is not None else 4 * 1920
 
     def _normalize(self, text: str, lang: Optional[str] = None) -> str:
         """The package's normaliser for English and Chinese (it tells them apart itself when lang is auto);
