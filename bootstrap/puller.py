@@ -576,14 +576,11 @@ def prune_versions(s: BootstrapSettings, current: Path | None, by_hand: bool = F
 def _prune_grace(models_dir: Path, current: Path | None, keep: int, grace_s: float, dry_run: bool) -> list[str]:
     now = time.time()
     beats = last_beats(models_dir)
-    root = models_dir / "versions"
-    versions = [d for d in root.iterdir() if d.is_dir() and d != current] if root.is_dir() else []
-    versions.sort(key=lambda d: max(beats.get(d.name, 0.0), _last_used(d)), reverse=True)
+    # Each version's last use: a heartbeat naming it, or being made current (a pull under way: written to).
+    used = {d: max(beats.get(d.name, 0.0), _last_used(d)) for d in _old_versions(models_dir, current)}
     removed = []
-    for old in versions[max(keep - 1, 0):]:
-        # Its last use: a heartbeat naming it, or being made current / written to (a pull under way).
-        last = max(beats.get(old.name, 0.0), _last_used(old), old.stat().st_mtime)
-        idle = now - last
+    for old in sorted(used, key=used.get, reverse=True)[keep - 1:]:
+        idle = now - max(used[old], old.stat().st_mtime)
         if idle < grace_s:
             log.info("prune: keeping %s beyond KEEP_VERSIONS=%d: used %.0fs ago (PRUNE_GRACE_S=%.0f)",
                      old.name, keep, idle, grace_s)
@@ -592,11 +589,10 @@ def _prune_grace(models_dir: Path, current: Path | None, keep: int, grace_s: flo
                  old.name, idle, grace_s)
         removed.append(old.name)
         if not dry_run:
-            (old / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_version(old)
     if not dry_run:
         remove_stale(models_dir, grace_s, now)
-        prune_compile_caches(models_dir, {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set())
+        _prune_caches(models_dir)
     return removed
 
 
@@ -606,9 +602,7 @@ def _prune(models_dir: Path, current: Path | None, keep: int, locks: Path, dry_r
     if not (models_dir / "versions").is_dir():
         return removed
     locks.mkdir(parents=True, exist_ok=True)
-    versions = [d for d in (models_dir / "versions").iterdir() if d.is_dir() and d != current]
-    versions.sort(key=_last_used, reverse=True)
-    for old in versions[max(keep - 1, 0):]:
+    for old in sorted(_old_versions(models_dir, current), key=_last_used, reverse=True)[keep - 1:]:
         # Both locks, without waiting: one is held while a replica pulls that version, the other
         # for as long as a replica serves it (the server inherits it); either way, keep the version.
         fds = [os.open(locks / f"{old.name}{ext}", os.O_RDWR | os.O_CREAT, 0o644) for ext in (".lock", ".inuse")]
@@ -623,14 +617,29 @@ def _prune(models_dir: Path, current: Path | None, keep: int, locks: Path, dry_r
                      old.name, keep)
             removed.append(old.name)
             if not dry_run:
-                (old / COMPLETE).unlink(missing_ok=True)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_version(old)
         finally:
             for fd in fds:
                 os.close(fd)
     if not dry_run:
-        prune_compile_caches(models_dir, {d.name for d in (models_dir / "versions").iterdir() if d.is_dir()})
+        _prune_caches(models_dir)
     return removed
+
+
+def _old_versions(models_dir: Path, current: Path | None) -> list[Path]:
+    root = models_dir / "versions"
+    return [d for d in root.iterdir() if d.is_dir() and d != current] if root.is_dir() else []
+
+
+def _remove_version(old: Path) -> None:
+    (old / COMPLETE).unlink(missing_ok=True)  # first: a half-removed version is never taken as complete
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune_caches(models_dir: Path) -> None:
+    """Compile caches of versions no longer on the volume go too."""
+    root = models_dir / "versions"
+    prune_compile_caches(models_dir, {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set())
 
 
 def _last_used(vdir: Path) -> float:
