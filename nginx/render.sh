@@ -101,8 +101,10 @@ mv "$htpasswd.tmp" "$htpasswd"
 chmod 644 "$htpasswd"
 
 # --- bearer API keys ----------------------------------------------------------------------
-keys_map="$gen/api_keys.map"; ids_map="$gen/api_key_ids.map"; clients_map="$gen/api_key_clients.map"
-: > "$keys_map.tmp"; : > "$ids_map.tmp"; : > "$clients_map.tmp"
+# One map from the Authorization header to the key's client id; whether a key is valid and its log id
+# are derived from that id in voxbox.conf (one regex pass per request, not one per use).
+clients_map="$gen/api_key_clients.map"
+: > "$clients_map.tmp"
 keys=0
 seen_ids=" "
 add_key() {
@@ -112,8 +114,8 @@ add_key() {
         *) bad=$(( ${#key} < 16 || ${#key} > 256 )) ;;
     esac
     [ "$bad" = 0 ] || die "API key '$(printf %s "$key" | head -n1 | cut -c1-4)…' must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
-    # Logs name a key by a short hash, never by its value; the worker counts usage under a longer one
-    # (X-Client-Id: key:<16 hex>), which an operator computes the same way to set a key's quota.
+    # The worker counts usage under key:<16 hex of the key's sha256> (X-Client-Id), which an operator
+    # computes the same way to set a key's quota; logs name a key by its first 8 (voxbox.conf).
     digest=$(printf '%s' "$key" | sha256sum | cut -c1-16)
     id=$(printf '%s' "$digest" | cut -c1-8)
     case "$seen_ids" in *" $id "*) echo "gateway: API key $id is listed twice; using it once" >&2; return ;; esac
@@ -122,8 +124,6 @@ add_key() {
     # must match exactly, while the scheme is case-insensitive and may be followed by several spaces
     # (RFC 9110, 11.1 and 11.4). '.' and '+' are the only key characters special in a regex.
     pattern="^[Bb][Ee][Aa][Rr][Ee][Rr] +$(printf '%s' "$key" | sed 's/[.+]/[&]/g')\$"
-    printf '"~%s" 1;\n' "$pattern" >> "$keys_map.tmp"
-    printf '"~%s" "%s";\n' "$pattern" "$id" >> "$ids_map.tmp"
     printf '"~%s" "key:%s";\n' "$pattern" "$digest" >> "$clients_map.tmp"
     keys=$((keys + 1))
 }
@@ -141,8 +141,8 @@ if [ -n "$API_KEYS_FILE" ]; then
         add_key "$key"
     done < "$API_KEYS_FILE"
 fi
-mv "$keys_map.tmp" "$keys_map"; mv "$ids_map.tmp" "$ids_map"; mv "$clients_map.tmp" "$clients_map"
-chmod 644 "$keys_map" "$ids_map" "$clients_map"
+mv "$clients_map.tmp" "$clients_map"
+chmod 644 "$clients_map"
 [ $((users + keys)) -gt 0 ] || die "no credentials: set BASIC_AUTH_USERS (user:password) and/or API_KEYS; the gateway never runs open"
 
 # --- IP allowlist -------------------------------------------------------------------------
