@@ -35,13 +35,12 @@ def _pull_models(s: BootstrapSettings, status: Status, raw: str) -> str:
     Returns the MODELS JSON the worker gets; the worker checks everything else in the entries."""
     import json
 
-    text = raw.strip() if raw.strip().startswith("[") else Path(raw.strip()).read_text(encoding="utf-8")
+    from service.models import read_models
+
     try:
-        entries = json.loads(text)
+        entries, _ = read_models(raw)
     except ValueError as e:
-        raise FatalError(f"MODELS is not valid JSON ({e}); give a list of model entries") from None
-    if not isinstance(entries, list):
-        raise FatalError("MODELS must be a JSON list of model entries")
+        raise FatalError(str(e)) from None
     for entry in entries:
         if not isinstance(entry, dict) or not entry.get("uri"):
             continue

@@ -76,8 +76,10 @@ class ModelSpec:
         return self.batch or settings.tts_max_batch
 
 
-def parse_models(raw: str) -> list[ModelSpec]:
-    """MODELS: JSON text, or a path to a JSON file; a list of entries with unique names, at most one default."""
+def read_models(raw: str) -> tuple[list, str]:
+    """MODELS as given, JSON text or the path of a JSON file: its list of entries, and where it was read
+    (for messages). ValueError saying what to fix when it is neither, or not a JSON list. The worker
+    checks the entries (parse_models); bootstrap reads the same way to pull the ones with a `uri`."""
     text = raw.strip()
     source = "MODELS"
     if not text.startswith("["):
@@ -91,9 +93,21 @@ def parse_models(raw: str) -> list[ModelSpec]:
         entries = json.loads(text)
     except ValueError as e:
         raise ValueError(f"{source} is not valid JSON ({e}); give a list of model entries") from None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{source} must be a non-empty JSON list of model entries, e.g. "
-                         '[{"name": "voxcpm-1.5", "dir": "/models/voxcpm"}]')
+    if not isinstance(entries, list):
+        raise ValueError(_not_a_list(source))
+    return entries, source
+
+
+def _not_a_list(source: str) -> str:
+    return (f"{source} must be a non-empty JSON list of model entries, e.g. "
+            '[{"name": "voxcpm-1.5", "dir": "/models/voxcpm"}]')
+
+
+def parse_models(raw: str) -> list[ModelSpec]:
+    """MODELS: JSON text, or a path to a JSON file; a list of entries with unique names, at most one default."""
+    entries, source = read_models(raw)
+    if not entries:
+        raise ValueError(_not_a_list(source))
     specs = []
     for i, entry in enumerate(entries):
         try:
