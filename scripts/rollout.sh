@@ -108,11 +108,15 @@ n_old=$(echo "$old_ids" | wc -w)
 n_new=$(( n_old > 0 ? n_old : 1 ))
 want_image=$($COMPOSE config --images tts 2>/dev/null || echo "?")
 
+new_tts_ids() {  # the tts containers this attempt created: every one that was not running before it
+    local id
+    for id in $($COMPOSE ps -q -a tts 2>/dev/null); do
+        case " $(echo $old_ids) " in *" $id "*) ;; *) echo "$id" ;; esac
+    done
+}
 # Remove whatever this attempt created, so a later rollout never finds (and compose never reuses) it.
 remove_new() {
-    for id in $($COMPOSE ps -q -a tts 2>/dev/null); do
-        case " $(echo $old_ids) " in *" $id "*) ;; *) docker rm -f "$id" >/dev/null 2>&1 || true ;; esac
-    done
+    for id in $(new_tts_ids); do docker rm -f "$id" >/dev/null 2>&1 || true; done
 }
 
 # The gateway re-resolves the name `tts` every few seconds: a worker carrying that name gets requests
@@ -135,11 +139,7 @@ if ! run "$COMPOSE up --no-start --no-deps --no-recreate --scale tts=$((n_old + 
     exit 1
 fi
 if [ "$DRY" = 0 ]; then
-    new_ids=""
-    for id in $($COMPOSE ps -q -a tts); do
-        case " $(echo $old_ids) " in *" $id "*) ;; *) new_ids="$new_ids $id" ;; esac
-    done
-    new_ids=$(echo $new_ids)
+    new_ids=$(echo $(new_tts_ids))
     if [ "$(echo "$new_ids" | wc -w)" -ne "$n_new" ]; then
         remove_new
         echo "rollout: expected $n_new new worker container(s), found '${new_ids}'; removed, $previous keeps serving" >&2
@@ -193,8 +193,8 @@ reload_gateway
 # worker had it (cached up to 5 s, the resolver's valid=). Stopping the old one sooner fails those.
 run "sleep $SWITCH_WAIT_S"
 # One old worker at a time: a gateway process that still has a stopped worker's address cached (up to 5 s)
-# spends its 5 s connect timeout on it before retrying elsewhere (a removed container's address does not
-# refuse, it is silent); two such addresses would use up a request's whole 10 s retry budget.
+# spends the connect timeout on it before retrying elsewhere (a removed container's address does not
+# refuse, it is silent); several such addresses could use up a request's whole 10 s retry budget.
 left=$n_old
 for id in $old_ids; do
     run "docker stop --timeout $STOP_TIMEOUT_S $id"
