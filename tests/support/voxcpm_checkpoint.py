@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from service.engines.registry import FAMILIES as SERVED
+
 # Ids the model uses as raw integers (VoxCPMModel.audio_start_token / audio_end_token), and the
 # LM config's bos/eos. Id 0 is <unk>; ids 3..255 are reserved specials like the real MiniCPM vocabulary.
 # VoxCPM2 adds the reference-audio brackets (VoxCPM2Model.ref_audio_start_token / ref_audio_end_token).
@@ -41,7 +43,8 @@ FULL_VOCAB = 73448
 TOKEN_HOP = 4 * 1764  # patch_size * prod(encoder_rates): 44.1 kHz samples per 6.25 Hz token
 V2_TOKEN_HOP = 4 * 1920  # VoxCPM2: patch_size * prod(decoder_rates): 48 kHz output samples per 6.25 Hz token
 V2_ENCODE_HOP = 4 * 640  # VoxCPM2: patch_size * prod(encoder_rates): 16 kHz reference samples per token
-FAMILIES = ("voxcpm", "voxcpm2")
+# The checkpoint architectures the worker serves (config.json's "architecture").
+FAMILIES = tuple(a for family in SERVED.values() for a in family.architectures)
 
 # MiniCPM4 LongRoPE factors (head_dim 64 -> 32 values), as in the published VoxCPM-1.5 config.json.
 _LONGROPE = [
@@ -104,16 +107,9 @@ def _shapes(family: str, size: str) -> dict:
 
 
 def _rope_factors(half_head: int) -> list[float]:
-    if half_head <= len(_LONGROPE):
-        return _LONGROPE[:half_head]
-    # Longer heads: the published curve stretched over the extra rotary pairs (same range, same shape).
-    step = (len(_LONGROPE) - 1) / (half_head - 1)
-    out = []
-    for i in range(half_head):
-        x = i * step
-        lo = min(int(x), len(_LONGROPE) - 2)
-        out.append(_LONGROPE[lo] + (x - lo) * (_LONGROPE[lo + 1] - _LONGROPE[lo]))
-    return out
+    if half_head > len(_LONGROPE):  # every shape here has a head of at most 64 (the published one)
+        raise ValueError(f"no LongRoPE factors for a head of {2 * half_head}; the published ones cover 64")
+    return _LONGROPE[:half_head]
 
 
 def _config(size: str, vocab_size: int, dtype: str, family: str = "voxcpm") -> dict:
