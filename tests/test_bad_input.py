@@ -13,7 +13,7 @@ import requests
 import soundfile as sf
 import websocket
 
-from .support.procs import read_head, read_response
+from .support.procs import parse_response, read_response
 from .support.voxcpm_checkpoint import build_checkpoint
 from .support.worker import SLOW_APP, start_worker, ws_collect
 
@@ -87,17 +87,7 @@ def raw_http(worker, request: bytes, wait: float = 10) -> tuple[int, dict, bytes
     """Send bytes on a fresh socket, read one response: (status, headers lower-cased, body)."""
     with socket.create_connection(("127.0.0.1", worker.port), timeout=wait) as s:
         s.sendall(request)
-        data = read_head(s)
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    return int(lines[0].split()[1]), headers, body
+        return parse_response(read_response(s))
 
 
 DEEP = "[" * 5000 + "]" * 5000  # 10 kB: json.loads raises RecursionError, not ValueError

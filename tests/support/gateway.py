@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from .procs import REPO_ROOT, Served, free_port, port_open, running
+from .procs import REPO_ROOT, Served, free_port, parse_response, port_open, running
 
 RENDER = REPO_ROOT / "nginx" / "render.sh"
 
@@ -83,13 +83,7 @@ def raw_request(port: int, data: bytes, source: str = "127.0.0.1") -> tuple:
         got = b""
         while chunk := s.recv(65536):
             got += chunk
-    head, _, body = got.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), value.strip())
-    return int(lines[0].split()[1]), headers, body
+    return parse_response(got)
 
 
 def raw_get(port: int, target: str, *headers: str, method: str = "GET", source: str = "127.0.0.1") -> tuple:
