@@ -140,15 +140,14 @@ def device_key(device: str) -> Optional[str]:
 
 def lay_out_memory(specs: list[ModelSpec], default_device: str, uses_device: dict[str, bool]) -> None:
     """Each model's fraction of the memory free when it loads (see the module's docstring)."""
-    on_gpu = [(s, device_key(s.device or default_device)) for s in specs if uses_device.get(s.name)]
+    keyed = [(s, device_key(s.device or default_device)) for s in specs if uses_device.get(s.name)]
+    on_gpu = [(s, key) for s, key in keyed if key is not None]  # a CPU model (key None) shares nothing
     remaining: dict[str, float] = {}
     for s, key in on_gpu:
-        if key is not None:
-            remaining[key] = remaining.get(key, 0.0) + s.memory_share
+        remaining[key] = remaining.get(key, 0.0) + s.memory_share
     for s, key in on_gpu:
-        if key is not None:
-            s.memory_fraction = s.memory_share / remaining[key]
-            remaining[key] -= s.memory_share
+        s.memory_fraction = s.memory_share / remaining[key]
+        remaining[key] -= s.memory_share
 
 
 class UnknownModel(LookupError):
