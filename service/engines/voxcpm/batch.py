@@ -261,12 +261,9 @@ class BatchedGenerator:
             t.index_fill_(0, rows, 0)
 
     # -- joining ---------------------------------------------------------------------------------
-    def add(self, text: str, prompt_cache: Optional[dict] = None, max_len: int = 2000, min_len: int = 2,
-            inference_timesteps: int = 10, cfg_value: float = 2.0, seed: Optional[int] = None,
-            length_ratio: Optional[float] = 6.0) -> int:
-        """Prefill one new row; see add_many."""
-        return self.add_many([Join(text, prompt_cache, max_len, min_len, inference_timesteps, cfg_value, seed,
-                                   length_ratio)])[0]
+    def add(self, text: str, prompt_cache: Optional[dict] = None, **join) -> int:
+        """Prefill one new row (`join`: the rest of Join's fields); see add_many."""
+        return self.add_many([Join(text, prompt_cache, **join)])[0]
 
     @torch.inference_mode()
     def add_many(self, joins: list[Join]) -> list[int]:
